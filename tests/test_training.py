@@ -1,0 +1,76 @@
+import copy
+
+import torch
+import torch.nn as nn
+
+from theseus_cli.hooks import forward_until
+from theseus_cli.plan import apply_entries, build_plan
+from theseus_cli.recipe import AlignConfig, parse_recipe
+from theseus_cli.training import align_stage, layer_similarity, lr_factor, recalibrate_batchnorm
+from theseus_cli.zoo import resnet_small
+from tests.conftest import tiny_recipe_dict
+
+
+def setup():
+    torch.manual_seed(0)
+    guide = resnet_small(widths=(4, 8), blocks=(1, 1)).eval()
+    for p in guide.parameters():
+        p.requires_grad_(False)
+    recipe = parse_recipe(tiny_recipe_dict())
+    x = torch.randn(64, 1, 8, 8)
+    plan = build_plan(guide, recipe, x[:2])
+    return guide, plan, x
+
+
+def test_stage_trains_only_replacements_and_keeps_batchnorm_statistics():
+    guide, plan, x = setup()
+    target = copy.deepcopy(guide)
+    new = apply_entries(target, plan.entries[:2])
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    guide_before = {k: v.clone() for k, v in guide.state_dict().items()}
+    result = align_stage(1, guide, target, plan.paths[:2], plan.paths[1:2], new, x, AlignConfig(epochs=2, lr=1e-2),
+                         "cka", 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    after = target.state_dict()
+    replaced = tuple(p + "." for p in plan.paths[:2])
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(replaced) for k in changed)
+    assert {k for k in after if k.startswith(replaced)} == changed  # every replacement weight moved
+    assert all(torch.equal(guide.state_dict()[k], v) for k, v in guide_before.items())
+    assert result.steps == 8 and len(result.losses) == 8
+    assert result.losses[-1] < result.losses[0]
+    assert set(result.final_layer_losses) == set(plan.paths[:2])
+
+
+def test_forward_stops_after_the_deepest_aligned_module():
+    guide, plan, x = setup()
+    calls = []
+    guide.fc.register_forward_hook(lambda *a: calls.append("fc"))
+    acts = forward_until(guide, x[:4], plan.paths[:2], plan.paths[1])
+    assert set(acts) == set(plan.paths[:2]) and calls == []
+
+
+def test_alignment_raises_similarity():
+    guide, plan, x = setup()
+    target = copy.deepcopy(guide)
+    new = apply_entries(target, plan.entries[:1])
+    start = layer_similarity(guide, target, plan.paths[:1], x, torch.device("cpu"))[plan.paths[0]]
+    align_stage(0, guide, target, plan.paths[:1], plan.paths[:1], new, x, AlignConfig(epochs=20, lr=1e-2),
+                "cka", 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    end = layer_similarity(guide, target, plan.paths[:1], x, torch.device("cpu"))[plan.paths[0]]
+    assert end > start + 0.2 and end > 0.8
+
+
+def test_batchnorm_recalibration_estimates_fresh_statistics():
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Identity(), bn)
+    x = 5 + 2 * torch.randn(256, 3, 4, 4)
+    n = recalibrate_batchnorm(model, x, batches=4, batch_size=64, generator=torch.Generator().manual_seed(0),
+                              device=torch.device("cpu"))
+    assert n == 1
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-4, rtol=0)
+    assert bn.momentum == 0.1 and not model.training
+
+
+def test_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
+    assert abs(lr_factor(55, 100, 10) - 0.5) < 1e-9 and lr_factor(100, 100, 10) == 0.0

@@ -1,0 +1,3 @@
+from theseus_cli.cli import main
+
+main()

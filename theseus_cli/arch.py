@@ -1,0 +1,139 @@
+"""Building architectures from specs and loading state dicts safely.
+
+A spec is ``torchvision:<name>``, ``timm:<name>`` or ``package.module:function``
+plus keyword arguments. Pretrained downloads are refused (this tool works
+offline and from the user's own checkpoint). Checkpoints are state dicts:
+``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` read with
+``torch.load(weights_only=True)``, which never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from theseus_cli.errors import ModelError
+
+_FORBIDDEN_KWARGS = ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def _close(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=3)
+    return f" (did you mean: {', '.join(near)}?)" if near else ""
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
+    """Construct the architecture ``spec`` with seeded random weights."""
+    kwargs = dict(kwargs or {})
+    for key in _FORBIDDEN_KWARGS:
+        if kwargs.get(key):
+            raise ModelError(f"{spec}: '{key}' would download weights; pass a local checkpoint instead")
+        kwargs.pop(key, None)
+    prefix, name = spec.split(":", 1)
+    torch.manual_seed(seed)
+    try:
+        if prefix == "torchvision":
+            import torchvision
+
+            if name not in torchvision.models.list_models():
+                raise ModelError(f"{spec}: unknown torchvision model{_close(name, torchvision.models.list_models())}")
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        elif prefix == "timm":
+            import timm
+
+            if not timm.is_model(name):
+                raise ModelError(f"{spec}: unknown timm model{_close(name, timm.list_models())}")
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        else:
+            model = _call_user_function(spec, prefix, name, kwargs)
+    except ModelError:
+        raise
+    except TypeError as exc:
+        raise ModelError(f"{spec}: bad kwargs {sorted(kwargs)}: {exc}") from None
+    except Exception as exc:  # user code or library constructors: report, don't trace
+        raise ModelError(f"{spec}: constructor failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _call_user_function(spec: str, module_name: str, fn_name: str, kwargs: dict[str, Any]) -> Any:
+    """The explicit ``module:function`` form: the one place a recipe names code to import."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"{spec}: cannot import module {module_name!r}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"{spec}: module {module_name!r} has no callable {fn_name!r}")
+    return fn(**kwargs)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(weights_only=True never runs code from a checkpoint; save model.state_dict() instead). {first}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}") from None
+    except Exception as exc:  # safetensors raises its own error type
+        raise ModelError(f"{path}: not a readable checkpoint: {type(exc).__name__}: {exc}") from None
+    return _unwrap_state_dict(path, state)
+
+
+def _unwrap_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in state and isinstance(state[key], dict) and not isinstance(state.get(key), torch.Tensor):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` and fail with the missing/unexpected/mismatched keys listed."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ModelError(f"{source}: checkpoint does not fit the architecture: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_guide(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int) -> nn.Module:
+    """The guide: ``spec`` with weights from ``checkpoint``, or untrained (seeded) without one."""
+    model = build_model(spec, kwargs, seed)
+    if checkpoint is not None:
+        load_state_dict_strict(model, read_state_dict(checkpoint), str(checkpoint))
+    return model

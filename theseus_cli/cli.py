@@ -1,0 +1,181 @@
+"""The ``theseus`` command line: thin Typer verbs over library functions.
+
+Each verb parses options, calls one library function that returns data, and
+formats it with rich (or prints JSON with ``--json``). Errors of the tool's own
+types become one line on stderr and their exit code; anything else is exit 1
+with a one-line summary (the traceback only under ``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from theseus_cli.errors import TheseusError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
+out_console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+RecipeOpt = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
+DebugOpt = typer.Option(False, "--debug", help="show tracebacks of unexpected errors")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
+
+
+def _quiet(flag: bool) -> bool:
+    return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
+
+
+def _run(debug: bool, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except TheseusError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split())
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _progress(quiet: bool):
+    if _quiet(quiet):
+        from theseus_cli.progress import NullProgress
+
+        return NullProgress()
+    from theseus_cli.rich_progress import RichProgress
+
+    return RichProgress(err_console)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _shape(shape) -> str:
+    return "×".join(map(str, shape)) if shape else "-"
+
+
+@app.command()
+def inspect(
+    guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
+    recipe: Path = RecipeOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Show which modules the recipe replaces, their shapes, and what they become."""
+
+    def work():
+        from theseus_cli.inspection import inspect_guide
+        from theseus_cli.recipe import load_recipe
+
+        return inspect_guide(load_recipe(recipe), guide)
+
+    plan = _run(debug, work)
+    if as_json:
+        _emit_json(plan)
+        return
+    table = Table(title=f"{plan['guide']['arch']} on input {_shape(plan['input_shape'])}", show_lines=False)
+    for col in ("path", "type", "output", "params", "rule", "becomes", "target params"):
+        table.add_column(col, justify="right" if "params" in col else "left")
+    for row in plan["rows"]:
+        becomes = None
+        if row["becomes"]:
+            args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items())
+            becomes = f"[green]{row['becomes']}[/]({args})"
+        table.add_row(row["path"], row["module_type"], _shape(row["output_shape"]), f"{row['params']:,}",
+                      f"replace[{row['rule']}]" if row["rule"] is not None else "",
+                      becomes or "[dim]kept[/]",
+                      f"{row['target_params']:,}" if row["target_params"] is not None else f"{row['params']:,}")
+    out_console.print(table)
+    g = plan["guide"]
+    out_console.print(f"guide: {g['arch']} ({'checkpoint ' + g['checkpoint'] if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
+                      f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
+    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
+                      f"(×{plan['param_ratio']:.2f})")
+
+
+@app.command()
+def convert(
+    guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
+    recipe: Path = RecipeOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    baseline: bool = typer.Option(False, "--baseline", help="also train the naive target from scratch for the same steps"),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert the guide into the recipe's target: align, recalibrate, fine-tune, save."""
+
+    def work():
+        from theseus_cli.convert import run_conversion
+        from theseus_cli.recipe import load_recipe
+
+        r = load_recipe(recipe)
+        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json))
+
+    report = _run(debug, work)
+    if as_json:
+        _emit_json(report)
+        return
+    acc = report["accuracy"]
+    table = Table(title=f"{report['guide']['arch']} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
+    for col in ("model", "params", "test accuracy"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}", f"{acc['guide']:.4f}")
+    table.add_row("NoT target, aligned only", f"{report['params']['target']:,}", f"{acc['target_after_alignment']:.4f}")
+    table.add_row("NoT target", f"{report['params']['target']:,}", f"{acc['target']:.4f}")
+    if acc["baseline"] is not None:
+        table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", f"{acc['baseline']:.4f}")
+    out_console.print(table)
+    out_console.print(f"wrote {out / report['files']['target']}, {out / report['files']['report']}, {out / report['files']['plot']}")
+
+
+@app.command("train-guide")
+def train_guide_cmd(
+    recipe: Path = RecipeOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="checkpoint file to write (.safetensors)"),
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Train the recipe's guide architecture from scratch on the recipe's data."""
+
+    def work():
+        from theseus_cli.pretrain import train_guide
+        from theseus_cli.recipe import load_recipe
+
+        return train_guide(load_recipe(recipe), out, epochs, lr, device=device, progress=_progress(quiet or as_json))
+
+    result = _run(debug, work)
+    if as_json:
+        _emit_json(result)
+        return
+    out_console.print(f"guide {result['arch']}: test accuracy {result['accuracy']:.4f} after {result['epochs']} epochs "
+                      f"({result['seconds']:.0f}s on {result['device']}) → {result['checkpoint']}")
+
+
+def main() -> None:
+    app()

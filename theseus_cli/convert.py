@@ -1,0 +1,169 @@
+"""``theseus convert``: the whole Network-of-Theseus pipeline as one library call.
+
+:func:`run_conversion` = plan → progressive alignment (Algorithm 1 of the
+paper) → BatchNorm recalibration → end-to-end fine-tuning → (optionally) the
+naive baseline → files. It returns the report it writes.
+
+Stage t of the progressive schedule swaps in the replacement for the t-th
+claimed module (execution order) and trains replacements 1..t jointly on the
+mean of (1 − CKA) between each replaced module's output and the guide's output
+at the same path; all other weights stay frozen and every BatchNorm keeps the
+guide's statistics. The naive baseline is the same target architecture, every
+weight freshly initialised, trained on the task for as many gradient steps as
+the conversion took in all (alignment + fine-tuning), as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from theseus_cli import __version__
+from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
+from theseus_cli.arch import build_model
+from theseus_cli.data import batches_per_epoch
+from theseus_cli.plan import apply_entries, build_plan
+from theseus_cli.plots import plot_alignment
+from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.recipe import Recipe
+from theseus_cli.session import Session, open_session
+from theseus_cli.training import (
+    align_stage,
+    evaluate_accuracy,
+    layer_similarity,
+    recalibrate_batchnorm,
+    train_task,
+)
+
+HELDOUT_FOR_SIMILARITY = 512
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"theseus": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _task_steps(session: Session) -> tuple[int, int]:
+    """(fine-tuning steps, warm-up steps) from the recipe's epochs over the labelled set."""
+    ft = session.recipe.finetune
+    per_epoch = batches_per_epoch(session.data.labelled.numel(), session.recipe.data.batch_size)
+    return ft.epochs * per_epoch, int(round(ft.warmup_epochs * per_epoch))
+
+
+def _train_on_task(model, session: Session, steps: int, warmup: int, lr: float, seed: int, label: str, progress: Progress):
+    ft, data = session.recipe.finetune, session.data
+    x, y = data.x_train[data.labelled], data.y_train[data.labelled]
+    return train_task(model, x, y, steps, lr, ft.weight_decay, warmup, ft.grad_clip, ft.label_smoothing,
+                      session.recipe.data.batch_size, torch.Generator().manual_seed(seed), session.device, label, progress)
+
+
+def run_conversion(
+    recipe: Recipe,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    baseline: bool | None = None,
+    overwrite: bool = False,
+    progress: Progress = NullProgress(),
+) -> dict[str, Any]:
+    """Convert the recipe's guide into its target; write files into ``out``; return the report."""
+    started = time.perf_counter()
+    out = Path(out)
+    prepare_out_dir(out, overwrite)
+    session = open_session(recipe, checkpoint, device)
+    seed, data, dev = recipe.seed, session.data, session.device
+    baseline = recipe.baseline.enabled if baseline is None else baseline
+
+    guide = session.guide.eval()
+    for p in guide.parameters():
+        p.requires_grad_(False)
+    plan = build_plan(guide, recipe, data.x_train[:2].to(dev))
+    progress.log(f"plan: {len(plan.entries)} modules to replace, {plan.guide_params:,} → {plan.target_params:,} params")
+    heldout = data.x_test[:HELDOUT_FOR_SIMILARITY]
+    eval_bs = recipe.data.eval_batch_size
+
+    # ---- progressive alignment (Algorithm 1)
+    target = copy.deepcopy(guide)
+    align_gen = torch.Generator().manual_seed(seed + 1)
+    stages, replaced, aligned = [], [], []
+    t_align = time.perf_counter()
+    for index, introduced in enumerate(plan.stages):
+        entries = [e for e in plan.entries if e.path in introduced]
+        torch.manual_seed(seed + 1000 + index)
+        replaced += apply_entries(target, entries)
+        aligned += [e.path for e in entries]
+        result = align_stage(index, guide, target, list(aligned), introduced, list(replaced), data.x_train,
+                             recipe.align, recipe.similarity.kind, recipe.data.batch_size, align_gen, dev, progress)
+        stages.append(result.__dict__)
+    align_seconds = time.perf_counter() - t_align
+    align_steps = sum(s["steps"] for s in stages)
+    cka_after_align = layer_similarity(guide, target, plan.paths, heldout, dev)
+
+    # ---- BatchNorm recalibration, then end-to-end fine-tuning
+    bn_layers = 0
+    if recipe.bn_recalibration.enabled:
+        bn_layers = recalibrate_batchnorm(target, data.x_train, recipe.bn_recalibration.batches,
+                                          recipe.data.batch_size, torch.Generator().manual_seed(seed + 2), dev)
+    acc_aligned = evaluate_accuracy(target, data.x_test, data.y_test, eval_bs, dev)
+    ft_steps, warmup = _task_steps(session)
+    ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
+    acc_target = evaluate_accuracy(target, data.x_test, data.y_test, eval_bs, dev)
+    cka_after_ft = layer_similarity(guide, target, plan.paths, heldout, dev)
+    acc_guide = evaluate_accuracy(guide, data.x_test, data.y_test, eval_bs, dev)
+
+    # ---- naive baseline: same target architecture from scratch, same total gradient steps
+    baseline_report = None
+    if baseline:
+        torch.manual_seed(seed + 7)
+        naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7).to(dev)
+        apply_entries(naive, plan.entries)
+        total = align_steps + ft_steps
+        per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
+        warm = int(round(recipe.finetune.warmup_epochs * per_epoch))
+        lr = recipe.baseline.lr or recipe.finetune.lr
+        res = _train_on_task(naive, session, total, warm, lr, seed + 4, "naive baseline", progress)
+        baseline_report = {"accuracy": evaluate_accuracy(naive, data.x_test, data.y_test, eval_bs, dev),
+                           "steps": total, "lr": lr, "epoch_losses": res.epoch_losses, "seconds": res.seconds}
+
+    # ---- files
+    meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs},
+            "entries": [e.__dict__ for e in plan.entries], "input_shape": list(plan.input_shape),
+            "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std},
+            "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "theseus_version": __version__}
+    save_target(out / TARGET_FILE, target.cpu(), meta)
+    report = {
+        "versions": versions(),
+        "seed": seed,
+        "device": str(dev),
+        "recipe": recipe.resolved(),
+        "recipe_hash": recipe.digest(),
+        "guide": session.guide_info,
+        "data": data.summary(),
+        "plan": {"entries": meta["entries"], "stages": plan.stages},
+        "params": {"guide": plan.guide_params, "target": plan.target_params},
+        "stages": stages,
+        "similarity": {"metric": "linear_cka", "heldout_samples": int(heldout.shape[0]),
+                       "after_alignment": cka_after_align, "after_finetune": cka_after_ft},
+        "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": bn_layers},
+        "accuracy": {"guide": acc_guide, "target_after_alignment": acc_aligned, "target": acc_target,
+                     "baseline": baseline_report["accuracy"] if baseline_report else None,
+                     "retention": acc_target / acc_guide if acc_guide else None},
+        "steps": {"alignment": align_steps, "finetune": ft_steps,
+                  "baseline": baseline_report["steps"] if baseline_report else None},
+        "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds},
+        "baseline": baseline_report,
+        "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
+        "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
+    }
+    plot_alignment(out / PLOT_FILE, stages, cka_after_align,
+                   f"{recipe.guide.arch} → {', '.join(sorted({e.replacement for e in plan.entries}))}")
+    report["wall_time"]["total"] = time.perf_counter() - started
+    write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
+    return report

@@ -1,0 +1,42 @@
+"""The paper's Figure 5 for one run: per-stage alignment losses and final per-layer similarity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from theseus_cli.artifacts import atomic_write
+
+
+def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    offset = 0
+    cmap = plt.get_cmap("viridis")
+    for i, stage in enumerate(stages):
+        losses = stage["losses"]
+        if not losses:
+            continue
+        xs = range(offset, offset + len(losses))
+        left.plot(xs, [max(v, 1e-6) for v in losses], color=cmap(i / max(1, len(stages) - 1)), lw=1,
+                  label=f"{i + 1}: {', '.join(stage['introduced'])}")
+        offset += len(losses)
+    left.set_yscale("log")
+    left.set_xlabel("alignment step (stages in order)")
+    left.set_ylabel("mean 1 − CKA over aligned layers")
+    left.set_title("alignment loss per stage")
+    if len(stages) <= 12:
+        left.legend(fontsize=6, loc="upper right")
+
+    names = list(layer_cka)
+    right.bar(range(len(names)), [1.0 - layer_cka[n] for n in names], color="tab:red")
+    right.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    right.set_ylabel("1 − CKA after alignment (held-out)")
+    right.set_title("final per-layer dissimilarity")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

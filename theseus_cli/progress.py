@@ -1,0 +1,39 @@
+"""Progress reporting the library can call without knowing who listens.
+
+The library takes a :class:`Progress`; the default does nothing. The CLI
+passes a rich-backed one, or the silent one under ``CI=true``/``--quiet``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1, **info: float) -> None: ...
+
+    def done(self) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int) -> Task: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, n: int = 1, **info: float) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+class NullProgress:
+    """Reports nothing."""
+
+    def task(self, description: str, total: int) -> Task:
+        return _NullTask()
+
+    def log(self, message: str) -> None:
+        pass

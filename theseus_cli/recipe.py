@@ -1,0 +1,245 @@
+"""Recipe: the YAML file that says what to convert and how.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` so a typo is an
+error, and closed option sets are ``Literal`` so the error lists the valid
+choices. :func:`load_recipe` reports *all* problems of a file at once, each with
+its location (``replace[0].params.rank: ...``), before any model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from theseus_cli.errors import RecipeError
+from theseus_cli.replacements import get_replacement
+
+ARCH_PREFIXES = ("torchvision", "timm")
+_MODULE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def check_arch_spec(spec: str) -> str:
+    """``torchvision:<name>``, ``timm:<name>`` or ``package.module:function``."""
+    if ":" not in spec:
+        raise ValueError(f"arch {spec!r} must be 'torchvision:<name>', 'timm:<name>' or 'module:function'")
+    prefix, name = spec.split(":", 1)
+    if prefix in ARCH_PREFIXES:
+        if not name:
+            raise ValueError(f"arch {spec!r} names no model after '{prefix}:'")
+    elif not _MODULE_FN.match(spec):
+        raise ValueError(f"arch {spec!r} is not 'torchvision:<name>', 'timm:<name>' or 'module:function'")
+    return spec
+
+
+class GuideConfig(_Strict):
+    arch: str = Field(description="torchvision:<name>, timm:<name> or package.module:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the constructor")
+    checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file; none = untrained guide")
+
+    _arch = field_validator("arch")(classmethod(lambda cls, v: check_arch_spec(v)))
+
+
+class DataConfig(_Strict):
+    source: Literal["fashion-mnist", "mnist-5k", "digits", "idx", "npz", "imagefolder"] = "fashion-mnist"
+    path: Optional[str] = Field(None, description="folder or file, for idx / npz / imagefolder")
+    image_size: Optional[int] = Field(None, ge=4, description="resize images to this square size")
+    channels: Optional[Literal[1, 3]] = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
+    canvas: Optional[int] = Field(None, ge=4, description="paste each image into a larger square canvas")
+    placement: Literal["center", "random"] = Field("center", description="where on the canvas (random: fixed per image)")
+    train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training split")
+    label_limit: Optional[int] = Field(None, ge=1, description="labelled examples for fine-tuning and baseline; alignment still sees all training inputs")
+    test_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the test split")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share where the source has no test split")
+    batch_size: int = Field(256, ge=2)
+    eval_batch_size: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        needs_path = self.source in ("idx", "npz", "imagefolder")
+        if needs_path and not self.path:
+            raise ValueError(f"path: source {self.source!r} needs a path")
+        if not needs_path and self.path:
+            raise ValueError(f"path: source {self.source!r} is built in and takes no path")
+        if self.canvas is not None and self.image_size is not None and self.canvas < self.image_size:
+            raise ValueError(f"canvas: {self.canvas} is smaller than image_size {self.image_size}")
+        return self
+
+
+class RuleConfig(_Strict):
+    """One replacement rule: which modules, what they become."""
+
+    match: Union[str, list[str]] = Field(description="'re:<regex>' (fullmatch on the dotted path), an exact path or a class name")
+    ignore: list[str] = Field(default_factory=list, description="patterns of the same grammar to leave alone")
+    with_: str = Field(alias="with", description="replacement name")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: Union[str, list[str]]) -> list[str]:
+        patterns = [v] if isinstance(v, str) else list(v)
+        if not patterns:
+            raise ValueError("match is empty")
+        for p in patterns:
+            check_pattern(p)
+        return patterns
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        for p in v:
+            check_pattern(p)
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "RuleConfig":
+        replacement = get_replacement(self.with_)  # ValueError lists valid names
+        try:
+            self.params = replacement.params_model.model_validate(self.params).model_dump()
+        except ValidationError as exc:
+            raise ValueError("; ".join(_problem(e, ("params",)) for e in exc.errors())) from None
+        return self
+
+
+def check_pattern(pattern: str) -> str:
+    if not pattern:
+        raise ValueError("empty pattern")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
+    return pattern
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["progressive"] = "progressive"
+    order: Literal["forward"] = "forward"
+
+
+class SimilarityConfig(_Strict):
+    kind: Literal["cka"] = "cka"
+
+
+class AlignConfig(_Strict):
+    epochs: int = Field(2, ge=0, description="passes over the training inputs per stage")
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
+
+
+class BNRecalConfig(_Strict):
+    enabled: bool = True
+    batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm statistics")
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to zero")
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class BaselineConfig(_Strict):
+    enabled: bool = Field(False, description="also train the naive target from scratch (CLI: --baseline)")
+    lr: Optional[float] = Field(None, gt=0, description="defaults to finetune.lr")
+
+
+class Recipe(_Strict):
+    guide: GuideConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    replace: list[RuleConfig] = Field(min_length=1)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    bn_recalibration: BNRecalConfig = Field(default_factory=BNRecalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    seed: int = 0
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field with defaults filled in, as plain JSON data."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        return recipe_hash(self.resolved())
+
+
+def recipe_hash(resolved: dict[str, Any]) -> str:
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _problem(err: dict, prefix: tuple = ()) -> str:
+    """One pydantic error as 'location: message'."""
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    return f"{_loc(prefix + loc)}: {msg}"
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    problems = [_problem(err) for err in exc.errors()]
+    noun = "problem" if len(problems) == 1 else "problems"
+    return f"{source}: {len(problems)} {noun}: " + "; ".join(problems)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(source, exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; raise :class:`RecipeError` naming every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    recipe = parse_recipe(data, str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative file paths in a recipe are relative to the recipe's own folder."""
+    if recipe.guide.checkpoint and not Path(recipe.guide.checkpoint).is_absolute():
+        recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
+    if recipe.data.path and not Path(recipe.data.path).is_absolute():
+        recipe.data.path = str(base / recipe.data.path)
+    return recipe

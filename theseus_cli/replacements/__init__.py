@@ -1,0 +1,10 @@
+"""Replacement modules: what a guide module becomes in the target.
+
+Importing this package registers every built-in replacement in
+:data:`theseus_cli.replacements.registry.REPLACEMENTS`.
+"""
+
+from theseus_cli.replacements.registry import REPLACEMENTS, IOShapes, Replacement, get_replacement, register
+from theseus_cli.replacements import lowrank  # noqa: F401  (registers lowrank_linear)
+
+__all__ = ["REPLACEMENTS", "IOShapes", "Replacement", "get_replacement", "register"]

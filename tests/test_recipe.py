@@ -6,10 +6,11 @@ from theseus_cli.errors import RecipeError
 from theseus_cli.recipe import load_recipe, parse_recipe
 from tests.conftest import tiny_recipe_dict
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted(ROOT.glob("recipes/*.yaml")) + sorted(ROOT.glob("bench/recipes/*.yaml"))
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.replace and recipe.guide.arch

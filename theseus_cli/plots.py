@@ -29,7 +29,7 @@ def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], 
     left.set_ylabel("mean 1 − CKA over aligned layers")
     left.set_title("alignment loss per stage")
     if len(stages) <= 12:
-        left.legend(fontsize=6, loc="upper right")
+        left.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     names = list(layer_cka)
     right.bar(range(len(names)), [1.0 - layer_cka[n] for n in names], color="tab:red")

@@ -46,7 +46,10 @@ class GuideConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the constructor")
     checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file; none = untrained guide")
 
-    _arch = field_validator("arch")(classmethod(lambda cls, v: check_arch_spec(v)))
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return check_arch_spec(v)
 
 
 class DataConfig(_Strict):

@@ -1,0 +1,54 @@
+import os
+import stat
+
+import pytest
+
+from theseus_cli.artifacts import atomic_write, prepare_out_dir, read_target_metadata, write_json
+from theseus_cli.errors import ModelError, OutputError
+
+
+def test_atomic_write_replaces_whole_file_and_cleans_up_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_text() == '{\n  "a": 1\n}\n'  # the old file, not a torn one
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_output_dir_rules(tmp_path):
+    prepare_out_dir(tmp_path / "new", overwrite=False)
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "new" / "x").write_text("1")
+    with pytest.raises(OutputError, match="not empty"):
+        prepare_out_dir(tmp_path / "new", overwrite=False)
+    prepare_out_dir(tmp_path / "new", overwrite=True)
+    (tmp_path / "file").write_text("1")
+    with pytest.raises(OutputError, match="not a directory"):
+        prepare_out_dir(tmp_path / "file", overwrite=True)
+
+
+def test_reading_something_that_is_not_a_target(tmp_path):
+    with pytest.raises(ModelError, match="target file not found"):
+        read_target_metadata(tmp_path)
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "target.safetensors"))
+    with pytest.raises(ModelError, match="not a theseus target"):
+        read_target_metadata(tmp_path)

@@ -136,3 +136,14 @@ def test_real_entry_point_exit_code_and_stderr(write_recipe, tmp_path):
     assert proc.returncode == 3
     assert proc.stdout == "" and proc.stderr.startswith("error: ") and "guide.arch" in proc.stderr
     assert "replace: Field required" in proc.stderr
+
+
+def test_recipe_switches_reach_the_run(write_recipe, tmp_path):
+    recipe = write_recipe(tiny_recipe_dict(bn_recalibration={"enabled": False}, baseline={"enabled": True, "lr": 3e-3},
+                                           finetune={"label_smoothing": 0.1}))
+    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["bn_recalibration"] == {"enabled": False, "layers": 0}
+    assert report["baseline"]["lr"] == 3e-3 and report["accuracy"]["baseline"] is not None  # recipe enables it
+    assert report["recipe"]["finetune"]["label_smoothing"] == 0.1

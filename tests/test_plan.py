@@ -66,3 +66,17 @@ def test_dry_forward_failure_names_the_input_shape():
     model = resnet_small(in_chans=3)
     with pytest.raises(MatchError, match=r"dry forward of the guide on an input of shape \(2, 1, 8, 8\) failed"):
         build_plan(model, recipe_for(), torch.randn(2, 1, 8, 8))
+
+
+def test_torchvision_resnet18_every_conv_planned_in_execution_order():
+    from theseus_cli.inspection import inspect_guide
+
+    recipe = recipe_for(guide={"arch": "torchvision:resnet18", "kwargs": {"num_classes": 10}},
+                        data={"channels": 3, "image_size": 32, "train_limit": 64, "test_limit": 16},
+                        replace=[{"match": "Conv2d", "with": "lowrank_linear", "params": {"rank": 64}}])
+    plan = inspect_guide(recipe)
+    paths = [e["path"] for e in plan["entries"]]
+    assert len(paths) == 20 and paths[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert paths.index("layer2.0.downsample.0") == paths.index("layer2.0.conv2") + 1
+    assert plan["entries"][0]["input_shape"] == [3, 32, 32] and plan["entries"][0]["output_shape"] == [64, 16, 16]
+    assert plan["guide"]["trained"] is False and plan["data"]["input_shape"] == [3, 32, 32]

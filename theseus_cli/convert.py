@@ -16,6 +16,7 @@ the conversion took in all (alignment + fine-tuning), as in the paper.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 import platform
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def run_conversion(
         aligned += [e.path for e in entries]
         result = align_stage(index, guide, target, list(aligned), introduced, list(replaced), data.x_train,
                              recipe.align, recipe.similarity.kind, recipe.data.batch_size, align_gen, dev, progress)
-        stages.append(result.__dict__)
+        stages.append(asdict(result))
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     cka_after_align = layer_similarity(guide, target, plan.paths, heldout, dev)
@@ -134,7 +135,7 @@ def run_conversion(
 
     # ---- files
     meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs},
-            "entries": [e.__dict__ for e in plan.entries], "input_shape": list(plan.input_shape),
+            "entries": [asdict(e) for e in plan.entries], "input_shape": list(plan.input_shape),
             "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std},
             "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "theseus_version": __version__}
     save_target(out / TARGET_FILE, target.cpu(), meta)

@@ -10,6 +10,7 @@ stage by stage with :func:`replace_module`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,7 +70,8 @@ class Plan:
     stages: list[list[str]] = field(default_factory=list)  # paths introduced at each stage
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data (tuples become lists), as ``inspect --json`` prints it."""
+        return json.loads(json.dumps(asdict(self)))
 
     @property
     def paths(self) -> list[str]:

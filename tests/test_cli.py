@@ -147,3 +147,15 @@ def test_recipe_switches_reach_the_run(write_recipe, tmp_path):
     assert report["bn_recalibration"] == {"enabled": False, "layers": 0}
     assert report["baseline"]["lr"] == 3e-3 and report["accuracy"]["baseline"] is not None  # recipe enables it
     assert report["recipe"]["finetune"]["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("similarity", [{"kind": "ucka"}, {"kind": "dmnn", "k": 5, "tau": 0.1}])
+def test_every_similarity_converts_and_reports_all_metrics(similarity, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_recipe_dict(similarity=similarity, finetune={"epochs": 0}))
+    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["similarity"]["optimised"] == similarity["kind"]
+    for layer in report["similarity"]["after_alignment"].values():
+        assert set(layer) == {"cka", "ucka", "mknn"}
+    assert all(s["losses"] and all(v == v for v in s["losses"]) for s in report["stages"])  # no NaN

@@ -70,7 +70,15 @@ def test_unknown_schedule_and_similarity_list_choices():
     with pytest.raises(RecipeError) as info:
         parse_recipe(data)
     assert "schedule.kind: Input should be 'progressive'" in str(info.value)
-    assert "similarity.kind: Input should be 'cka'" in str(info.value)
+    assert "similarity.kind: Input should be 'cka', 'ucka' or 'dmnn'" in str(info.value)
+
+
+def test_batch_too_small_for_the_similarity():
+    with pytest.raises(RecipeError, match="ucka needs data.batch_size ≥ 4, got 3"):
+        parse_recipe(tiny_recipe_dict(similarity={"kind": "ucka"}, data={"batch_size": 3}))
+    with pytest.raises(RecipeError, match="similarity.k: dmnn with k=10 needs data.batch_size > k, got 8"):
+        parse_recipe(tiny_recipe_dict(similarity={"kind": "dmnn", "k": 10}, data={"batch_size": 8}))
+    assert parse_recipe(tiny_recipe_dict(similarity={"kind": "dmnn", "k": 5, "tau": 0.05})).similarity.tau == 0.05
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "torchvision:", "not a module:fn", "a.b:c-d"])

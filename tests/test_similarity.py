@@ -81,3 +81,116 @@ def test_half_precision_inputs_are_reduced_in_float32():
 def test_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="same samples"):
         linear_cka(torch.randn(4, 2), torch.randn(5, 2))
+
+
+# ---------------------------------------------------------------- unbiased CKA
+
+
+def reference_hsic_u(k: torch.Tensor, l: torch.Tensor) -> float:
+    """Song et al. (2007) unbiased HSIC, written term by term in float64."""
+    n = k.shape[0]
+    k, l = k.clone(), l.clone()
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    one = torch.ones(n, 1, dtype=torch.float64)
+    t1 = torch.trace(k @ l)
+    t2 = float(one.T @ k @ one) * float(one.T @ l @ one) / ((n - 1) * (n - 2))
+    t3 = 2.0 / (n - 2) * float(one.T @ k @ l @ one)
+    return float((t1 + t2 - t3) / (n * (n - 3)))
+
+
+def reference_ucka(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.flatten(1).double()
+    b = b.flatten(1).double()
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    k, l = a @ a.T, b @ b.T
+    return reference_hsic_u(k, l) / math.sqrt(reference_hsic_u(k, k) * reference_hsic_u(l, l))
+
+
+@pytest.mark.parametrize("n, d1, d2", [(8, 5, 7), (12, 300, 200), (6, 40, 3)])
+def test_unbiased_cka_matches_float64_reference_in_both_forms(n, d1, d2):
+    from theseus_cli.similarity import unbiased_cka
+
+    torch.manual_seed(n * d1)
+    a = torch.randn(n, d1)
+    b = torch.cat([a[:, : min(d1, d2)], torch.randn(n, max(0, d2 - d1))], 1)[:, :d2] + 0.3 * torch.randn(n, d2)
+    ref = reference_ucka(a, b)
+    assert float(unbiased_cka(a, b, dtype=torch.float64)) == pytest.approx(ref, abs=1e-10)
+    assert float(unbiased_cka(a, b)) == pytest.approx(ref, abs=1e-4)
+
+
+def test_unbiased_cka_removes_the_diagonal_inflation():
+    """Unrelated wide representations look similar to biased CKA on few samples, not to the unbiased one."""
+    from theseus_cli.similarity import unbiased_cka
+
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 4000).abs(), torch.randn(16, 4000).abs()
+    assert float(linear_cka(a, b)) > 0.3
+    assert abs(float(unbiased_cka(a, b))) < 0.15
+    assert float(unbiased_cka(a, a)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unbiased_cka_needs_four_samples():
+    from theseus_cli.similarity import unbiased_cka
+
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        unbiased_cka(torch.randn(3, 5), torch.randn(3, 5))
+
+
+# ---------------------------------------------------------------- D-MNN
+
+
+def test_soft_mnn_limits():
+    """Eq. 12: with exact top-k masks, k·ḡ_soft equals the hard mutual-kNN overlap when P and Q are uniform
+    on the masks. A softmax is uniform on its mask as τ → ∞ (the paper writes τ → 0); as τ → 0 it collapses
+    onto the single nearest neighbour, so k·ḡ_soft → k × (share of anchors whose 1-NN agrees)."""
+    from theseus_cli.dmnn import _logits, mutual_knn, soft_mnn
+
+    torch.manual_seed(0)
+    a = torch.randn(40, 16)
+    b = a + 0.8 * torch.randn(40, 16)
+    k = 5
+    hard = float(mutual_knn(a, b, k))
+    assert 0.05 < hard < 0.95  # a non-trivial case
+    gaps = [abs(k * float(soft_mnn(a, b, k, tau)) - hard) for tau in (1.0, 10.0, 100.0, 1e4)]
+    assert gaps[-1] < 1e-4 and gaps == sorted(gaps, reverse=True)
+    nn_agree = float((_logits(a, 1.0).argmax(1) == _logits(b, 1.0).argmax(1)).float().mean())
+    assert k * float(soft_mnn(a, b, k, 1e-4)) == pytest.approx(k * nn_agree, abs=1e-4)
+
+
+def test_dmnn_loss_is_zero_on_identical_neighbourhoods_and_positive_otherwise():
+    from theseus_cli.dmnn import dmnn_loss
+
+    torch.manual_seed(1)
+    a = torch.randn(32, 8)
+    assert float(dmnn_loss(a, a, k=4, tau=0.1)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dmnn_loss(3 * a, a, k=4, tau=0.1)) == pytest.approx(0.0, abs=1e-6)  # row scale does not matter
+    assert float(dmnn_loss(torch.randn(32, 8), a, k=4, tau=0.1)) > 0.1
+
+
+def test_dmnn_loss_is_finite_with_gradients_when_neighbourhoods_disagree():
+    from theseus_cli.dmnn import dmnn_loss
+
+    torch.manual_seed(2)
+    t = torch.randn(16, 6, requires_grad=True)
+    loss = dmnn_loss(t, torch.randn(16, 6), k=3, tau=0.05)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    c = torch.ones(16, 6, requires_grad=True)  # all rows identical: ties everywhere
+    dmnn_loss(c, torch.randn(16, 6), k=3).backward()
+    assert torch.isfinite(c.grad).all()
+
+
+def test_dmnn_needs_k_plus_one_samples():
+    from theseus_cli.dmnn import dmnn_loss
+
+    with pytest.raises(ValueError, match="k=10 needs a batch of at least 11"):
+        dmnn_loss(torch.randn(8, 3), torch.randn(8, 3), k=10)
+
+
+def test_all_similarities_reports_every_metric():
+    from theseus_cli.similarity import all_similarities
+
+    x = torch.randn(20, 6)
+    out = all_similarities(x, x, k=5)
+    assert set(out) == {"cka", "ucka", "mknn"} and all(v == pytest.approx(1.0, abs=1e-6) for v in out.values())

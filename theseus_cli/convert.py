@@ -31,8 +31,10 @@ from theseus_cli.data import batches_per_epoch
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.errors import DataError
 from theseus_cli.recipe import Recipe
 from theseus_cli.session import Session, open_session
+from theseus_cli.similarity import make_loss, min_batch
 from theseus_cli.training import (
     align_stage,
     evaluate_accuracy,
@@ -91,6 +93,11 @@ def run_conversion(
     eval_bs = recipe.data.eval_batch_size
 
     # ---- progressive alignment (Algorithm 1)
+    sim = recipe.similarity
+    needed = min_batch(sim.kind, sim.k)
+    if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
+        raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
+    loss_fn = make_loss(sim.kind, sim.k, sim.tau)
     target = copy.deepcopy(guide)
     align_gen = torch.Generator().manual_seed(seed + 1)
     stages, replaced, aligned = [], [], []
@@ -101,11 +108,11 @@ def run_conversion(
         replaced += apply_entries(target, entries)
         aligned += [e.path for e in entries]
         result = align_stage(index, guide, target, list(aligned), introduced, list(replaced), data.x_train,
-                             recipe.align, recipe.similarity.kind, recipe.data.batch_size, align_gen, dev, progress)
+                             recipe.align, loss_fn, recipe.data.batch_size, align_gen, dev, progress)
         stages.append(asdict(result))
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
-    cka_after_align = layer_similarity(guide, target, plan.paths, heldout, dev)
+    sim_after_align = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
 
     # ---- BatchNorm recalibration, then end-to-end fine-tuning
     bn_layers = 0
@@ -116,7 +123,7 @@ def run_conversion(
     ft_steps, warmup = _task_steps(session)
     ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
     acc_target = evaluate_accuracy(target, data.x_test, data.y_test, eval_bs, dev)
-    cka_after_ft = layer_similarity(guide, target, plan.paths, heldout, dev)
+    sim_after_ft = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
     acc_guide = evaluate_accuracy(guide, data.x_test, data.y_test, eval_bs, dev)
 
     # ---- naive baseline: same target architecture from scratch, same total gradient steps
@@ -150,8 +157,8 @@ def run_conversion(
         "plan": {"entries": meta["entries"], "stages": plan.stages},
         "params": {"guide": plan.guide_params, "target": plan.target_params},
         "stages": stages,
-        "similarity": {"metric": "linear_cka", "heldout_samples": int(heldout.shape[0]),
-                       "after_alignment": cka_after_align, "after_finetune": cka_after_ft},
+        "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,
+                       "after_alignment": sim_after_align, "after_finetune": sim_after_ft},
         "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": bn_layers},
         "accuracy": {"guide": acc_guide, "target_after_alignment": acc_aligned, "target": acc_target,
                      "baseline": baseline_report["accuracy"] if baseline_report else None,
@@ -163,7 +170,7 @@ def run_conversion(
         "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
-    plot_alignment(out / PLOT_FILE, stages, cka_after_align,
+    plot_alignment(out / PLOT_FILE, stages, {p: v["cka"] for p, v in sim_after_align.items()}, sim.kind,
                    f"{recipe.guide.arch} → {', '.join(sorted({e.replacement for e in plan.entries}))}")
     report["wall_time"]["total"] = time.perf_counter() - started
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run

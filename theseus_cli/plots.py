@@ -7,7 +7,7 @@ from pathlib import Path
 from theseus_cli.artifacts import atomic_write
 
 
-def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], title: str) -> None:
+def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], metric: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], 
         offset += len(losses)
     left.set_yscale("log")
     left.set_xlabel("alignment step (stages in order)")
-    left.set_ylabel("mean 1 − CKA over aligned layers")
+    left.set_ylabel({"cka": "mean 1 − CKA", "ucka": "mean 1 − unbiased CKA", "dmnn": "mean D-MNN KL"}[metric] + " over aligned layers")
     left.set_title("alignment loss per stage")
     if len(stages) <= 12:
         left.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -130,7 +130,9 @@ class ScheduleConfig(_Strict):
 
 
 class SimilarityConfig(_Strict):
-    kind: Literal["cka"] = "cka"
+    kind: Literal["cka", "ucka", "dmnn"] = Field("cka", description="linear CKA, unbiased CKA, or differentiable mutual nearest neighbours")
+    k: int = Field(10, ge=1, description="dmnn: neighbours per anchor (also used for the mutual-kNN score in reports)")
+    tau: float = Field(0.1, gt=0, description="dmnn: softmax temperature on cosine similarities")
 
 
 class AlignConfig(_Strict):
@@ -173,6 +175,15 @@ class Recipe(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_fits_similarity(self) -> "Recipe":
+        sim, batch = self.similarity, self.data.batch_size
+        if sim.kind == "ucka" and batch < 4:
+            raise ValueError(f"similarity.kind: ucka needs data.batch_size ≥ 4, got {batch}")
+        if sim.kind == "dmnn" and sim.k >= batch:
+            raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in, as plain JSON data."""

@@ -1,5 +1,10 @@
 """Representational similarity as pure tensor functions.
 
+Three similarities, each with its dissimilarity used as an alignment loss:
+linear CKA (``cka``), unbiased CKA (``ucka``) and differentiable mutual
+nearest neighbours (``dmnn``). All of them ℓ2-normalise rows (samples) first,
+as the paper does.
+
 Linear CKA (Kornblith et al., 2019) as the paper uses it (Appendix C.1): rows
 are samples, features are flattened, each row is ℓ2-normalised first, then
 
@@ -19,6 +24,8 @@ never NaN.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -60,5 +67,79 @@ def cka_loss(target: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
     return 1.0 - linear_cka(target, guide)
 
 
-SIMILARITIES = {"cka": linear_cka}
-LOSSES = {"cka": cka_loss}
+def _normalise_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.flatten(1).to(dtype)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def _hsic_u_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al., 2007) of K = AAᵀ and L = BBᵀ, without forming n×n matrices when cheaper.
+
+    With K̃, L̃ the Grams with zeroed diagonals:
+      HSIC_U = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3)).
+    (The paper's eq. 9 prints tr(K̃L̃) in all three terms; this is the estimator it cites.)
+    """
+    n = a.shape[0]
+    dk = a.square().sum(1)  # diag(K), (n,)
+    dl = b.square().sum(1)  # diag(L), (n,)
+    if gram_is_cheaper(n, a.shape[1], b.shape[1]):
+        k = a @ a.T - torch.diag(dk)  # K̃ (n, n)
+        l = b @ b.T - torch.diag(dl)  # L̃ (n, n)
+        tr_kl = (k * l).sum()
+        k1, l1 = k.sum(1), l.sum(1)  # K̃1, L̃1 (n,)
+    else:
+        tr_kl = (b.T @ a).square().sum() - (dk * dl).sum()  # tr(KL) − Σ K_ii L_ii
+        k1 = a @ a.sum(0) - dk  # (n,)
+        l1 = b @ b.sum(0) - dl
+    return (tr_kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)) / (n * (n - 3))
+
+
+def unbiased_cka(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CKA with the unbiased HSIC estimator (Appendix C.1.1): no inflation from the Gram diagonals. Needs n ≥ 4."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"CKA needs the same samples on both sides: {a.shape[0]} vs {b.shape[0]} rows")
+    if a.shape[0] < 4:
+        raise ValueError(f"unbiased CKA needs at least 4 samples per batch, got {a.shape[0]}")
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = _normalise_rows(a, dtype), _normalise_rows(b, dtype)
+        a, b = a - a.mean(0, keepdim=True), b - b.mean(0, keepdim=True)  # HSIC_U is shift-invariant; centring helps precision
+        ab, aa, bb = _hsic_u_terms(a, b), _hsic_u_terms(a, a), _hsic_u_terms(b, b)
+        return ab / (aa.clamp_min(_EPS) * bb.clamp_min(_EPS)).sqrt()
+
+
+def ucka_loss(target: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    return 1.0 - unbiased_cka(target, guide)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MIN_BATCH = {"cka": 2, "ucka": 4}
+
+
+def min_batch(kind: str, k: int = 10) -> int:
+    """Smallest batch a similarity is defined on (D-MNN needs k neighbours besides the anchor)."""
+    return k + 1 if kind == "dmnn" else MIN_BATCH[kind]
+
+
+def make_loss(kind: str, k: int = 10, tau: float = 0.1) -> LossFn:
+    """The dissimilarity ``loss(target, guide)`` a recipe's ``similarity`` section selects."""
+    from theseus_cli.dmnn import dmnn_loss
+
+    if kind == "cka":
+        return cka_loss
+    if kind == "ucka":
+        return ucka_loss
+    if kind == "dmnn":
+        return lambda target, guide: dmnn_loss(target, guide, k, tau)
+    raise ValueError(f"unknown similarity {kind!r} (valid: cka, ucka, dmnn)")
+
+
+def all_similarities(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Every metric at once, in float64 where it matters: linear CKA, unbiased CKA, hard mutual-kNN overlap."""
+    from theseus_cli.dmnn import mutual_knn
+
+    out = {"cka": float(linear_cka(a, b, dtype=torch.float64))}
+    if a.shape[0] >= 4:
+        out["ucka"] = float(unbiased_cka(a, b, dtype=torch.float64))
+    if a.shape[0] > k:
+        out["mknn"] = float(mutual_knn(a, b, k))
+    return out

@@ -20,7 +20,7 @@ from theseus_cli.errors import TrainingError
 from theseus_cli.hooks import forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
-from theseus_cli.similarity import LOSSES, linear_cka
+from theseus_cli.similarity import LossFn, all_similarities
 
 
 @dataclass
@@ -60,7 +60,7 @@ def align_stage(
     trainable: list[nn.Module],
     x_train: torch.Tensor,
     cfg: AlignConfig,
-    similarity: str,
+    loss_fn: LossFn,
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
@@ -73,7 +73,6 @@ def align_stage(
     running statistics (the paper's Appendix E.1); only the trainable modules
     are in train mode.
     """
-    loss_fn = LOSSES[similarity]
     guide.eval()
     target.eval()
     params = set_trainable(target, trainable)
@@ -223,11 +222,15 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
 
 @torch.no_grad()
 def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x: torch.Tensor,
-                     device: torch.device) -> dict[str, float]:
-    """Linear CKA (float64) between guide and target at each path, on inputs ``x``."""
+                     device: torch.device, k: int = 10) -> dict[str, dict[str, float]]:
+    """Every similarity metric between guide and target at each path, on inputs ``x``.
+
+    Reported whatever metric was optimised, so a user can find bottleneck layers
+    under all of them (the paper's Figure 5 and 8).
+    """
     guide.eval()
     target.eval()
     x = x.to(device)
     g = forward_until(guide, x, paths, paths[-1])
     t = forward_until(target, x, paths, paths[-1])
-    return {p: float(linear_cka(t[p], g[p], dtype=torch.float64)) for p in paths}
+    return {p: all_similarities(t[p], g[p], k) for p in paths}

@@ -159,3 +159,17 @@ def test_every_similarity_converts_and_reports_all_metrics(similarity, write_rec
     for layer in report["similarity"]["after_alignment"].values():
         assert set(layer) == {"cka", "ucka", "mknn"}
     assert all(s["losses"] and all(v == v for v in s["losses"]) for s in report["stages"])  # no NaN
+
+
+@pytest.mark.parametrize("schedule, trained", [({"kind": "independent"}, [["0"], ["3"]]),
+                                               ({"kind": "joint"}, [["0", "3"]]),
+                                               ({"kind": "progressive", "order": "reverse"}, [["3"], ["0", "3"]])])
+def test_schedules_run_end_to_end_and_inspect_shows_them(schedule, trained, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_recipe_dict(schedule=schedule, finetune={"epochs": 0}))
+    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert [s["trained"] for s in report["stages"]] == trained
+    assert [s["trained"] for s in report["plan"]["stages"]] == trained
+    res = runner.invoke(app, ["inspect", "--recipe", str(recipe)])
+    assert res.exit_code == 0 and f"stages: {schedule['kind']}" in res.output

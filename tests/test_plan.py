@@ -23,7 +23,8 @@ def test_plan_is_in_execution_order_with_shapes_and_counts():
     assert first.target_params == 64 * 16 + 16 * 256 + 256
     assert plan.guide_params == count_params(model)
     assert plan.target_params == plan.guide_params - sum(e.guide_params for e in plan.entries) + sum(e.target_params for e in plan.entries)
-    assert plan.stages == [[p] for p in plan.paths]
+    assert [st.introduced for st in plan.stages] == [[p] for p in plan.paths]
+    assert plan.stages[-1].trained == plan.stages[-1].aligned == plan.paths
     kept = {r.path for r in plan.rows if r.becomes is None}
     assert {"bn1", "fc", "pool"} <= kept
 

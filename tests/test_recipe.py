@@ -23,7 +23,7 @@ def test_shipped_recipes_exist():
 def test_defaults_are_filled_and_hash_is_stable():
     a = parse_recipe(tiny_recipe_dict())
     b = parse_recipe(tiny_recipe_dict())
-    assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward"}
+    assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None}
     assert a.resolved()["replace"][0]["params"] == {"rank": 16, "bias": True}
     assert a.digest() == b.digest()
     assert parse_recipe(tiny_recipe_dict(seed=1)).digest() != a.digest()

@@ -68,6 +68,10 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _count(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{len(paths)} modules ({paths[0]} … {paths[-1]})"
+
+
 def _shape(shape) -> str:
     return "×".join(map(str, shape)) if shape else "-"
 
@@ -104,6 +108,13 @@ def inspect(
                       becomes or "[dim]kept[/]",
                       f"{row['target_params']:,}" if row["target_params"] is not None else f"{row['params']:,}")
     out_console.print(table)
+    stages = Table(title=f"stages: {plan['schedule']['kind']}, {plan['schedule']['order']}"
+                   + (f", grouped by the first {plan['schedule']['group_depth']} path components" if plan["schedule"]["group_depth"] else ""))
+    for col in ("stage", "introduces", "trains", "aligns", "fed by"):
+        stages.add_column(col)
+    for i, st in enumerate(plan["stages"]):
+        stages.add_row(str(i + 1), ", ".join(st["introduced"]), _count(st["trained"]), _count(st["aligned"]), st["feed"])
+    out_console.print(stages)
     g = plan["guide"]
     out_console.print(f"guide: {g['arch']} ({'checkpoint ' + g['checkpoint'] if g['trained'] else 'untrained, seeded'})")
     out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "

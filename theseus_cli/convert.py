@@ -100,15 +100,15 @@ def run_conversion(
     loss_fn = make_loss(sim.kind, sim.k, sim.tau)
     target = copy.deepcopy(guide)
     align_gen = torch.Generator().manual_seed(seed + 1)
-    stages, replaced, aligned = [], [], []
+    by_path = {e.path: e for e in plan.entries}
+    stages = []
     t_align = time.perf_counter()
-    for index, introduced in enumerate(plan.stages):
-        entries = [e for e in plan.entries if e.path in introduced]
+    for index, stage in enumerate(plan.stages):
         torch.manual_seed(seed + 1000 + index)
-        replaced += apply_entries(target, entries)
-        aligned += [e.path for e in entries]
-        result = align_stage(index, guide, target, list(aligned), introduced, list(replaced), data.x_train,
-                             recipe.align, loss_fn, recipe.data.batch_size, align_gen, dev, progress)
+        apply_entries(target, [by_path[p] for p in stage.introduced])
+        deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
+        result = align_stage(index, guide, target, stage, deepest, data.x_train, recipe.align, loss_fn,
+                             recipe.data.batch_size, align_gen, dev, progress)
         stages.append(asdict(result))
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
@@ -154,7 +154,7 @@ def run_conversion(
         "recipe_hash": recipe.digest(),
         "guide": session.guide_info,
         "data": data.summary(),
-        "plan": {"entries": meta["entries"], "stages": plan.stages},
+        "plan": {"entries": meta["entries"], "stages": [asdict(st) for st in plan.stages]},
         "params": {"guide": plan.guide_params, "target": plan.target_params},
         "stages": stages,
         "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,

@@ -29,13 +29,17 @@ def first_tensor(output) -> torch.Tensor:
 
 
 @contextmanager
-def capture(model: nn.Module, paths: list[str], stop_after: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output of each module in ``paths``; optionally stop after ``stop_after``."""
+def capture(model: nn.Module, paths: list[str], stop_after: str | None = None,
+            inputs: dict[str, torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output of each module in ``paths`` (and its first input, into ``inputs`` when given);
+    optionally stop the forward pass after ``stop_after``."""
     acts: dict[str, torch.Tensor] = {}
     handles = []
 
     def make_hook(path: str):
-        def hook(_module, _inputs, output):
+        def hook(_module, args, output):
+            if inputs is not None:
+                inputs[path] = args[0]
             acts[path] = first_tensor(output)
             if path == stop_after:
                 raise _StopForward
@@ -51,9 +55,12 @@ def capture(model: nn.Module, paths: list[str], stop_after: str | None = None) -
             handle.remove()
 
 
-def forward_until(model: nn.Module, x: torch.Tensor, paths: list[str], stop_after: str | None) -> dict[str, torch.Tensor]:
-    """Run ``model(x)``, return the outputs at ``paths``, stopping after ``stop_after``."""
-    with capture(model, paths, stop_after) as acts:
+def forward_until(model: nn.Module, x: torch.Tensor, paths: list[str], stop_after: str | None,
+                  with_inputs: bool = False):
+    """Run ``model(x)``, return the outputs at ``paths`` (and, ``with_inputs``, a second dict of
+    their inputs), stopping right after ``stop_after`` runs."""
+    inputs: dict[str, torch.Tensor] | None = {} if with_inputs else None
+    with capture(model, paths, stop_after, inputs) as acts:
         try:
             model(x)
         except _StopForward:
@@ -61,7 +68,7 @@ def forward_until(model: nn.Module, x: torch.Tensor, paths: list[str], stop_afte
     missing = [p for p in paths if p not in acts]
     if missing:
         raise RuntimeError(f"modules not reached in the forward pass: {', '.join(missing)}")
-    return acts
+    return (inputs, acts) if with_inputs else acts
 
 
 @contextmanager

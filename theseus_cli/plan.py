@@ -22,6 +22,7 @@ from theseus_cli.hooks import trace_shapes
 from theseus_cli.matching import resolve_matches
 from theseus_cli.recipe import Recipe, RuleConfig
 from theseus_cli.replacements import IOShapes, get_replacement
+from theseus_cli.schedule import Stage, build_stages
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Plan:
     rows: list[ModuleRow]
     guide_params: int
     target_params: int
-    stages: list[list[str]] = field(default_factory=list)  # paths introduced at each stage
+    stages: list[Stage] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists), as ``inspect --json`` prints it."""
@@ -162,5 +163,6 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample: torch.Tensor) -> Plan:
 
     guide_params = count_params(guide)
     target_params = guide_params - sum(e.guide_params for e in entries) + sum(e.target_params for e in entries)
-    stages = [[e.path] for e in entries]  # progressive, forward order
+    sched = recipe.schedule
+    stages = build_stages([e.path for e in entries], sched.kind, sched.order, sched.group_depth)
     return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages)

@@ -125,8 +125,9 @@ def check_pattern(pattern: str) -> str:
 
 
 class ScheduleConfig(_Strict):
-    kind: Literal["progressive"] = "progressive"
-    order: Literal["forward"] = "forward"
+    kind: Literal["progressive", "sequential", "independent", "joint"] = "progressive"
+    order: Literal["forward", "reverse"] = "forward"
+    group_depth: Optional[int] = Field(None, ge=1, description="introduce modules sharing the first N path components in one stage")
 
 
 class SimilarityConfig(_Strict):

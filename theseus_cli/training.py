@@ -20,6 +20,7 @@ from theseus_cli.errors import TrainingError
 from theseus_cli.hooks import forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
+from theseus_cli.schedule import Stage
 from theseus_cli.similarity import LossFn, all_similarities
 
 
@@ -28,6 +29,8 @@ class StageResult:
     index: int
     introduced: list[str]
     trained: list[str]
+    aligned: list[str]
+    feed: str
     steps: int
     losses: list[float] = field(default_factory=list)  # mean Δ over aligned layers, per step
     final_layer_losses: dict[str, float] = field(default_factory=dict)  # Δ per layer, last epoch mean
@@ -51,13 +54,25 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
         raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
 
 
+def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, deepest: str, x: torch.Tensor,
+                  loss_fn: LossFn) -> torch.Tensor:
+    """Δ per aligned module for one batch (a (len(aligned),) tensor)."""
+    if stage.feed == "guide":  # independent: each replacement sees the guide's own input there
+        with torch.no_grad():
+            g_in, g_out = forward_until(guide, x, stage.aligned, deepest, with_inputs=True)
+        return torch.stack([loss_fn(target.get_submodule(p)(g_in[p]), g_out[p]) for p in stage.aligned])
+    with torch.no_grad():
+        g_acts = forward_until(guide, x, stage.aligned, deepest)
+    t_acts = forward_until(target, x, stage.aligned, deepest)
+    return torch.stack([loss_fn(t_acts[p], g_acts[p]) for p in stage.aligned])
+
+
 def align_stage(
     index: int,
     guide: nn.Module,
     target: nn.Module,
-    aligned: list[str],
-    introduced: list[str],
-    trainable: list[nn.Module],
+    stage: Stage,
+    deepest: str,
     x_train: torch.Tensor,
     cfg: AlignConfig,
     loss_fn: LossFn,
@@ -66,15 +81,16 @@ def align_stage(
     device: torch.device,
     progress: Progress = NullProgress(),
 ) -> StageResult:
-    """One stage: train ``trainable`` so target activations at ``aligned`` match the guide's.
+    """One stage: train the modules in ``stage.trained`` so target activations at ``stage.aligned`` match the guide's.
 
-    ``aligned`` is in execution order; both forwards stop after its last module.
-    Guide and target run in eval mode, so every BatchNorm keeps the guide's
-    running statistics (the paper's Appendix E.1); only the trainable modules
-    are in train mode.
+    ``deepest`` is the aligned module that runs last; both forwards stop right
+    after it. Guide and target run in eval mode, so every BatchNorm keeps the
+    guide's running statistics (the paper's Appendix E.1); only the trained
+    modules are in train mode, and only their parameters get gradients.
     """
     guide.eval()
     target.eval()
+    trainable = [target.get_submodule(p) for p in stage.trained]
     params = set_trainable(target, trainable)
     for module in trainable:
         module.train()
@@ -82,20 +98,17 @@ def align_stage(
     per_epoch = batches_per_epoch(x_train.shape[0], batch_size)
     if cfg.max_steps_per_epoch:
         per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
-    result = StageResult(index, list(introduced), list(aligned), steps=per_epoch * cfg.epochs)
-    deepest = aligned[-1]
-    task = progress.task(f"stage {index + 1}: {', '.join(introduced)}", result.steps)
+    result = StageResult(index, list(stage.introduced), list(stage.trained), list(stage.aligned), stage.feed,
+                         steps=per_epoch * cfg.epochs)
+    where = f"alignment stage {index + 1} ({', '.join(stage.introduced)})"
+    task = progress.task(f"stage {index + 1}: {', '.join(stage.introduced)}", result.steps)
     start = time.perf_counter()
     for _epoch in range(cfg.epochs):
-        step_losses, layer_sums = [], torch.zeros(len(aligned))
+        step_losses, layer_sums = [], torch.zeros(len(stage.aligned))
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
-            x = x_train[idx].to(device, non_blocking=True)
-            with torch.no_grad():
-                g_acts = forward_until(guide, x, aligned, deepest)
-            t_acts = forward_until(target, x, aligned, deepest)
-            layer_losses = torch.stack([loss_fn(t_acts[p], g_acts[p]) for p in aligned])
+            layer_losses = _stage_losses(guide, target, stage, deepest, x_train[idx].to(device, non_blocking=True), loss_fn)
             loss = layer_losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -106,9 +119,9 @@ def align_stage(
             layer_sums += layer_losses.detach().cpu()
             task.advance()
         epoch_losses = torch.stack(step_losses).cpu()
-        _check_finite(epoch_losses.sum(), f"alignment stage {index + 1} ({', '.join(introduced)})")
+        _check_finite(epoch_losses.sum(), where)
         result.losses.extend(epoch_losses.tolist())
-        result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(aligned, layer_sums)}
+        result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums)}
     task.done()
     result.seconds = time.perf_counter() - start
     for p in target.parameters():

@@ -1,0 +1,66 @@
+"""Replacement schedules (the paper's section 3.2): which modules each stage introduces, trains and aligns.
+
+Given the claimed modules in execution order, optionally grouped (``group_depth``:
+modules sharing the first N components of their path form one group, e.g. a
+whole ResNet layer), and taken in ``forward`` or ``reverse`` order:
+
+* ``progressive`` — stage t introduces group t and trains/aligns every group introduced so far (Algorithm 1).
+* ``sequential`` — stage t introduces group t and trains/aligns only it; earlier replacements stay frozen.
+* ``independent`` — stage t trains group t alone, each module fed the *guide's* own input at that point
+  and matched to the guide's output there; the pieces are assembled at the end.
+* ``joint`` — one stage introduces, trains and aligns everything at once.
+
+A schedule is plain data (:class:`Stage` lists), printed by ``inspect`` and followed by ``convert``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class Stage:
+    introduced: list[str]
+    trained: list[str]
+    aligned: list[str]  # in execution order
+    feed: Literal["hybrid", "guide"] = "hybrid"  # guide: each module gets the guide's input (independent)
+
+
+def group_paths(paths: list[str], depth: int | None) -> list[list[str]]:
+    """Consecutive runs of ``paths`` that share their first ``depth`` path components (None: one module each)."""
+    if depth is None:
+        return [[p] for p in paths]
+    groups: list[list[str]] = []
+    keys: list[str] = []
+    for path in paths:
+        key = ".".join(path.split(".")[:depth])
+        if groups and keys[-1] == key:
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+            keys.append(key)
+    return groups
+
+
+def build_stages(paths: list[str], kind: str, order: str, group_depth: int | None) -> list[Stage]:
+    """Stages for the claimed ``paths`` (execution order)."""
+    position = {p: i for i, p in enumerate(paths)}
+    in_order = lambda ps: sorted(ps, key=position.__getitem__)  # noqa: E731
+    groups = group_paths(paths, group_depth)
+    if order == "reverse":
+        groups = groups[::-1]
+    if kind == "joint":
+        return [Stage(list(paths), list(paths), list(paths))]
+    stages, seen = [], []
+    for group in groups:
+        seen += group
+        if kind == "progressive":
+            stages.append(Stage(list(group), in_order(seen), in_order(seen)))
+        elif kind == "sequential":
+            stages.append(Stage(list(group), list(group), list(group)))
+        elif kind == "independent":
+            stages.append(Stage(list(group), list(group), list(group), feed="guide"))
+        else:
+            raise ValueError(f"unknown schedule {kind!r} (valid: progressive, sequential, independent, joint)")
+    return stages

@@ -82,7 +82,7 @@ def test_load_target_round_trip_is_exact(converted):
 def test_existing_output_dir_is_refused_without_overwrite(converted):
     tmp, recipe, guide, out, _ = converted
     res = runner.invoke(app, ["convert", str(guide), "--recipe", str(recipe), "--out", str(out)])
-    assert res.exit_code == 8 and "not empty (use --overwrite" in res.output
+    assert res.exit_code == 8 and "not empty (use --resume" in res.output
 
 
 def test_inspect_table_and_json(converted):

@@ -111,7 +111,7 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: directory exists and is not empty (use --overwrite to replace its run files)")
+        raise OutputError(f"{out}: directory exists and is not empty (use --resume to continue a killed run there, or --overwrite to replace its files)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -131,6 +131,7 @@ def convert(
     baseline: bool = typer.Option(False, "--baseline", help="also train the naive target from scratch for the same steps"),
     device: str = DeviceOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out after its last finished stage"),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
@@ -142,7 +143,7 @@ def convert(
         from theseus_cli.recipe import load_recipe
 
         r = load_recipe(recipe)
-        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json))
+        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume)
 
     report = _run(debug, work)
     if as_json:

@@ -30,6 +30,7 @@ from theseus_cli.arch import build_model
 from theseus_cli.data import batches_per_epoch
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
+from theseus_cli import resume as resume_stages
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.errors import DataError
 from theseus_cli.recipe import Recipe
@@ -75,11 +76,16 @@ def run_conversion(
     baseline: bool | None = None,
     overwrite: bool = False,
     progress: Progress = NullProgress(),
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Convert the recipe's guide into its target; write files into ``out``; return the report."""
+    """Convert the recipe's guide into its target; write files into ``out``; return the report.
+
+    With ``resume``, a run killed during alignment continues after its last finished stage
+    (see :mod:`theseus_cli.resume`); without a stage checkpoint it starts afresh.
+    """
     started = time.perf_counter()
     out = Path(out)
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite or resume)
     session = open_session(recipe, checkpoint, device)
     seed, data, dev = recipe.seed, session.data, session.device
     baseline = recipe.baseline.enabled if baseline is None else baseline
@@ -101,15 +107,27 @@ def run_conversion(
     target = copy.deepcopy(guide)
     align_gen = torch.Generator().manual_seed(seed + 1)
     by_path = {e.path: e for e in plan.entries}
-    stages = []
+    stages: list[dict[str, Any]] = []
+    fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
+    saved = resume_stages.load_stages(out, fingerprint) if resume else None
+    if saved is None:
+        resume_stages.clear(out)
     t_align = time.perf_counter()
     for index, stage in enumerate(plan.stages):
         torch.manual_seed(seed + 1000 + index)
         apply_entries(target, [by_path[p] for p in stage.introduced])
+        if saved is not None and index < len(saved["stages"]):
+            if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
+                target.load_state_dict(saved["state"])
+                align_gen.set_state(saved["generator"])
+                stages = saved["stages"]
+                progress.log(f"resumed after stage {index + 1} of {len(plan.stages)}")
+            continue
         deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
         result = align_stage(index, guide, target, stage, deepest, data.x_train, recipe.align, loss_fn,
                              recipe.data.batch_size, align_gen, dev, progress)
         stages.append(asdict(result))
+        resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     sim_after_align = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
@@ -174,4 +192,5 @@ def run_conversion(
                    f"{recipe.guide.arch} → {', '.join(sorted({e.replacement for e in plan.entries}))}")
     report["wall_time"]["total"] = time.perf_counter() - started
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
+    resume_stages.clear(out)
     return report

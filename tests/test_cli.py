@@ -173,3 +173,18 @@ def test_schedules_run_end_to_end_and_inspect_shows_them(schedule, trained, writ
     assert [s["trained"] for s in report["plan"]["stages"]] == trained
     res = runner.invoke(app, ["inspect", "--recipe", str(recipe)])
     assert res.exit_code == 0 and f"stages: {schedule['kind']}" in res.output
+
+
+def test_overrides_that_select_no_stage_fail_before_training(write_recipe, tmp_path):
+    recipe = write_recipe(tiny_recipe_dict(align={"overrides": [{"stage": 9, "lr": 1e-3}, {"match": "re:fc.*", "epochs": 1}]}))
+    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 5
+    assert "align.overrides[0].stage: 9, but the plan has 2 stages" in res.output
+    assert "align.overrides[1].match: 're:fc.*' matches no replaced module" in res.output
+
+
+def test_stage_results_record_overrides_in_the_report(write_recipe, tmp_path):
+    recipe = write_recipe(tiny_recipe_dict(align={"overrides": [{"stage": 2, "lr": 2e-4, "epochs": 2}]}, finetune={"epochs": 0}))
+    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(res.stdout)
+    assert [(s["lr"], s["epochs"], s["steps"]) for s in report["stages"]] == [(1e-3, 1, 3), (2e-4, 2, 6)]

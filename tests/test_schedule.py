@@ -68,3 +68,61 @@ def test_independent_stage_feeds_the_guides_own_input():
     inputs, outputs = forward_until(guide, x, ["layers.0.0.conv2"], "layers.0.0.conv2", with_inputs=True)
     torch.testing.assert_close(guide.layers[0][0].conv2(inputs["layers.0.0.conv2"]), outputs["layers.0.0.conv2"])
     assert inputs["layers.0.0.conv2"].shape == (4, 4, 8, 8)
+
+
+# ---------------------------------------------------------------- automated stages and per-stage overrides
+
+
+def _one_stage(cfg: AlignConfig, x=None):
+    torch.manual_seed(0)
+    guide = resnet_small(widths=(4, 8), blocks=(1, 1)).eval()
+    for p in guide.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(64, 1, 8, 8) if x is None else x
+    plan = build_plan(guide, parse_recipe(tiny_recipe_dict()), x[:2])
+    target = copy.deepcopy(guide)
+    apply_entries(target, plan.entries[:1])
+    return align_stage(0, guide, target, plan.stages[0], plan.paths[0], x, cfg, cka_loss, 16,
+                       torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
+def test_auto_stage_stops_when_the_loss_ema_saturates():
+    cfg = AlignConfig(lr=1e-2, auto={"enabled": True, "max_epochs": 50, "stop_loss": 0.15, "ema_steps": 4, "check_every": 2})
+    result = _one_stage(cfg)
+    assert result.stopped == "threshold"
+    assert result.steps < 50 * 4 and result.steps == len(result.losses)
+
+
+def test_auto_stage_lowers_the_lr_on_a_plateau_and_caps_epochs():
+    cfg = AlignConfig(lr=1e-6, auto={"enabled": True, "max_epochs": 5, "stop_loss": 1e-9, "patience": 0, "factor": 0.5,
+                                     "ema_steps": 2, "min_lr": 0})
+    result = _one_stage(cfg)
+    assert result.stopped == "max_epochs" and result.epochs == 5 and result.steps == 20
+    assert result.lr < 1e-6
+
+
+def test_fixed_epochs_without_auto():
+    result = _one_stage(AlignConfig(epochs=3, lr=1e-3))
+    assert (result.stopped, result.epochs, result.steps, result.lr) == ("epochs", 3, 12, 1e-3)
+
+
+def test_overrides_by_stage_number_and_module_pattern():
+    from theseus_cli.matching import pattern_matches
+
+    cfg = AlignConfig(lr=1e-3, epochs=2, overrides=[{"stage": 2, "lr": 5e-4}, {"match": "re:layers\\.1\\..*", "epochs": 7},
+                                                    {"match": "layers.1.0.conv2", "lr": 1e-5}])
+    m = lambda pattern, path: pattern_matches(pattern, path, torch.nn.Conv2d(1, 1, 1))  # noqa: E731
+    assert (cfg.for_stage(1, ["conv1"], m).lr, cfg.for_stage(1, ["conv1"], m).epochs) == (1e-3, 2)
+    assert cfg.for_stage(2, ["layers.0.0.conv1"], m).lr == 5e-4
+    s5 = cfg.for_stage(5, ["layers.1.0.conv2"], m)
+    assert (s5.lr, s5.epochs) == (1e-5, 7)
+    assert cfg.for_stage(4, ["layers.1.0.conv1"], m).epochs == 7
+
+
+def test_override_validation():
+    from theseus_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"align.overrides\[0\]: give exactly one of stage or match"):
+        parse_recipe(tiny_recipe_dict(align={"overrides": [{"lr": 1e-3}]}))
+    with pytest.raises(RecipeError, match=r"align.overrides\[0\]: an override sets lr, epochs or both"):
+        parse_recipe(tiny_recipe_dict(align={"overrides": [{"stage": 1}]}))

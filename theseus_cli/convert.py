@@ -32,7 +32,8 @@ from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli import resume as resume_stages
 from theseus_cli.progress import NullProgress, Progress
-from theseus_cli.errors import DataError
+from theseus_cli.errors import DataError, MatchError
+from theseus_cli.matching import pattern_matches
 from theseus_cli.recipe import Recipe
 from theseus_cli.session import Session, open_session
 from theseus_cli.similarity import make_loss, min_batch
@@ -66,6 +67,18 @@ def _train_on_task(model, session: Session, steps: int, warmup: int, lr: float, 
     x, y = data.x_train[data.labelled], data.y_train[data.labelled]
     return train_task(model, x, y, steps, lr, ft.weight_decay, warmup, ft.grad_clip, ft.label_smoothing,
                       session.recipe.data.batch_size, torch.Generator().manual_seed(seed), session.device, label, progress)
+
+
+def check_overrides(overrides, stages, matches) -> None:
+    """A per-stage override that selects no stage is an error, like a rule that matches nothing."""
+    problems = []
+    for i, o in enumerate(overrides):
+        if o.stage is not None and o.stage > len(stages):
+            problems.append(f"align.overrides[{i}].stage: {o.stage}, but the plan has {len(stages)} stages")
+        if o.match is not None and not any(matches(o.match, p) for st in stages for p in st.introduced):
+            problems.append(f"align.overrides[{i}].match: {o.match!r} matches no replaced module")
+    if problems:
+        raise MatchError("; ".join(problems))
 
 
 def run_conversion(
@@ -104,6 +117,8 @@ def run_conversion(
     if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
         raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
     loss_fn = make_loss(sim.kind, sim.k, sim.tau)
+    matches = lambda pattern, path: pattern_matches(pattern, path, guide.get_submodule(path))  # noqa: E731
+    check_overrides(recipe.align.overrides, plan.stages, matches)
     target = copy.deepcopy(guide)
     align_gen = torch.Generator().manual_seed(seed + 1)
     by_path = {e.path: e for e in plan.entries}
@@ -124,7 +139,8 @@ def run_conversion(
                 progress.log(f"resumed after stage {index + 1} of {len(plan.stages)}")
             continue
         deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
-        result = align_stage(index, guide, target, stage, deepest, data.x_train, recipe.align, loss_fn,
+        cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
+        result = align_stage(index, guide, target, stage, deepest, data.x_train, cfg, loss_fn,
                              recipe.data.batch_size, align_gen, dev, progress)
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)

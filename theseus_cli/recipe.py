@@ -136,13 +136,60 @@ class SimilarityConfig(_Strict):
     tau: float = Field(0.1, gt=0, description="dmnn: softmax temperature on cosine similarities")
 
 
+class AutoStageConfig(_Strict):
+    """Hands-off stages (the paper's Appendix K): EMA of the loss drives LR decay and stopping."""
+
+    enabled: bool = False
+    max_epochs: int = Field(100, ge=1, description="hard cap on epochs per stage")
+    stop_loss: float = Field(0.01, gt=0, description="stop the stage once the loss EMA falls below this")
+    ema_steps: int = Field(500, ge=1, description="EMA window in steps (alpha = 2 / (window + 1))")
+    patience: int = Field(4, ge=0, description="epochs without EMA improvement before the LR is reduced")
+    factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau")
+    min_lr: float = Field(1e-7, ge=0)
+    check_every: int = Field(50, ge=1, description="steps between stop checks (each check reads the EMA back from the device)")
+
+
+class StageOverride(_Strict):
+    """Settings for some stages: ``stage`` (1-based, as ``inspect`` numbers them) or ``match`` (a module pattern
+    matching any module the stage introduces)."""
+
+    stage: Optional[int] = Field(None, ge=1)
+    match: Optional[str] = None
+    lr: Optional[float] = Field(None, gt=0)
+    epochs: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "StageOverride":
+        if (self.stage is None) == (self.match is None):
+            raise ValueError("give exactly one of stage or match")
+        if self.match is not None:
+            check_pattern(self.match)
+        if self.lr is None and self.epochs is None:
+            raise ValueError("an override sets lr, epochs or both")
+        return self
+
+
 class AlignConfig(_Strict):
-    epochs: int = Field(2, ge=0, description="passes over the training inputs per stage")
+    epochs: int = Field(2, ge=0, description="passes over the training inputs per stage (max_epochs under auto)")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw"] = "adamw"
     grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
+    auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
+    overrides: list[StageOverride] = Field(default_factory=list, description="per-stage lr/epochs; later entries win")
+
+    def for_stage(self, number: int, introduced: list[str], matches) -> "AlignConfig":
+        """This config with the overrides that select stage ``number`` (1-based) applied.
+
+        ``matches(pattern, path)`` is the module-pattern predicate (kept out of here to avoid importing torch).
+        """
+        cfg = self.model_copy(deep=True)
+        for o in self.overrides:
+            if o.stage == number or (o.match is not None and any(matches(o.match, p) for p in introduced)):
+                cfg.lr = o.lr if o.lr is not None else cfg.lr
+                cfg.epochs = o.epochs if o.epochs is not None else cfg.epochs
+        return cfg
 
 
 class BNRecalConfig(_Strict):

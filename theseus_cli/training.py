@@ -31,7 +31,10 @@ class StageResult:
     trained: list[str]
     aligned: list[str]
     feed: str
-    steps: int
+    steps: int  # gradient steps actually taken
+    lr: float = 0.0  # learning rate at the end of the stage (auto stages may have lowered it)
+    stopped: str = "epochs"  # epochs (fixed count) | threshold | max_epochs (auto)
+    epochs: int = 0
     losses: list[float] = field(default_factory=list)  # mean Δ over aligned layers, per step
     final_layer_losses: dict[str, float] = field(default_factory=dict)  # Δ per layer, last epoch mean
     seconds: float = 0.0
@@ -98,12 +101,18 @@ def align_stage(
     per_epoch = batches_per_epoch(x_train.shape[0], batch_size)
     if cfg.max_steps_per_epoch:
         per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
-    result = StageResult(index, list(stage.introduced), list(stage.trained), list(stage.aligned), stage.feed,
-                         steps=per_epoch * cfg.epochs)
+    auto = cfg.auto if cfg.auto.enabled else None
+    max_epochs = auto.max_epochs if auto else cfg.epochs
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=auto.factor, patience=auto.patience,
+                                                          min_lr=auto.min_lr) if auto else None)
+    alpha = 2.0 / (auto.ema_steps + 1) if auto else 0.0
+    ema = None  # device tensor: no host sync per step
+    result = StageResult(index, list(stage.introduced), list(stage.trained), list(stage.aligned), stage.feed, steps=0,
+                         lr=cfg.lr, stopped="epochs")
     where = f"alignment stage {index + 1} ({', '.join(stage.introduced)})"
-    task = progress.task(f"stage {index + 1}: {', '.join(stage.introduced)}", result.steps)
+    task = progress.task(f"stage {index + 1}: {', '.join(stage.introduced)}", per_epoch * max_epochs)
     start = time.perf_counter()
-    for _epoch in range(cfg.epochs):
+    for _epoch in range(max_epochs):
         step_losses, layer_sums = [], torch.zeros(len(stage.aligned))
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
@@ -117,11 +126,27 @@ def align_stage(
             opt.step()
             step_losses.append(loss.detach())
             layer_sums += layer_losses.detach().cpu()
+            result.steps += 1
             task.advance()
+            if auto:
+                ema = loss.detach() if ema is None else ema + alpha * (loss.detach() - ema)
+                if result.steps % auto.check_every == 0 and float(ema) < auto.stop_loss:
+                    result.stopped = "threshold"
+                    break
         epoch_losses = torch.stack(step_losses).cpu()
         _check_finite(epoch_losses.sum(), where)
         result.losses.extend(epoch_losses.tolist())
+        result.epochs += 1
         result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums)}
+        if result.stopped == "threshold":
+            break
+        if auto:
+            if float(ema) < auto.stop_loss:
+                result.stopped = "threshold"
+                break
+            plateau.step(float(ema))
+            result.stopped = "max_epochs"
+    result.lr = opt.param_groups[0]["lr"]
     task.done()
     result.seconds = time.perf_counter() - start
     for p in target.parameters():

@@ -22,19 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
-import torch
+from common import ROOT, cached_guide, device_name
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from theseus_cli.convert import run_conversion  # noqa: E402
-from theseus_cli.pretrain import train_guide  # noqa: E402
-from theseus_cli.recipe import load_recipe  # noqa: E402
+from theseus_cli.convert import run_conversion
+from theseus_cli.recipe import load_recipe
 
 SETTINGS = {
     "standard": {"recipe": "bench/recipes/fmnist_standard.yaml", "guide_epochs": 6, "guide_lr": 2e-3},
@@ -45,33 +39,16 @@ SETTINGS = {
 }
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name(0)
-    model = platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
-
-
 def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
     recipe = load_recipe(ROOT / spec["recipe"])
-    cache = ROOT / ".cache" / "bench" / f"{name}-{recipe.digest()[:12]}-e{spec['guide_epochs']}.safetensors"
-    started = time.perf_counter()
-    if cache.is_file():
-        guide = {"checkpoint": str(cache), "cached": True}
-    else:
-        guide = train_guide(recipe, cache, epochs=spec["guide_epochs"], lr=spec["guide_lr"], device=device)
-    guide_seconds = time.perf_counter() - started
+    cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
     report = run_conversion(recipe, out_root / name, checkpoint=cache, device=device, baseline=True, overwrite=True)
     acc = report["accuracy"]
     return {
         "setting": name,
         "recipe": spec["recipe"],
         "data": report["data"],
-        "guide_training": {"epochs": spec["guide_epochs"], "cached": guide.get("cached", False), "seconds": guide_seconds},
+        "guide_training": guide,
         "params": report["params"],
         "guide": acc["guide"],
         "not_aligned_only": acc["target_after_alignment"],

@@ -28,7 +28,7 @@ from theseus_cli import __version__
 from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
 from theseus_cli.arch import build_model
 from theseus_cli.data import batches_per_epoch
-from theseus_cli.plan import apply_entries, build_plan
+from theseus_cli.plan import Plan, apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli import resume as resume_stages
 from theseus_cli.progress import NullProgress, Progress
@@ -81,6 +81,48 @@ def check_overrides(overrides, stages, matches) -> None:
         raise MatchError("; ".join(problems))
 
 
+def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resume: bool,
+           progress: Progress) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Build the target from a copy of the guide stage by stage, aligning each stage; checkpoint after each.
+
+    Returns the aligned target and the stage results. With ``resume``, stages already in ``out``'s
+    stage checkpoint are rebuilt (same seeds) and their trained weights restored instead of retrained.
+    """
+    recipe, data, dev, seed = session.recipe, session.data, session.device, session.recipe.seed
+    sim = recipe.similarity
+    needed = min_batch(sim.kind, sim.k)
+    if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
+        raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
+    loss_fn = make_loss(sim.kind, sim.k, sim.tau)
+    matches = lambda pattern, path: pattern_matches(pattern, path, guide.get_submodule(path))  # noqa: E731
+    check_overrides(recipe.align.overrides, plan.stages, matches)
+    target = copy.deepcopy(guide)
+    align_gen = torch.Generator().manual_seed(seed + 1)
+    by_path = {e.path: e for e in plan.entries}
+    stages: list[dict[str, Any]] = []
+    fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
+    saved = resume_stages.load_stages(out, fingerprint) if resume else None
+    if saved is None:
+        resume_stages.clear(out)
+    for index, stage in enumerate(plan.stages):
+        torch.manual_seed(seed + 1000 + index)
+        apply_entries(target, [by_path[p] for p in stage.introduced])
+        if saved is not None and index < len(saved["stages"]):
+            if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
+                target.load_state_dict(saved["state"])
+                align_gen.set_state(saved["generator"])
+                stages = saved["stages"]
+                progress.log(f"resumed after stage {index + 1} of {len(plan.stages)}")
+            continue
+        deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
+        cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
+        result = align_stage(index, guide, target, stage, deepest, data.x_train, cfg, loss_fn,
+                             recipe.data.batch_size, align_gen, dev, progress)
+        stages.append(asdict(result))
+        resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
+    return target, stages
+
+
 def run_conversion(
     recipe: Recipe,
     out: str | Path,
@@ -111,41 +153,12 @@ def run_conversion(
     heldout = data.x_test[:HELDOUT_FOR_SIMILARITY]
     eval_bs = recipe.data.eval_batch_size
 
-    # ---- progressive alignment (Algorithm 1)
-    sim = recipe.similarity
-    needed = min_batch(sim.kind, sim.k)
-    if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
-        raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
-    loss_fn = make_loss(sim.kind, sim.k, sim.tau)
-    matches = lambda pattern, path: pattern_matches(pattern, path, guide.get_submodule(path))  # noqa: E731
-    check_overrides(recipe.align.overrides, plan.stages, matches)
-    target = copy.deepcopy(guide)
-    align_gen = torch.Generator().manual_seed(seed + 1)
-    by_path = {e.path: e for e in plan.entries}
-    stages: list[dict[str, Any]] = []
-    fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
-    saved = resume_stages.load_stages(out, fingerprint) if resume else None
-    if saved is None:
-        resume_stages.clear(out)
+    # ---- alignment (Algorithm 1), stage by stage as the schedule says
     t_align = time.perf_counter()
-    for index, stage in enumerate(plan.stages):
-        torch.manual_seed(seed + 1000 + index)
-        apply_entries(target, [by_path[p] for p in stage.introduced])
-        if saved is not None and index < len(saved["stages"]):
-            if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
-                target.load_state_dict(saved["state"])
-                align_gen.set_state(saved["generator"])
-                stages = saved["stages"]
-                progress.log(f"resumed after stage {index + 1} of {len(plan.stages)}")
-            continue
-        deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
-        cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
-        result = align_stage(index, guide, target, stage, deepest, data.x_train, cfg, loss_fn,
-                             recipe.data.batch_size, align_gen, dev, progress)
-        stages.append(asdict(result))
-        resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
+    target, stages = _align(session, guide, plan, out, resume, progress)
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
+    sim = recipe.similarity
     sim_after_align = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
 
     # ---- BatchNorm recalibration, then end-to-end fine-tuning

@@ -217,7 +217,7 @@ def run_conversion(
         "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
-    plot_alignment(out / PLOT_FILE, stages, {p: v["cka"] for p, v in sim_after_align.items()}, sim.kind,
+    plot_alignment(out / PLOT_FILE, stages, sim_after_align, sim.kind,
                    f"{recipe.guide.arch} → {', '.join(sorted({e.replacement for e in plan.entries}))}")
     report["wall_time"]["total"] = time.perf_counter() - started
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run

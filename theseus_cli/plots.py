@@ -7,7 +7,9 @@ from pathlib import Path
 from theseus_cli.artifacts import atomic_write
 
 
-def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], metric: str, title: str) -> None:
+def plot_alignment(path: Path, stages: list[dict], layer_sim: dict[str, dict[str, float]], metric: str, title: str) -> None:
+    """Left: the optimised loss of every stage, in order. Right: 1 − similarity per layer after alignment,
+    under every metric the report holds (CKA, unbiased CKA, mutual-kNN)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,10 +33,16 @@ def plot_alignment(path: Path, stages: list[dict], layer_cka: dict[str, float], 
     if len(stages) <= 12:
         left.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
-    names = list(layer_cka)
-    right.bar(range(len(names)), [1.0 - layer_cka[n] for n in names], color="tab:red")
+    names = list(layer_sim)
+    metrics = [m for m in ("cka", "ucka", "mknn") if all(m in layer_sim[n] for n in names)]
+    labels = {"cka": "1 − CKA", "ucka": "1 − unbiased CKA", "mknn": "1 − mutual-kNN overlap"}
+    width = 0.8 / max(1, len(metrics))
+    for j, m in enumerate(metrics):
+        right.bar([i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))],
+                  [1.0 - layer_sim[n][m] for n in names], width, label=labels[m])
     right.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    right.set_ylabel("1 − CKA after alignment (held-out)")
+    right.set_ylabel("dissimilarity after alignment (held-out)")
+    right.legend(fontsize=7)
     right.set_title("final per-layer dissimilarity")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -113,7 +113,7 @@ def align_stage(
     task = progress.task(f"stage {index + 1}: {', '.join(stage.introduced)}", per_epoch * max_epochs)
     start = time.perf_counter()
     for _epoch in range(max_epochs):
-        step_losses, layer_sums = [], torch.zeros(len(stage.aligned))
+        step_losses, layer_sums = [], torch.zeros(len(stage.aligned), device=device)  # stays on the device: no per-step sync
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
@@ -125,7 +125,7 @@ def align_stage(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step_losses.append(loss.detach())
-            layer_sums += layer_losses.detach().cpu()
+            layer_sums += layer_losses.detach()
             result.steps += 1
             task.advance()
             if auto:
@@ -137,7 +137,7 @@ def align_stage(
         _check_finite(epoch_losses.sum(), where)
         result.losses.extend(epoch_losses.tolist())
         result.epochs += 1
-        result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums)}
+        result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums.cpu())}
         if result.stopped == "threshold":
             break
         if auto:

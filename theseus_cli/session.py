@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -51,8 +52,9 @@ class Session:
     checkpoint: Path | None
     device: torch.device
 
-    @property
+    @cached_property
     def guide_info(self) -> dict:
+        """The guide's spec and checkpoint (hashed once: checkpoints can be large)."""
         info = {"arch": self.recipe.guide.arch, "kwargs": self.recipe.guide.kwargs,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "trained": self.checkpoint is not None}

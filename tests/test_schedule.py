@@ -36,6 +36,10 @@ def test_stage_plans_of_every_schedule():
     assert joint.introduced == joint.trained == joint.aligned == PATHS
     grouped = build_stages(PATHS, "progressive", "forward", 2)
     assert [s.introduced for s in grouped] == [["conv1"], PATHS[1:3], PATHS[3:5]] and grouped[2].trained == PATHS
+    for kind in ("progressive", "sequential", "independent", "joint"):  # the forward pass stops after aligned[-1]
+        for order in ("forward", "reverse"):
+            for stage in build_stages(PATHS, kind, order, 2):
+                assert stage.aligned == sorted(stage.aligned, key=PATHS.index)
 
 
 @pytest.mark.parametrize("kind, order", [("progressive", "forward"), ("progressive", "reverse"), ("sequential", "forward"),
@@ -53,8 +57,7 @@ def test_each_schedule_trains_exactly_its_parameters(kind, order):
     for index, stage in enumerate(plan.stages):
         apply_entries(target, [by_path[p] for p in stage.introduced])
         before = {k: v.clone() for k, v in target.state_dict().items()}
-        deepest = max(stage.aligned, key=plan.paths.index)
-        align_stage(index, guide, target, stage, deepest, x, AlignConfig(epochs=1, lr=1e-2), cka_loss, 16,
+        align_stage(index, guide, target, stage, x, AlignConfig(epochs=1, lr=1e-2), cka_loss, 16,
                     torch.Generator().manual_seed(index), torch.device("cpu"))
         after = target.state_dict()
         changed = {k.rsplit(".", 2)[0] for k in after if not torch.equal(after[k], before[k])}
@@ -82,7 +85,7 @@ def _one_stage(cfg: AlignConfig, x=None):
     plan = build_plan(guide, parse_recipe(tiny_recipe_dict()), x[:2])
     target = copy.deepcopy(guide)
     apply_entries(target, plan.entries[:1])
-    return align_stage(0, guide, target, plan.stages[0], plan.paths[0], x, cfg, cka_loss, 16,
+    return align_stage(0, guide, target, plan.stages[0], x, cfg, cka_loss, 16,
                        torch.Generator().manual_seed(0), torch.device("cpu"))
 
 

@@ -31,7 +31,7 @@ def test_stage_trains_only_replacements_and_keeps_batchnorm_statistics():
     before = {k: v.clone() for k, v in target.state_dict().items()}
     guide_before = {k: v.clone() for k, v in guide.state_dict().items()}
     stage = Stage(plan.paths[1:2], plan.paths[:2], plan.paths[:2])
-    result = align_stage(1, guide, target, stage, plan.paths[1], x, AlignConfig(epochs=2, lr=1e-2),
+    result = align_stage(1, guide, target, stage, x, AlignConfig(epochs=2, lr=1e-2),
                          cka_loss, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
     after = target.state_dict()
     replaced = tuple(p + "." for p in plan.paths[:2])
@@ -57,7 +57,7 @@ def test_alignment_raises_similarity():
     target = copy.deepcopy(guide)
     new = apply_entries(target, plan.entries[:1])
     start = layer_similarity(guide, target, plan.paths[:1], x, torch.device("cpu"))[plan.paths[0]]["cka"]
-    align_stage(0, guide, target, Stage(plan.paths[:1], plan.paths[:1], plan.paths[:1]), plan.paths[0], x,
+    align_stage(0, guide, target, Stage(plan.paths[:1], plan.paths[:1], plan.paths[:1]), x,
                 AlignConfig(epochs=20, lr=1e-2), cka_loss, 32, torch.Generator().manual_seed(0), torch.device("cpu"))
     end = layer_similarity(guide, target, plan.paths[:1], x, torch.device("cpu"))[plan.paths[0]]["cka"]
     assert end > start + 0.2 and end > 0.8

@@ -16,24 +16,24 @@ the conversion took in all (alignment + fine-tuning), as in the paper.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from theseus_cli import __version__
-from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
-from theseus_cli.arch import build_model
-from theseus_cli.data import batches_per_epoch
-from theseus_cli.plan import Plan, apply_entries, build_plan
-from theseus_cli.plots import plot_alignment
 from theseus_cli import resume as resume_stages
-from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.arch import build_model
+from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
+from theseus_cli.data import batches_per_epoch
 from theseus_cli.errors import DataError, MatchError
 from theseus_cli.matching import pattern_matches
+from theseus_cli.plan import Plan, apply_entries, build_plan
+from theseus_cli.plots import plot_alignment
+from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
 from theseus_cli.session import Session, open_session
 from theseus_cli.similarity import make_loss, min_batch
@@ -114,9 +114,8 @@ def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resu
                 stages = saved["stages"]
                 progress.log(f"resumed after stage {index + 1} of {len(plan.stages)}")
             continue
-        deepest = max(stage.aligned, key=plan.paths.index)  # runs last: both forwards stop after it
         cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
-        result = align_stage(index, guide, target, stage, deepest, data.x_train, cfg, loss_fn,
+        result = align_stage(index, guide, target, stage, data.x_train, cfg, loss_fn,
                              recipe.data.batch_size, align_gen, dev, progress)
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)

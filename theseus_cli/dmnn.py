@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import torch
 
-_EPS = 1e-12
+from theseus_cli.similarity import normalise_rows
 
 
 def _logits(x: torch.Tensor, tau: float) -> torch.Tensor:
     """(n, ...) → (n, n) cosine similarities / τ, −inf on the diagonal (an anchor is not its own neighbour)."""
-    x = x.flatten(1).float()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    x = normalise_rows(x)
     s = (x @ x.T) / tau
     return s.masked_fill(torch.eye(s.shape[0], dtype=torch.bool, device=s.device), float("-inf"))
 

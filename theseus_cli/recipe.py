@@ -182,7 +182,8 @@ class AlignConfig(_Strict):
     def for_stage(self, number: int, introduced: list[str], matches) -> "AlignConfig":
         """This config with the overrides that select stage ``number`` (1-based) applied.
 
-        ``matches(pattern, path)`` is the module-pattern predicate (kept out of here to avoid importing torch).
+        ``matches(pattern, path)`` is the module-pattern predicate; it is passed in because the
+        class-name form of a pattern needs the guide's module at ``path``.
         """
         cfg = self.model_copy(deep=True)
         for o in self.overrides:
@@ -226,11 +227,13 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _batch_fits_similarity(self) -> "Recipe":
+        from theseus_cli.similarity import min_batch  # the one place that knows each metric's minimum
+
         sim, batch = self.similarity, self.data.batch_size
-        if sim.kind == "ucka" and batch < 4:
-            raise ValueError(f"similarity.kind: ucka needs data.batch_size ≥ 4, got {batch}")
-        if sim.kind == "dmnn" and sim.k >= batch:
-            raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
+        if batch < min_batch(sim.kind, sim.k):
+            if sim.kind == "dmnn":
+                raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
+            raise ValueError(f"similarity.kind: {sim.kind} needs data.batch_size ≥ {min_batch(sim.kind)}, got {batch}")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -32,10 +32,15 @@ import torch
 _EPS = 1e-12
 
 
+def normalise_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, ...) → (n, d): flattened, each row (sample) ℓ2-normalised, as every metric here starts."""
+    x = x.flatten(1).to(dtype)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+
+
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n, ...) → (n, d): flattened, rows ℓ2-normalised, columns centred."""
-    x = x.flatten(1).to(dtype)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    x = normalise_rows(x, dtype)
     return x - x.mean(dim=0, keepdim=True)
 
 
@@ -67,11 +72,6 @@ def cka_loss(target: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
     return 1.0 - linear_cka(target, guide)
 
 
-def _normalise_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = x.flatten(1).to(dtype)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
-
-
 def _hsic_u_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Unbiased HSIC (Song et al., 2007) of K = AAᵀ and L = BBᵀ, without forming n×n matrices when cheaper.
 
@@ -101,8 +101,7 @@ def unbiased_cka(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.fl
     if a.shape[0] < 4:
         raise ValueError(f"unbiased CKA needs at least 4 samples per batch, got {a.shape[0]}")
     with torch.autocast(device_type=a.device.type, enabled=False):
-        a, b = _normalise_rows(a, dtype), _normalise_rows(b, dtype)
-        a, b = a - a.mean(0, keepdim=True), b - b.mean(0, keepdim=True)  # HSIC_U is shift-invariant; centring helps precision
+        a, b = _prepare(a, dtype), _prepare(b, dtype)  # HSIC_U is shift-invariant; centring helps precision
         ab, aa, bb = _hsic_u_terms(a, b), _hsic_u_terms(a, a), _hsic_u_terms(b, b)
         return ab / (aa.clamp_min(_EPS) * bb.clamp_min(_EPS)).sqrt()
 
@@ -122,7 +121,7 @@ def min_batch(kind: str, k: int = 10) -> int:
 
 def make_loss(kind: str, k: int = 10, tau: float = 0.1) -> LossFn:
     """The dissimilarity ``loss(target, guide)`` a recipe's ``similarity`` section selects."""
-    from theseus_cli.dmnn import dmnn_loss
+    from theseus_cli.dmnn import dmnn_loss  # here, not at the top: dmnn imports normalise_rows from this module
 
     if kind == "cka":
         return cka_loss
@@ -135,7 +134,7 @@ def make_loss(kind: str, k: int = 10, tau: float = 0.1) -> LossFn:
 
 def all_similarities(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]:
     """Every metric at once, in float64 where it matters: linear CKA, unbiased CKA, hard mutual-kNN overlap."""
-    from theseus_cli.dmnn import mutual_knn
+    from theseus_cli.dmnn import mutual_knn  # see make_loss
 
     out = {"cka": float(linear_cka(a, b, dtype=torch.float64))}
     if a.shape[0] >= 4:

@@ -57,9 +57,12 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
         raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
 
 
-def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, deepest: str, x: torch.Tensor,
-                  loss_fn: LossFn) -> torch.Tensor:
-    """Δ per aligned module for one batch (a (len(aligned),) tensor)."""
+def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """Δ per aligned module for one batch (a (len(aligned),) tensor).
+
+    ``stage.aligned`` is in execution order, so both forwards stop right after its last module.
+    """
+    deepest = stage.aligned[-1]
     if stage.feed == "guide":  # independent: each replacement sees the guide's own input there
         with torch.no_grad():
             g_in, g_out = forward_until(guide, x, stage.aligned, deepest, with_inputs=True)
@@ -75,7 +78,6 @@ def align_stage(
     guide: nn.Module,
     target: nn.Module,
     stage: Stage,
-    deepest: str,
     x_train: torch.Tensor,
     cfg: AlignConfig,
     loss_fn: LossFn,
@@ -86,8 +88,8 @@ def align_stage(
 ) -> StageResult:
     """One stage: train the modules in ``stage.trained`` so target activations at ``stage.aligned`` match the guide's.
 
-    ``deepest`` is the aligned module that runs last; both forwards stop right
-    after it. Guide and target run in eval mode, so every BatchNorm keeps the
+    Both forwards stop right after the last aligned module (``stage.aligned`` is
+    in execution order). Guide and target run in eval mode, so every BatchNorm keeps the
     guide's running statistics (the paper's Appendix E.1); only the trained
     modules are in train mode, and only their parameters get gradients.
     """
@@ -117,7 +119,7 @@ def align_stage(
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
-            layer_losses = _stage_losses(guide, target, stage, deepest, x_train[idx].to(device, non_blocking=True), loss_fn)
+            layer_losses = _stage_losses(guide, target, stage, x_train[idx].to(device, non_blocking=True), loss_fn)
             loss = layer_losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,15 +133,12 @@ def align_stage(
             if auto:
                 ema = loss.detach() if ema is None else ema + alpha * (loss.detach() - ema)
                 if result.steps % auto.check_every == 0 and float(ema) < auto.stop_loss:
-                    result.stopped = "threshold"
-                    break
+                    break  # recorded as "threshold" below
         epoch_losses = torch.stack(step_losses).cpu()
         _check_finite(epoch_losses.sum(), where)
         result.losses.extend(epoch_losses.tolist())
         result.epochs += 1
         result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums.cpu())}
-        if result.stopped == "threshold":
-            break
         if auto:
             if float(ema) < auto.stop_loss:
                 result.stopped = "threshold"

@@ -43,7 +43,7 @@ def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
     recipe = load_recipe(ROOT / spec["recipe"])
     cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
     report = run_conversion(recipe, out_root / name, checkpoint=cache, device=device, baseline=True, overwrite=True)
-    acc = report["accuracy"]
+    acc = report["metric"]
     return {
         "setting": name,
         "recipe": spec["recipe"],

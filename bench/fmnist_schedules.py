@@ -59,7 +59,7 @@ def main() -> None:
         recipe = parse_recipe(merged(base.resolved(), changes), f"{RECIPE} + {changes}")
         report = run_conversion(recipe, out / f"v{i}", checkpoint=None if untrained else guide, device=args.device,
                                 baseline=with_baseline, overwrite=True)
-        acc = report["accuracy"]
+        acc = report["metric"]
         if with_baseline:
             naive = {"accuracy": acc["baseline"], "steps": report["steps"]["baseline"]}
             guide_acc = acc["guide"]

@@ -40,7 +40,7 @@ def main(out: Path) -> dict:
         predictions = target(data.x_test).argmax(1)
     reloaded_accuracy = (predictions == data.y_test).double().mean().item()
 
-    acc = report["accuracy"]
+    acc = report["metric"]
     print(f"guide {guide['accuracy']:.3f} | NoT target {acc['target']:.3f} (reloaded: {reloaded_accuracy:.3f}) | "
           f"naive baseline {acc['baseline']:.3f} | params {report['params']['guide']:,} → {report['params']['target']:,}")
     return {"report": report, "reloaded_accuracy": reloaded_accuracy}

@@ -48,7 +48,7 @@ def test_convert_writes_target_report_and_plot(converted):
     assert [s["trained"] for s in report["stages"]] == [["0"], ["0", "3"]]
     assert all(len(s["losses"]) == s["steps"] == 3 for s in report["stages"])
     assert set(report["similarity"]["after_alignment"]) == {"0", "3"}
-    acc = report["accuracy"]
+    acc = report["metric"]
     assert all(0 <= acc[k] <= 1 for k in ("guide", "target", "target_after_alignment", "baseline"))
     assert report["steps"]["baseline"] == report["steps"]["alignment"] + report["steps"]["finetune"]
     assert report["params"]["target"] > report["params"]["guide"]
@@ -73,7 +73,7 @@ def test_load_target_round_trip_is_exact(converted):
         logits = model(data.x_test)
     accuracy = (logits.argmax(1) == data.y_test).sum().item() / data.y_test.numel()
     report = json.loads((out / "report.json").read_text())
-    assert accuracy == pytest.approx(report["accuracy"]["target"], abs=1e-9)
+    assert accuracy == pytest.approx(report["metric"]["target"], abs=1e-9)
     again = theseus_cli.load_target(out / "target.safetensors")
     with torch.no_grad():
         assert torch.equal(again(data.x_test), logits)
@@ -145,7 +145,7 @@ def test_recipe_switches_reach_the_run(write_recipe, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["bn_recalibration"] == {"enabled": False, "layers": 0}
-    assert report["baseline"]["lr"] == 3e-3 and report["accuracy"]["baseline"] is not None  # recipe enables it
+    assert report["baseline"]["lr"] == 3e-3 and report["metric"]["baseline"] is not None  # recipe enables it
     assert report["recipe"]["finetune"]["label_smoothing"] == 0.1
 
 

@@ -61,7 +61,7 @@ def test_all_problems_reported_at_once_with_locations():
 
 def test_unknown_replacement_lists_valid_choices():
     data = tiny_recipe_dict(replace=[{"match": "Conv2d", "with": "lowrank"}])
-    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: lowrank_linear\)"):
+    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: elman_rnn, lowrank_linear, token_mlp\)"):
         parse_recipe(data)
 
 

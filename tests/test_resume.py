@@ -43,7 +43,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert calls == [1]  # stage 0 was not redone
     strip = lambda stages: [{k: v for k, v in s.items() if k != "seconds"} for s in stages]  # noqa: E731
     assert strip(resumed["stages"]) == strip(full["stages"])
-    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["metric"] == full["metric"]
     a, b = load_file(str(tmp_path / "full" / "target.safetensors")), load_file(str(tmp_path / "killed" / "target.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (tmp_path / "killed" / ".resume").exists()  # cleared once finished

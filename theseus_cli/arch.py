@@ -29,8 +29,8 @@ def _close(name: str, choices: list[str]) -> str:
     return f" (did you mean: {', '.join(near)}?)" if near else ""
 
 
-def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
-    """Construct the architecture ``spec`` with seeded random weights."""
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, task: str = "classification") -> nn.Module:
+    """Construct the architecture ``spec`` with seeded random weights (``task`` picks an ``hf:`` model's head)."""
     kwargs = dict(kwargs or {})
     for key in _FORBIDDEN_KWARGS:
         if kwargs.get(key):
@@ -51,6 +51,10 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0) 
             if not timm.is_model(name):
                 raise ModelError(f"{spec}: unknown timm model{_close(name, timm.list_models())}")
             model = timm.create_model(name, pretrained=False, **kwargs)
+        elif prefix == "hf":
+            from theseus_cli.hf_models import build_hf
+
+            model = build_hf(spec, kwargs, task)
         else:
             model = _call_user_function(spec, prefix, name, kwargs)
     except ModelError:
@@ -115,8 +119,41 @@ def _unwrap_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``alias → first name`` for parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    names = set()
+    for path, module in model.named_modules():
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            names.add(f"{path}.{b}" if path else b)
+    return names
+
+
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` and fail with the missing/unexpected/mismatched keys listed."""
+    """Load ``state`` and fail with the missing/unexpected/mismatched keys listed.
+
+    Two differences from ``strict=True`` that are not mismatches: a tied weight saved once
+    (safetensors stores shared tensors once) fills its aliases, and keys of buffers the model
+    does not persist (e.g. BERT's ``position_ids`` in files written by older transformers) are dropped.
+    """
+    state = dict(state)
+    for alias, name in _tied_aliases(model).items():
+        if alias not in state and name in state:
+            state[alias] = state[name]
+        elif name not in state and alias in state:
+            state[name] = state[alias]
+    for key in _non_persistent_buffers(model) & set(state):
+        del state[key]
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -131,9 +168,10 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=True)
 
 
-def load_guide(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int) -> nn.Module:
+def load_guide(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int,
+               task: str = "classification") -> nn.Module:
     """The guide: ``spec`` with weights from ``checkpoint``, or untrained (seeded) without one."""
-    model = build_model(spec, kwargs, seed)
+    model = build_model(spec, kwargs, seed, task)
     if checkpoint is not None:
         load_state_dict_strict(model, read_state_dict(checkpoint), str(checkpoint))
     return model

@@ -95,7 +95,7 @@ def load_target(path: str | Path, device: str = "cpu") -> nn.Module:
 
     file = _target_path(path)
     meta = read_target_metadata(file)
-    model = build_model(meta["guide"]["arch"], meta["guide"]["kwargs"], seed=0)
+    model = build_model(meta["guide"]["arch"], meta["guide"]["kwargs"], seed=0, task=meta.get("task", "classification"))
     apply_entries(model, [PlanEntry.from_dict(e) for e in meta["entries"]])
     try:
         load_model(model, str(file), strict=True, device=device)

@@ -149,15 +149,16 @@ def convert(
     if as_json:
         _emit_json(report)
         return
-    acc = report["accuracy"]
+    m = report["metric"]
     table = Table(title=f"{report['guide']['arch']} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
-    for col in ("model", "params", "test accuracy"):
+    for col in ("model", "params", f"test {m['name'].replace('_', ' ')}"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}", f"{acc['guide']:.4f}")
-    table.add_row("NoT target, aligned only", f"{report['params']['target']:,}", f"{acc['target_after_alignment']:.4f}")
-    table.add_row("NoT target", f"{report['params']['target']:,}", f"{acc['target']:.4f}")
-    if acc["baseline"] is not None:
-        table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", f"{acc['baseline']:.4f}")
+    fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
+    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}", fmt.format(m["guide"]))
+    table.add_row("NoT target, aligned only", f"{report['params']['target']:,}", fmt.format(m["target_after_alignment"]))
+    table.add_row("NoT target", f"{report['params']['target']:,}", fmt.format(m["target"]))
+    if m["baseline"] is not None:
+        table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", fmt.format(m["baseline"]))
     out_console.print(table)
     out_console.print(f"wrote {out / report['files']['target']}, {out / report['files']['report']}, {out / report['files']['plot']}")
 
@@ -185,7 +186,7 @@ def train_guide_cmd(
     if as_json:
         _emit_json(result)
         return
-    out_console.print(f"guide {result['arch']}: test accuracy {result['accuracy']:.4f} after {result['epochs']} epochs "
+    out_console.print(f"guide {result['arch']}: test {result['metric']} {result[result['metric']]:.4f} after {result['epochs']} epochs "
                       f"({result['seconds']:.0f}s on {result['device']}) → {result['checkpoint']}")
 
 

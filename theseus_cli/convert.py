@@ -35,15 +35,10 @@ from theseus_cli.plan import Plan, apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
-from theseus_cli.session import Session, open_session
+from theseus_cli.session import Session, attach_guide_embeddings, open_session
 from theseus_cli.similarity import make_loss, min_batch
-from theseus_cli.training import (
-    align_stage,
-    evaluate_accuracy,
-    layer_similarity,
-    recalibrate_batchnorm,
-    train_task,
-)
+from theseus_cli.tasks import Task, get_task
+from theseus_cli.training import align_stage, evaluate, layer_similarity, recalibrate_batchnorm, train_task
 
 HELDOUT_FOR_SIMILARITY = 512
 
@@ -64,9 +59,25 @@ def _task_steps(session: Session) -> tuple[int, int]:
 
 def _train_on_task(model, session: Session, steps: int, warmup: int, lr: float, seed: int, label: str, progress: Progress):
     ft, data = session.recipe.finetune, session.data
-    x, y = data.x_train[data.labelled], data.y_train[data.labelled]
-    return train_task(model, x, y, steps, lr, ft.weight_decay, warmup, ft.grad_clip, ft.label_smoothing,
-                      session.recipe.data.batch_size, torch.Generator().manual_seed(seed), session.device, label, progress)
+    x = data.x_train[data.labelled]
+    y = data.y_train[data.labelled] if data.y_train is not None else None
+    return train_task(model, get_task(session.recipe.task), x, y, steps, lr, ft.weight_decay, warmup, ft.grad_clip,
+                      ft.label_smoothing, session.recipe.data.batch_size, torch.Generator().manual_seed(seed),
+                      session.device, label, progress)
+
+
+def _evaluate(model, session: Session) -> float:
+    data = session.data
+    return evaluate(model, get_task(session.recipe.task), data.x_test, data.y_test, session.recipe.data.eval_batch_size,
+                    session.device)
+
+
+def retention(task: Task, guide: float, target: float) -> float | None:
+    """How much of the guide's quality the target keeps: target/guide, or guide/target where lower is better
+    (perplexity), so 1.0 is always "as good as the guide"."""
+    if not guide or not target:
+        return None
+    return target / guide if task.higher_is_better else guide / target
 
 
 def check_overrides(overrides, stages, matches) -> None:
@@ -116,7 +127,7 @@ def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resu
             continue
         cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
         result = align_stage(index, guide, target, stage, data.x_train, cfg, loss_fn,
-                             recipe.data.batch_size, align_gen, dev, progress)
+                             recipe.data.batch_size, align_gen, dev, progress, sim.tokens)
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
     return target, stages
@@ -144,13 +155,15 @@ def run_conversion(
     seed, data, dev = recipe.seed, session.data, session.device
     baseline = recipe.baseline.enabled if baseline is None else baseline
 
+    task = get_task(recipe.task)
     guide = session.guide.eval()
     for p in guide.parameters():
         p.requires_grad_(False)
+    if recipe.task == "sentence-embedding":
+        attach_guide_embeddings(session)
     plan = build_plan(guide, recipe, data.x_train[:2].to(dev))
     progress.log(f"plan: {len(plan.entries)} modules to replace, {plan.guide_params:,} → {plan.target_params:,} params")
     heldout = data.x_test[:HELDOUT_FOR_SIMILARITY]
-    eval_bs = recipe.data.eval_batch_size
 
     # ---- alignment (Algorithm 1), stage by stage as the schedule says
     t_align = time.perf_counter()
@@ -158,38 +171,42 @@ def run_conversion(
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     sim = recipe.similarity
-    sim_after_align = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
+    sim_after_align = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens)
 
     # ---- BatchNorm recalibration, then end-to-end fine-tuning
     bn_layers = 0
     if recipe.bn_recalibration.enabled:
         bn_layers = recalibrate_batchnorm(target, data.x_train, recipe.bn_recalibration.batches,
                                           recipe.data.batch_size, torch.Generator().manual_seed(seed + 2), dev)
-    acc_aligned = evaluate_accuracy(target, data.x_test, data.y_test, eval_bs, dev)
+    m_aligned = _evaluate(target, session)
     ft_steps, warmup = _task_steps(session)
     ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
-    acc_target = evaluate_accuracy(target, data.x_test, data.y_test, eval_bs, dev)
-    sim_after_ft = layer_similarity(guide, target, plan.paths, heldout, dev, sim.k)
-    acc_guide = evaluate_accuracy(guide, data.x_test, data.y_test, eval_bs, dev)
+    m_target = _evaluate(target, session)
+    sim_after_ft = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens)
+    m_guide = _evaluate(guide, session)
 
     # ---- naive baseline: same target architecture from scratch, same total gradient steps
     baseline_report = None
     if baseline:
         torch.manual_seed(seed + 7)
-        naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7).to(dev)
+        if recipe.baseline.init == "guide":  # no-alignment ablation: inherit every kept weight
+            naive = copy.deepcopy(guide)
+        else:
+            naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7, recipe.task).to(dev)
         apply_entries(naive, plan.entries)
         total = align_steps + ft_steps
         per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
         warm = int(round(recipe.finetune.warmup_epochs * per_epoch))
         lr = recipe.baseline.lr or recipe.finetune.lr
         res = _train_on_task(naive, session, total, warm, lr, seed + 4, "naive baseline", progress)
-        baseline_report = {"accuracy": evaluate_accuracy(naive, data.x_test, data.y_test, eval_bs, dev),
+        baseline_report = {task.metric: _evaluate(naive, session), "init": recipe.baseline.init,
                            "steps": total, "lr": lr, "epoch_losses": res.epoch_losses, "seconds": res.seconds}
 
     # ---- files
-    meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs},
+    meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs}, "task": recipe.task,
             "entries": [asdict(e) for e in plan.entries], "input_shape": list(plan.input_shape),
-            "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std},
+            "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std} if data.mean else None,
+            "tokenizer": data.tokenizer,
             "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "theseus_version": __version__}
     save_target(out / TARGET_FILE, target.cpu(), meta)
     report = {
@@ -206,9 +223,11 @@ def run_conversion(
         "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,
                        "after_alignment": sim_after_align, "after_finetune": sim_after_ft},
         "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": bn_layers},
-        "accuracy": {"guide": acc_guide, "target_after_alignment": acc_aligned, "target": acc_target,
-                     "baseline": baseline_report["accuracy"] if baseline_report else None,
-                     "retention": acc_target / acc_guide if acc_guide else None},
+        "task": recipe.task,
+        "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": m_guide,
+                   "target_after_alignment": m_aligned, "target": m_target,
+                   "baseline": baseline_report[task.metric] if baseline_report else None,
+                   "retention": retention(task, m_guide, m_target)},
         "steps": {"alignment": align_steps, "finetune": ft_steps,
                   "baseline": baseline_report["steps"] if baseline_report else None},
         "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds},

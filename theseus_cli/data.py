@@ -47,31 +47,43 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclass
 class Dataset:
+    """A data set in memory. Images: ``x`` (N, C, H, W) float32 normalised, ``y`` (N,) class ids.
+    Tokens (:mod:`theseus_cli.text_data`): ``x`` (N, T) int64 ids or a padded
+    :class:`~theseus_cli.text_data.TokenBatch`; ``y`` is None (causal LM: the targets are the
+    inputs shifted) or, for sentence embeddings, the guide's embeddings filled in by the session."""
+
     name: str
-    x_train: torch.Tensor  # (N, C, H, W) float32, normalised
-    y_train: torch.Tensor  # (N,) int64
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
     x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    mean: list[float]
-    std: list[float]
+    y_test: torch.Tensor | None
+    num_classes: int | None
+    mean: list[float] | None
+    std: list[float] | None
     labelled: torch.Tensor  # indices into the training split that carry labels for task training
+    kind: str = "image"  # image | tokens
+    vocab_size: int | None = None
+    tokenizer: str | None = None
+    tokens: int | None = None  # tokens in the whole corpus (text only)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def summary(self) -> dict:
-        return {
+        out = {
             "name": self.name,
+            "kind": self.kind,
             "train": int(self.x_train.shape[0]),
             "labelled": int(self.labelled.numel()),
             "test": int(self.x_test.shape[0]),
             "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
-            "mean": self.mean,
-            "std": self.std,
         }
+        if self.kind == "image":
+            out.update(num_classes=self.num_classes, mean=self.mean, std=self.std)
+        else:
+            out.update(vocab_size=self.vocab_size, tokenizer=self.tokenizer, corpus_tokens=self.tokens)
+        return out
 
 
 # ---------------------------------------------------------------- raw readers
@@ -256,8 +268,12 @@ def _subset(n: int, limit: int | None, gen: torch.Generator) -> torch.Tensor:
     return perm if limit is None else perm[: min(limit, n)]
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Load, transform, subset and normalise the data set a recipe names."""
+def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", guide_arch: str | None = None) -> Dataset:
+    """Load, transform, subset and normalise the data set a recipe names (text: see :mod:`theseus_cli.text_data`)."""
+    if cfg.source in ("bible-kjv", "text"):
+        from theseus_cli.text_data import load_text_dataset
+
+        return load_text_dataset(cfg, seed, task, guide_arch)
     where = cfg.source if cfg.path is None else f"{cfg.source} {cfg.path}"
     raw = _raw(cfg.source, cfg.path, cfg.image_size)
     gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from theseus_cli.text_data import run_model
+
 
 class _StopForward(Exception):
     pass
@@ -28,6 +30,16 @@ def first_tensor(output) -> torch.Tensor:
     raise TypeError(f"module output of type {type(output).__name__} holds no tensor to align")
 
 
+def primary_input(args: tuple, kwargs: dict):
+    """The tensor a module call transforms: its first positional tensor, else ``hidden_states=``
+    (how transformers passes it to attention modules), else the first tensor keyword argument."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
 @contextmanager
 def capture(model: nn.Module, paths: list[str], stop_after: str | None = None,
             inputs: dict[str, torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -37,9 +49,9 @@ def capture(model: nn.Module, paths: list[str], stop_after: str | None = None,
     handles = []
 
     def make_hook(path: str):
-        def hook(_module, args, output):
+        def hook(_module, args, kwargs, output):
             if inputs is not None:
-                inputs[path] = args[0]
+                inputs[path] = primary_input(args, kwargs)
             acts[path] = first_tensor(output)
             if path == stop_after:
                 raise _StopForward
@@ -48,21 +60,21 @@ def capture(model: nn.Module, paths: list[str], stop_after: str | None = None,
 
     try:
         for path in paths:
-            handles.append(model.get_submodule(path).register_forward_hook(make_hook(path)))
+            handles.append(model.get_submodule(path).register_forward_hook(make_hook(path), with_kwargs=True))
         yield acts
     finally:
         for handle in handles:
             handle.remove()
 
 
-def forward_until(model: nn.Module, x: torch.Tensor, paths: list[str], stop_after: str | None,
+def forward_until(model: nn.Module, x, paths: list[str], stop_after: str | None,
                   with_inputs: bool = False):
-    """Run ``model(x)``, return the outputs at ``paths`` (and, ``with_inputs``, a second dict of
+    """Run ``model`` on ``x`` (a tensor or a token batch), return the outputs at ``paths`` (and, ``with_inputs``, a second dict of
     their inputs), stopping right after ``stop_after`` runs."""
     inputs: dict[str, torch.Tensor] | None = {} if with_inputs else None
     with capture(model, paths, stop_after, inputs) as acts:
         try:
-            model(x)
+            run_model(model, x)
         except _StopForward:
             pass
     missing = [p for p in paths if p not in acts]
@@ -73,20 +85,25 @@ def forward_until(model: nn.Module, x: torch.Tensor, paths: list[str], stop_afte
 
 @contextmanager
 def trace_shapes(model: nn.Module) -> Iterator[dict[str, dict]]:
-    """Record, for every submodule, call count, input/output shapes and completion order."""
+    """Record, for every submodule: call count, completion order, the primary input's and the output's
+    per-sample shapes, how many tensors go in (positional or keyword), and the output's structure
+    (``output_arity``: None for a bare tensor, else the length of the tuple it returns)."""
     info: dict[str, dict] = {}
     handles = []
     counter = [0]
 
     def make_hook(path: str):
-        def hook(_module, inputs, output):
+        def hook(_module, args, kwargs, output):
             rec = info.setdefault(path, {"calls": 0})
             rec["calls"] += 1
             if rec["calls"] == 1:
                 rec["order"] = counter[0]
                 counter[0] += 1
-                rec["input"] = tuple(inputs[0].shape[1:]) if inputs and isinstance(inputs[0], torch.Tensor) else None
-                rec["n_inputs"] = len(inputs)
+                primary = primary_input(args, kwargs)
+                rec["input"] = tuple(primary.shape[1:]) if primary is not None else None
+                rec["n_inputs"] = len(args) + sum(1 for v in kwargs.values() if v is not None)
+                rec["output_arity"] = None if isinstance(output, torch.Tensor) else (
+                    len(output) if isinstance(output, (tuple, list)) else -1)
                 try:
                     rec["output"] = tuple(first_tensor(output).shape[1:])
                 except TypeError:
@@ -97,7 +114,7 @@ def trace_shapes(model: nn.Module) -> Iterator[dict[str, dict]]:
     try:
         for path, module in model.named_modules():
             if path:
-                handles.append(module.register_forward_hook(make_hook(path)))
+                handles.append(module.register_forward_hook(make_hook(path), with_kwargs=True))
         yield info
     finally:
         for handle in handles:

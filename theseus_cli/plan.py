@@ -23,6 +23,7 @@ from theseus_cli.matching import resolve_matches
 from theseus_cli.recipe import Recipe, RuleConfig
 from theseus_cli.replacements import IOShapes, get_replacement
 from theseus_cli.schedule import Stage, build_stages
+from theseus_cli.text_data import run_model
 
 
 @dataclass
@@ -38,6 +39,12 @@ class PlanEntry:
     output_shape: tuple[int, ...]
     guide_params: int
     target_params: int
+    output_arity: int | None = None  # the old module's output: None = tensor, n = tuple of n
+    align_path: str | None = None  # where its output is aligned (None: at ``path``; see RuleConfig.align_up)
+
+    @property
+    def aligned_at(self) -> str:
+        return self.align_path or self.path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PlanEntry":
@@ -69,6 +76,7 @@ class Plan:
     guide_params: int
     target_params: int
     stages: list[Stage] = field(default_factory=list)
+    align_order: dict[str, int] = field(default_factory=dict)  # alignment point → execution position
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists), as ``inspect --json`` prints it."""
@@ -78,6 +86,14 @@ class Plan:
     def paths(self) -> list[str]:
         return [e.path for e in self.entries]
 
+    @property
+    def align_points(self) -> list[str]:
+        """Distinct alignment points, in execution order (each stage's ``aligned`` is drawn from these)."""
+        seen: list[str] = []
+        for stage in self.stages:
+            seen += [p for p in stage.aligned if p not in seen]
+        return sorted(seen, key=self.align_order.__getitem__)
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -86,7 +102,7 @@ def count_params(module: nn.Module) -> int:
 def build_replacement(entry: PlanEntry, old: nn.Module) -> nn.Module:
     replacement = get_replacement(entry.replacement)
     params = replacement.params_model.model_validate(entry.params)
-    return replacement.build(old, params, IOShapes(entry.input_shape, entry.output_shape))
+    return replacement.build(old, params, IOShapes(entry.input_shape, entry.output_shape, entry.output_arity))
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -107,14 +123,14 @@ def apply_entries(model: nn.Module, entries: list[PlanEntry]) -> list[nn.Module]
     return new_modules
 
 
-def build_plan(guide: nn.Module, recipe: Recipe, sample: torch.Tensor) -> Plan:
-    """Resolve rules, trace shapes on ``sample`` (a batch of ≥1 inputs), check and count."""
+def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
+    """Resolve rules, trace shapes on ``sample`` (a batch of ≥1 inputs: tensor or token batch), check and count."""
     matches = resolve_matches(guide, recipe.replace)
     was_training = guide.training
     guide.eval()
     try:
         with torch.no_grad(), trace_shapes(guide) as info:
-            guide(sample)
+            run_model(guide, sample)
     except Exception as exc:
         raise MatchError(f"dry forward of the guide on an input of shape {tuple(sample.shape)} failed: {type(exc).__name__}: {exc}") from None
     finally:
@@ -132,13 +148,17 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample: torch.Tensor) -> Plan:
             reason = reason or "never runs in the forward pass"
         elif rec["calls"] > 1:
             reason = reason or f"runs {rec['calls']} times per forward pass (shared module)"
-        elif rec["input"] is None or rec["output"] is None or rec["n_inputs"] != 1:
-            reason = reason or "does not map one tensor to one tensor"
+        else:
+            reason = reason or replacement.check_call(rec)
         if reason:
             problems.append(f"module '{match.path}' (replace[{match.rule}]): {reason}")
             continue
+        align_path, why = _align_point(match.path, rule.align_up, info)
+        if why:
+            problems.append(f"module '{match.path}' (replace[{match.rule}].align_up): {why}")
+            continue
         entry = PlanEntry(match.path, type(module).__name__, match.rule, rule.with_, dict(rule.params),
-                          rec["input"], rec["output"], count_params(module), 0)
+                          rec["input"], rec["output"], count_params(module), 0, rec["output_arity"], align_path)
         with torch.device("meta"):
             entry.target_params = count_params(build_replacement(entry, module))
         entries.append(entry)
@@ -164,5 +184,23 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample: torch.Tensor) -> Plan:
     guide_params = count_params(guide)
     target_params = guide_params - sum(e.guide_params for e in entries) + sum(e.target_params for e in entries)
     sched = recipe.schedule
-    stages = build_stages([e.path for e in entries], sched.kind, sched.order, sched.group_depth)
-    return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages)
+    align_order = {e.aligned_at: info[e.aligned_at]["order"] for e in entries}
+    stages = build_stages([e.path for e in entries], sched.kind, sched.order, sched.group_depth,
+                          {e.path: e.aligned_at for e in entries}, align_order)
+    return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages, align_order)
+
+
+def _align_point(path: str, up: int, info: dict) -> tuple[str | None, str | None]:
+    """(alignment path or None for the module itself, problem or None) for ``align_up`` levels above ``path``."""
+    if up == 0:
+        return None, None
+    parts = path.split(".")
+    if up >= len(parts):
+        return None, f"{up} levels up from a path of {len(parts)} components leaves no module"
+    target = ".".join(parts[:-up])
+    rec = info.get(target)
+    if rec is None or rec["output"] is None:
+        return None, f"'{target}' does not run or returns no tensor"
+    if rec["calls"] > 1:
+        return None, f"'{target}' runs {rec['calls']} times per forward pass"
+    return target, None

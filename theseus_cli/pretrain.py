@@ -17,29 +17,39 @@ import torch
 from theseus_cli.arch import build_model
 from theseus_cli.artifacts import atomic_write
 from theseus_cli.data import batches_per_epoch, load_dataset
+from theseus_cli.errors import RecipeError
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
-from theseus_cli.session import resolve_device
-from theseus_cli.training import evaluate_accuracy, train_task
+from theseus_cli.session import check_vocabulary, resolve_device
+from theseus_cli.tasks import get_task
+from theseus_cli.training import evaluate, train_task
 
 
 def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e-3, weight_decay: float = 0.05,
                 device: str = "auto", progress: Progress = NullProgress()) -> dict[str, Any]:
-    """Train ``recipe.guide.arch`` from scratch on the labelled training data; save its state dict."""
+    """Train ``recipe.guide.arch`` from scratch on the labelled training data (the task's loss); save its state dict."""
     from safetensors.torch import save_model
 
+    if recipe.task == "sentence-embedding":
+        raise RecipeError("train-guide: task sentence-embedding has no labels of its own (its targets are a trained "
+                          "guide's embeddings); bring a pretrained encoder as the guide")
     started = time.perf_counter()
     dev = resolve_device(device)
-    data = load_dataset(recipe.data, recipe.seed)
-    model = build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed).to(dev)
+    task = get_task(recipe.task)
+    data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
+    model = build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed, recipe.task)
+    check_vocabulary(model, data)
+    model = model.to(dev)
     per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
-    x, y = data.x_train[data.labelled], data.y_train[data.labelled]
-    result = train_task(model, x, y, epochs * per_epoch, lr, weight_decay, per_epoch // 2, 1.0, 0.0,
+    x = data.x_train[data.labelled]
+    y = data.y_train[data.labelled] if data.y_train is not None else None
+    result = train_task(model, task, x, y, epochs * per_epoch, lr, weight_decay, per_epoch // 2, 1.0, 0.0,
                         recipe.data.batch_size, torch.Generator().manual_seed(recipe.seed + 11), dev,
                         "train guide", progress)
-    accuracy = evaluate_accuracy(model, data.x_test, data.y_test, recipe.data.eval_batch_size, dev)
+    score = evaluate(model, task, data.x_test, data.y_test, recipe.data.eval_batch_size, dev)
     out = Path(out)
     atomic_write(out, lambda tmp: save_model(model.cpu(), str(tmp), metadata={"arch": recipe.guide.arch}))
-    return {"checkpoint": str(out), "arch": recipe.guide.arch, "accuracy": accuracy, "epochs": epochs,
+    return {"checkpoint": str(out), "arch": recipe.guide.arch, "task": recipe.task, "metric": task.metric,
+            task.metric: score, "epochs": epochs,
             "steps": result.steps, "epoch_losses": result.epoch_losses, "device": str(dev),
             "data": data.summary(), "seconds": time.perf_counter() - started}

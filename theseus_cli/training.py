@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from theseus_cli.data import batches_per_epoch, iterate_batches
 from theseus_cli.errors import TrainingError
-from theseus_cli.hooks import forward_until
+from theseus_cli.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
 from theseus_cli.schedule import Stage
-from theseus_cli.similarity import LossFn, all_similarities
+from theseus_cli.similarity import LossFn, all_similarities, sequence_rows
+from theseus_cli.tasks import Task
+from theseus_cli.text_data import run_model, token_mask
+
+
+MAX_TOKEN_ROWS = 4096  # per-token similarity: rows kept per batch (mutual-kNN metrics cost O(rows²) memory)
 
 
 @dataclass
@@ -57,20 +61,24 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
         raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
 
 
-def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: LossFn, tokens: str) -> torch.Tensor:
     """Δ per aligned module for one batch (a (len(aligned),) tensor).
 
     ``stage.aligned`` is in execution order, so both forwards stop right after its last module.
+    Sequence activations become rows as ``tokens`` says (:func:`~theseus_cli.similarity.sequence_rows`).
     """
     deepest = stage.aligned[-1]
+    mask = token_mask(x)
+    rows = lambda a: sequence_rows(a, tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
     if stage.feed == "guide":  # independent: each replacement sees the guide's own input there
         with torch.no_grad():
             g_in, g_out = forward_until(guide, x, stage.aligned, deepest, with_inputs=True)
-        return torch.stack([loss_fn(target.get_submodule(p)(g_in[p]), g_out[p]) for p in stage.aligned])
+        return torch.stack([loss_fn(rows(first_tensor(target.get_submodule(p)(g_in[p]))), rows(g_out[p]))
+                            for p in stage.aligned])
     with torch.no_grad():
         g_acts = forward_until(guide, x, stage.aligned, deepest)
     t_acts = forward_until(target, x, stage.aligned, deepest)
-    return torch.stack([loss_fn(t_acts[p], g_acts[p]) for p in stage.aligned])
+    return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[p])) for p in stage.aligned])
 
 
 def align_stage(
@@ -85,6 +93,7 @@ def align_stage(
     generator: torch.Generator,
     device: torch.device,
     progress: Progress = NullProgress(),
+    tokens: str = "flatten",
 ) -> StageResult:
     """One stage: train the modules in ``stage.trained`` so target activations at ``stage.aligned`` match the guide's.
 
@@ -119,7 +128,7 @@ def align_stage(
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
-            layer_losses = _stage_losses(guide, target, stage, x_train[idx].to(device, non_blocking=True), loss_fn)
+            layer_losses = _stage_losses(guide, target, stage, x_train[idx].to(device, non_blocking=True), loss_fn, tokens)
             loss = layer_losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,7 +184,7 @@ def recalibrate_batchnorm(model: nn.Module, x_train: torch.Tensor, batches: int,
     for i, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
         if i >= batches:
             break
-        model(x_train[idx].to(device))
+        run_model(model, x_train[idx].to(device))
     for bn, momentum in zip(norms, saved):
         bn.momentum = momentum
     model.eval()
@@ -199,8 +208,9 @@ class TaskTrainResult:
 
 def train_task(
     model: nn.Module,
+    task: Task,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     steps: int,
     lr: float,
     weight_decay: float,
@@ -213,14 +223,14 @@ def train_task(
     description: str,
     progress: Progress = NullProgress(),
 ) -> TaskTrainResult:
-    """Cross-entropy training of every parameter for exactly ``steps`` steps."""
+    """Train every parameter on ``task``'s loss for exactly ``steps`` steps (AdamW, warm-up + cosine)."""
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps))
     result = TaskTrainResult(steps)
-    task = progress.task(description, steps)
+    bar = progress.task(description, steps)
     start = time.perf_counter()
     step = 0
     while step < steps:
@@ -228,8 +238,9 @@ def train_task(
         for idx in iterate_batches(x.shape[0], batch_size, generator):
             if step >= steps:
                 break
-            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+            xb = x[idx].to(device, non_blocking=True)
+            yb = y[idx].to(device, non_blocking=True) if y is not None else None
+            loss = task.loss(run_model(model, xb), xb, yb, label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -238,28 +249,47 @@ def train_task(
             sched.step()
             losses.append(loss.detach())
             step += 1
-            task.advance()
+            bar.advance()
         mean = torch.stack(losses).mean()
         _check_finite(mean, description)
         result.epoch_losses.append(float(mean))
-    task.done()
+    bar.done()
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size: int, device: torch.device) -> float:
+    """``task``'s metric (accuracy, perplexity, cosine to the guide) over all of ``x``; one host sync at the end."""
     model.eval()
-    correct = 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
-        correct += int((model(x[idx].to(device)).argmax(1).cpu() == y[idx]).sum())
-    return correct / x.shape[0]
+        xb = x[idx].to(device)
+        s, c = task.metric_sums(run_model(model, xb), xb, y[idx].to(device) if y is not None else None)
+        total += s
+        count += c
+    return task.finish(float(total), float(count))
 
 
 @torch.no_grad()
-def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x: torch.Tensor,
-                     device: torch.device, k: int = 10) -> dict[str, dict[str, float]]:
+def embed(model: nn.Module, x, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Sentence embeddings (N, D) of ``x`` on the CPU (see :func:`theseus_cli.tasks.sentence_embedding`)."""
+    from theseus_cli.hf_models import model_output
+    from theseus_cli.tasks import sentence_embedding
+
+    model.eval()
+    out = []
+    for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
+        xb = x[idx].to(device)
+        out.append(sentence_embedding(model_output(run_model(model, xb)), xb).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x,
+                     device: torch.device, k: int = 10, tokens: str = "flatten") -> dict[str, dict[str, float]]:
     """Every similarity metric between guide and target at each path, on inputs ``x``.
 
     Reported whatever metric was optimised, so a user can find bottleneck layers
@@ -270,4 +300,6 @@ def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x: t
     x = x.to(device)
     g = forward_until(guide, x, paths, paths[-1])
     t = forward_until(target, x, paths, paths[-1])
-    return {p: all_similarities(t[p], g[p], k) for p in paths}
+    mask = token_mask(x)
+    return {p: all_similarities(sequence_rows(t[p], tokens, mask, MAX_TOKEN_ROWS),
+                                sequence_rows(g[p], tokens, mask, MAX_TOKEN_ROWS), k) for p in paths}

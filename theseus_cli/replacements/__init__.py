@@ -8,3 +8,4 @@ from theseus_cli.replacements.registry import REPLACEMENTS, IOShapes, Replacemen
 from theseus_cli.replacements import lowrank  # noqa: F401  (registers lowrank_linear)
 
 __all__ = ["REPLACEMENTS", "IOShapes", "Replacement", "get_replacement", "register"]
+from theseus_cli.replacements import sequence  # noqa: F401,E402  (registers token_mlp, elman_rnn)

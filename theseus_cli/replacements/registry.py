@@ -6,6 +6,14 @@ with its own pydantic params model and a plain builder function
 input/output shapes observed for the old module during a dry forward, because
 shape-compatible replacements such as a low-rank Linear for a Conv2d need the
 flattened sizes, which the conv's own attributes do not determine.
+
+Each replacement declares the call interface it can stand in for:
+``tensor`` — the old module maps one tensor to one tensor (a conv);
+``sequence`` — the old module takes hidden states (B, T, D), positionally or
+as ``hidden_states=``, possibly with masks, caches and flags, and returns a
+tensor or a tuple whose first element is the new hidden states (attention
+modules of timm and transformers); the replacement returns the same structure
+(``IOShapes.output_arity``), with None in the other slots.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ class IOShapes:
 
     input: tuple[int, ...]
     output: tuple[int, ...]
+    output_arity: int | None = None  # None: the old module returned a tensor; n: a tuple of n items
 
 
 Builder = Callable[[nn.Module, BaseModel, IOShapes], nn.Module]
@@ -35,6 +44,7 @@ class Replacement:
     build: Builder
     accepts: tuple[type, ...]
     summary: str
+    interface: str = "tensor"  # tensor | sequence (see the module docstring)
 
     def check_accepts(self, module: nn.Module) -> str | None:
         """Return a reason why ``module`` cannot be replaced, or None."""
@@ -43,17 +53,36 @@ class Replacement:
             return f"{self.name} replaces {names}, not {type(module).__name__}"
         return None
 
+    def check_call(self, rec: dict) -> str | None:
+        """Why the call observed in the dry forward (``hooks.trace_shapes`` record) does not fit, or None."""
+        if rec["input"] is None or rec["output"] is None:
+            return "takes or returns no tensor"
+        if self.interface == "tensor":
+            if rec["n_inputs"] != 1 or rec["output_arity"] is not None:
+                return "does not map one tensor to one tensor"
+            return None
+        if len(rec["input"]) != 2 or len(rec["output"]) != 2:
+            return (f"{self.name} needs sequence activations (batch, tokens, features) in and out; "
+                    f"saw input {rec['input']} and output {rec['output']} per sample")
+        if rec["input"][0] != rec["output"][0]:
+            return f"changes the number of tokens ({rec['input'][0]} → {rec['output'][0]})"
+        if rec["output_arity"] == -1:
+            return "returns neither a tensor nor a tuple"
+        return None
+
 
 REPLACEMENTS: dict[str, Replacement] = {}
 
 
-def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str):
+def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor"):
     """Decorator: register ``build`` under ``name``."""
 
     def decorate(build: Builder) -> Builder:
         if name in REPLACEMENTS:
             raise ValueError(f"replacement {name!r} registered twice")
-        REPLACEMENTS[name] = Replacement(name, params, build, accepts, summary)
+        if interface not in ("tensor", "sequence"):
+            raise ValueError(f"replacement {name!r}: interface must be tensor or sequence")
+        REPLACEMENTS[name] = Replacement(name, params, build, accepts, summary, interface)
         return build
 
     return decorate

@@ -1,0 +1,143 @@
+"""Attention replaced in transformers: GPT-2 → Elman RNN (perplexity) and all-MiniLM-L6-v2 → token MLPs (cosine).
+
+Settings (each one conversion with its naive baseline, in the same run). ``-attn``
+aligns each replacement's own output (the module it replaces); ``-block`` aligns
+the output of the transformer block around it (``align_up``), where the residual
+stream fixes the basis that CKA alone leaves free.
+
+* ``gpt2-rnn-*`` — a small GPT-2 (recipes/gpt2_attention_to_rnn.yaml) trained here
+  on the King James Bible (cached under .cache/bench), every attention → 2 Elman RNN
+  layers; held-out perplexity of guide, NoT target and naive baseline (the same
+  hybrid architecture from scratch, same gradient steps).
+* ``*-fewtokens`` — the same guide, but conversion and baseline see only
+  ``FEW_SEQUENCES`` training sequences: the naive target is data-starved there.
+* ``minilm-mlp-*`` — the pretrained all-MiniLM-L6-v2 encoder (nobody here trained
+  it), every self-attention → token MLP; mean cosine similarity between guide and
+  target sentence embeddings on held-out verses, NoT vs naive (from scratch).
+* ``minilm-mlp-block-inherit`` — ablation: the baseline keeps every guide weight
+  except the attention replacements (``baseline.init: guide``), i.e. conversion
+  without the alignment stages, same steps.
+* ``minilm-mlp-block-fewsentences`` — conversion and baseline see ``FEW_SENTENCES``.
+
+``--small`` shrinks models, data and steps to a CPU smoke run (seconds); its
+figures mean nothing and are marked so. Usage:
+    python bench/transformers_attention.py [--settings gpt2-rnn-block,minilm-mlp-block] [--device auto] [--small]
+Writes runs/bench/transformers_attention.{json,md} and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from common import ROOT, cached_guide, device_name
+
+from theseus_cli.convert import run_conversion
+from theseus_cli.recipe import parse_recipe
+
+FEW_SEQUENCES = 1000
+FEW_SENTENCES = 2000
+GPT2 = "recipes/gpt2_attention_to_rnn.yaml"
+MINILM = "recipes/minilm_attention_to_mlp.yaml"
+_GPT2 = {"recipe": GPT2, "guide_epochs": 10, "guide_lr": 2e-3}
+SETTINGS = {  # align_up: 0 aligns each replacement's own output, >0 the block around it (the residual stream)
+    "gpt2-rnn-attn": {**_GPT2, "align_up": 0, "override": {}},
+    "gpt2-rnn-block": {**_GPT2, "align_up": 1, "override": {}},
+    "gpt2-rnn-attn-fewtokens": {**_GPT2, "align_up": 0, "override": {"data": {"train_limit": FEW_SEQUENCES}}},
+    "gpt2-rnn-block-fewtokens": {**_GPT2, "align_up": 1, "override": {"data": {"train_limit": FEW_SEQUENCES}}},
+    "minilm-mlp-attn": {"recipe": MINILM, "align_up": 0, "override": {}},
+    "minilm-mlp-block": {"recipe": MINILM, "align_up": 2, "override": {}},
+    "minilm-mlp-block-inherit": {"recipe": MINILM, "align_up": 2, "override": {"baseline": {"init": "guide"}}},
+    "minilm-mlp-block-fewsentences": {"recipe": MINILM, "align_up": 2, "override": {"data": {"train_limit": FEW_SENTENCES}}},
+}
+SMALL = {  # CPU smoke run: same code path, toy sizes
+    GPT2: {"guide": {"kwargs": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32}},
+           "data": {"sequence_length": 32, "train_limit": 128, "test_limit": 32, "batch_size": 16},
+           "align": {"epochs": 1, "max_steps_per_epoch": 4}, "finetune": {"epochs": 1}},
+    MINILM: {"data": {"sequence_length": 32, "train_limit": 96, "test_limit": 32, "batch_size": 16},
+             "align": {"epochs": 1, "max_steps_per_epoch": 2}, "finetune": {"epochs": 1}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_for(path: str, override: dict, small: bool, align_up: int):
+    """The shipped recipe, with the setting's (and --small's) changes; relative paths as in the file."""
+    raw = yaml.safe_load((ROOT / path).read_text())
+    raw["replace"] = [{**rule, "align_up": align_up} for rule in raw["replace"]]
+    shrink = (lambda r: merge(r, SMALL[path])) if small else (lambda r: r)  # noqa: E731
+    return parse_recipe(shrink(raw), path), parse_recipe(shrink(merge(raw, override)), path)
+
+
+def run_setting(name: str, spec: dict, device: str, out_root: Path, small: bool) -> dict:
+    guide_recipe, recipe = recipe_for(spec["recipe"], spec["override"], small, spec["align_up"])
+    guide = None
+    checkpoint = None
+    if "guide_epochs" in spec:  # trained here on the full training split, reused by every setting
+        epochs = 1 if small else spec["guide_epochs"]
+        checkpoint, guide = cached_guide("gpt2-kjv", guide_recipe, epochs, spec["guide_lr"], device)
+    report = run_conversion(recipe, out_root / name, checkpoint=checkpoint, device=device, baseline=True, overwrite=True)
+    m = report["metric"]
+    better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
+    return {
+        "setting": name, "recipe": spec["recipe"], "align_up": spec["align_up"], "override": spec["override"], "small": small,
+        "metric": m["name"], "guide": m["guide"], "not_aligned_only": m["target_after_alignment"], "not": m["target"],
+        "naive": m["baseline"], "naive_init": report["baseline"]["init"], "retention": m["retention"],
+        "not_better_by": better, "data": report["data"], "guide_training": guide, "params": report["params"],
+        "steps": report["steps"], "similarity_after_alignment": report["similarity"]["after_alignment"],
+        "wall_time": report["wall_time"], "baseline_seconds": report["baseline"]["seconds"], "device": report["device"],
+    }
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = ["| setting | align_up | metric | train seqs | guide | NoT (aligned only) | NoT | naive (init) | NoT better by | "
+             "params guide → target | steps align + ft (= naive) | wall s (conversion, naive) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = "{:.2f}" if r["metric"] == "perplexity" else "{:.4f}"
+        lines.append(
+            f"| {r['setting']} | {r['align_up']} | {r['metric']} | {r['data']['train']} | {f.format(r['guide'])} | {f.format(r['not_aligned_only'])} | "
+            f"{f.format(r['not'])} | {f.format(r['naive'])} ({r['naive_init']}) | {f.format(r['not_better_by'])} | "
+            f"{r['params']['guide']:,} → {r['params']['target']:,} | {r['steps']['alignment']} + {r['steps']['finetune']} | "
+            f"{r['wall_time']['total'] - r['baseline_seconds']:.0f}, {r['baseline_seconds']:.0f} |")
+    note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+    return "\n".join(lines) + f"\n\nDevice: {device}.{note}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from: {', '.join(SETTINGS)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown} (valid: {', '.join(SETTINGS)})")
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        rows.append(run_setting(name, SETTINGS[name], args.device, out_root, args.small))
+        print(f"{name}: done ({rows[-1]['wall_time']['total']:.0f}s)", file=sys.stderr, flush=True)
+    dev = device_name(args.device)
+    result = {"date": datetime.date.today().isoformat(), "device": dev, "command": " ".join(sys.argv), "rows": rows}
+    (out_root / "transformers_attention.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows, dev)
+    (out_root / "transformers_attention.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

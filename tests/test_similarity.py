@@ -194,3 +194,18 @@ def test_all_similarities_reports_every_metric():
     x = torch.randn(20, 6)
     out = all_similarities(x, x, k=5)
     assert set(out) == {"cka", "ucka", "mknn"} and all(v == pytest.approx(1.0, abs=1e-6) for v in out.values())
+
+
+def test_sequence_rows_flatten_and_per_token():
+    from theseus_cli.similarity import sequence_rows
+
+    a = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    flat = sequence_rows(a, "flatten", mask)
+    assert flat.shape == (2, 3, 4) and torch.all(flat[0, 2] == 0) and torch.equal(flat[1], a[1])
+    rows = sequence_rows(a, "per-token", mask)
+    assert rows.shape == (5, 4) and torch.equal(rows[2], a[1, 0])
+    assert sequence_rows(a, "per-token").shape == (6, 4)
+    assert sequence_rows(a, "per-token", max_rows=4).shape == (4, 4)
+    img = torch.randn(2, 3, 5, 5)
+    assert sequence_rows(img, "per-token") is img  # only (B, T, D) activations are sequences

@@ -22,9 +22,12 @@ class _StopForward(Exception):
 
 
 def first_tensor(output) -> torch.Tensor:
-    """The tensor a module's output stands for (first element of a tuple/list output)."""
+    """The tensor a module's output stands for: the first item of a tuple/list, or of a transformers
+    ``ModelOutput`` (its first field that is set, e.g. ``last_hidden_state``)."""
     if isinstance(output, torch.Tensor):
         return output
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"module output of type {type(output).__name__} holds no tensor to align")

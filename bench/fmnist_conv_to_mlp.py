@@ -19,13 +19,9 @@ Writes runs/bench/fmnist_conv_to_mlp.{json,md} and prints the markdown table.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 from pathlib import Path
 
-from common import ROOT, cached_guide, device_name
+from common import ROOT, cached_guide, run_settings, settings_parser
 
 from theseus_cli.convert import run_conversion
 from theseus_cli.recipe import load_recipe
@@ -80,28 +76,10 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(k for k, v in SETTINGS.items() if v.get("default", True)),
-                        help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser = settings_parser(__doc__, SETTINGS, "bench")
     args = parser.parse_args()
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown} (valid: {', '.join(SETTINGS)})")
-    out_root = Path(args.out)
-    out_root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in names:
-        rows.append(run_setting(name, SETTINGS[name], args.device, out_root))
-        print(f"{name}: done ({rows[-1]['wall_time']['total']:.0f}s)", file=sys.stderr, flush=True)
-    dev = device_name(args.device)
-    result = {"date": datetime.date.today().isoformat(), "device": dev, "command": " ".join(sys.argv), "rows": rows}
-    (out_root / "fmnist_conv_to_mlp.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(rows, dev)
-    (out_root / "fmnist_conv_to_mlp.md").write_text(table)
-    print(table)
+    run_settings(parser, args, SETTINGS, "fmnist_conv_to_mlp", lambda name, spec, out: run_setting(name, spec, args.device, out),
+                 markdown)
 
 
 if __name__ == "__main__":

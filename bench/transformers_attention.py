@@ -27,15 +27,11 @@ Writes runs/bench/transformers_attention.{json,md} and prints the markdown table
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
-import sys
 from pathlib import Path
 
 import yaml
-from common import ROOT, cached_guide, device_name
+from common import ROOT, cached_guide, run_settings, settings_parser
 
 from theseus_cli.convert import run_conversion
 from theseus_cli.recipe import parse_recipe
@@ -115,28 +111,11 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    parser.add_argument("--device", default="auto")
+    parser = settings_parser(__doc__, SETTINGS, "bench")
     parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown} (valid: {', '.join(SETTINGS)})")
-    out_root = Path(args.out)
-    out_root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in names:
-        rows.append(run_setting(name, SETTINGS[name], args.device, out_root, args.small))
-        print(f"{name}: done ({rows[-1]['wall_time']['total']:.0f}s)", file=sys.stderr, flush=True)
-    dev = device_name(args.device)
-    result = {"date": datetime.date.today().isoformat(), "device": dev, "command": " ".join(sys.argv), "rows": rows}
-    (out_root / "transformers_attention.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(rows, dev)
-    (out_root / "transformers_attention.md").write_text(table)
-    print(table)
+    run_settings(parser, args, SETTINGS, "transformers_attention",
+                 lambda name, spec, out: run_setting(name, spec, args.device, out, args.small), markdown)
 
 
 if __name__ == "__main__":

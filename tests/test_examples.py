@@ -6,11 +6,15 @@ import pytest
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def test_library_conversion_example_runs_and_reloads_exactly(tmp_path):
-    spec = importlib.util.spec_from_file_location("library_conversion", EXAMPLES / "library_conversion.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(tmp_path)
+    return module
+
+
+def test_library_conversion_example_runs_and_reloads_exactly(tmp_path):
+    result = _load("library_conversion").main(tmp_path)
     acc = result["report"]["metric"]
     assert result["reloaded_accuracy"] == pytest.approx(acc["target"], abs=1e-12)
     assert acc["guide"] > 0.8  # a real guide on real digits
@@ -20,10 +24,7 @@ def test_library_conversion_example_runs_and_reloads_exactly(tmp_path):
 def test_gpt2_to_rnn_example_generates_with_the_reloaded_rnn_target(tmp_path):
     import torch
 
-    spec = importlib.util.spec_from_file_location("gpt2_to_rnn_generate", EXAMPLES / "gpt2_to_rnn_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(tmp_path)
+    result = _load("gpt2_to_rnn_generate").main(tmp_path)
     m = result["report"]["metric"]
     assert m["guide"] < 2000 and m["target"] < 2000  # trained models, far below the 50,257 of a uniform guess
     target, gen, ids = result["target"], result["generated"], result["prompt_ids"]

@@ -8,7 +8,7 @@ from theseus_cli.arch import build_model
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.recipe import parse_recipe
 from theseus_cli.replacements.sequence import ElmanRNN, TokenMLP, keep_mask
-from theseus_cli.text_data import TokenBatch, run_model
+from theseus_cli.batch import TokenBatch, run_model
 
 GPT2 = {"arch": "hf:gpt2", "kwargs": {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32, "vocab_size": 97}}
 BERT = {"arch": "hf:bert", "kwargs": {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.tasks import get_task, sentence_embedding
-from theseus_cli.text_data import TokenBatch
+from theseus_cli.batch import TokenBatch
 from theseus_cli.training import evaluate
 
 

@@ -6,7 +6,8 @@ import torch
 from theseus_cli.data import load_dataset
 from theseus_cli.errors import DataError
 from theseus_cli.recipe import DataConfig
-from theseus_cli.text_data import TokenBatch, corpus_lines, load_tokenizer, parse_bible
+from theseus_cli.batch import TokenBatch
+from theseus_cli.text_data import corpus_lines, load_tokenizer, parse_bible
 
 SNIPPET = """
 Genesis 1

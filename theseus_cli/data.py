@@ -49,7 +49,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 class Dataset:
     """A data set in memory. Images: ``x`` (N, C, H, W) float32 normalised, ``y`` (N,) class ids.
     Tokens (:mod:`theseus_cli.text_data`): ``x`` (N, T) int64 ids or a padded
-    :class:`~theseus_cli.text_data.TokenBatch`; ``y`` is None (causal LM: the targets are the
+    :class:`~theseus_cli.batch.TokenBatch`; ``y`` is None (causal LM: the targets are the
     inputs shifted) or, for sentence embeddings, the guide's embeddings filled in by the session."""
 
     name: str

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from theseus_cli.text_data import run_model
+from theseus_cli.batch import run_model
 
 
 class _StopForward(Exception):

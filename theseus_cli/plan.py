@@ -23,7 +23,7 @@ from theseus_cli.matching import resolve_matches
 from theseus_cli.recipe import Recipe, RuleConfig
 from theseus_cli.replacements import IOShapes, get_replacement
 from theseus_cli.schedule import Stage, build_stages
-from theseus_cli.text_data import run_model
+from theseus_cli.batch import run_model
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from theseus_cli.hf_models import model_output
-from theseus_cli.text_data import token_mask
+from theseus_cli.batch import token_mask
 
 
 @dataclass(frozen=True)

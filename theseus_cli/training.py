@@ -22,7 +22,7 @@ from theseus_cli.recipe import AlignConfig
 from theseus_cli.schedule import Stage
 from theseus_cli.similarity import LossFn, all_similarities, sequence_rows
 from theseus_cli.tasks import Task
-from theseus_cli.text_data import run_model, token_mask
+from theseus_cli.batch import run_model, token_mask
 
 
 MAX_TOKEN_ROWS = 4096  # per-token similarity: rows kept per batch (mutual-kNN metrics cost O(rows²) memory)

@@ -95,7 +95,11 @@ def load_target(path: str | Path, device: str = "cpu") -> nn.Module:
 
     file = _target_path(path)
     meta = read_target_metadata(file)
-    model = build_model(meta["guide"]["arch"], meta["guide"]["kwargs"], seed=0, task=meta.get("task", "classification"))
+    task = meta.get("task", "classification")
+    if meta.get("target"):  # architecture transfer: the target is its own architecture
+        model = build_model(meta["target"]["arch"], meta["target"]["kwargs"], seed=0, task=task)
+    else:
+        model = build_model(meta["guide"]["arch"], meta["guide"]["kwargs"], seed=0, task=task)
     apply_entries(model, [PlanEntry.from_dict(e) for e in meta["entries"]])
     try:
         load_model(model, str(file), strict=True, device=device)

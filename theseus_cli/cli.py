@@ -95,6 +95,9 @@ def inspect(
     if as_json:
         _emit_json(plan)
         return
+    if plan["kind"] == "transfer":
+        _print_transfer(plan)
+        return
     table = Table(title=f"{plan['guide']['arch']} on input {_shape(plan['input_shape'])}", show_lines=False)
     for col in ("path", "type", "output", "params", "rule", "becomes", "target params"):
         table.add_column(col, justify="right" if "params" in col else "left")
@@ -121,6 +124,26 @@ def inspect(
                       f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
                       f"(×{plan['param_ratio']:.2f})")
+
+
+def _print_transfer(plan: dict) -> None:
+    """``inspect`` for architecture transfer: the map with shapes on both sides, what else is trained, the ratios."""
+    t = plan["target"]
+    table = Table(title=f"{plan['guide']['arch']} → {t['arch']} on input {_shape(plan['input_shape'])}")
+    for col in ("stage", "target block", "target output", "guide group", "guide output", "also trained from here"):
+        table.add_column(col)
+    for i, pair in enumerate(plan["pairs"]):
+        group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
+        table.add_row(str(i + 1), pair["target"], _shape(pair["target_shape"]), group, _shape(pair["guide_shape"]),
+                      ", ".join(plan["stem"].get(pair["target"], [])))
+    out_console.print(table)
+    g = plan["guide"]
+    out_console.print(f"guide: {g['arch']} ({'checkpoint ' + g['checkpoint'] if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"schedule: {plan['schedule']['kind']}, similarity {plan['similarity']}; head (fine-tuning only): "
+                      f"{', '.join(plan['head']) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
+                      + (f" ({', '.join(sorted({k.rpartition('.')[0] for k in plan['inherited']}))})" if plan["inherited"] else ""))
+    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} (×{plan['param_ratio']:.2f}); "
+                      f"FLOPs per example: {plan['guide_flops']:,} → {plan['target_flops']:,} (×{plan['flop_ratio']:.2f})")
 
 
 @app.command()

@@ -31,13 +31,14 @@ from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_o
 from theseus_cli.data import batches_per_epoch
 from theseus_cli.errors import DataError, MatchError
 from theseus_cli.matching import pattern_matches
-from theseus_cli.plan import Plan, apply_entries, build_plan
+from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
 from theseus_cli.session import Session, attach_guide_embeddings, open_session
 from theseus_cli.similarity import make_loss, min_batch
 from theseus_cli.tasks import Task, get_task
+from theseus_cli.transfer import build_transfer_plan, inherit_weights
 from theseus_cli.training import align_stage, evaluate, layer_similarity, recalibrate_batchnorm, train_task
 
 HELDOUT_FOR_SIMILARITY = 512
@@ -92,12 +93,14 @@ def check_overrides(overrides, stages, matches) -> None:
         raise MatchError("; ".join(problems))
 
 
-def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resume: bool,
+def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Module, introduce, out: Path, resume: bool,
            progress: Progress) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """Build the target from a copy of the guide stage by stage, aligning each stage; checkpoint after each.
+    """Align ``target`` stage by stage (``introduce(target, stage)`` swaps in what a stage adds); checkpoint after each.
 
-    Returns the aligned target and the stage results. With ``resume``, stages already in ``out``'s
-    stage checkpoint are rebuilt (same seeds) and their trained weights restored instead of retrained.
+    In-place conversion starts from a copy of the guide and introduces replacements; architecture
+    transfer starts from the separate target and introduces nothing. Returns the aligned target and the
+    stage results. With ``resume``, stages already in ``out``'s stage checkpoint are rebuilt (same
+    seeds) and their trained weights restored instead of retrained.
     """
     recipe, data, dev, seed = session.recipe, session.data, session.device, session.recipe.seed
     sim = recipe.similarity
@@ -105,11 +108,10 @@ def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resu
     if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
         raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
     loss_fn = make_loss(sim.kind, sim.k, sim.tau)
-    matches = lambda pattern, path: pattern_matches(pattern, path, guide.get_submodule(path))  # noqa: E731
+    named = guide if recipe.target is None else target  # the model whose paths stages introduce
+    matches = lambda pattern, path: pattern_matches(pattern, path, named.get_submodule(path))  # noqa: E731
     check_overrides(recipe.align.overrides, plan.stages, matches)
-    target = copy.deepcopy(guide)
     align_gen = torch.Generator().manual_seed(seed + 1)
-    by_path = {e.path: e for e in plan.entries}
     stages: list[dict[str, Any]] = []
     fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
     saved = resume_stages.load_stages(out, fingerprint) if resume else None
@@ -117,7 +119,7 @@ def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resu
         resume_stages.clear(out)
     for index, stage in enumerate(plan.stages):
         torch.manual_seed(seed + 1000 + index)
-        apply_entries(target, [by_path[p] for p in stage.introduced])
+        introduce(target, stage)
         if saved is not None and index < len(saved["stages"]):
             if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
                 target.load_state_dict(saved["state"])
@@ -131,6 +133,46 @@ def _align(session: Session, guide: torch.nn.Module, plan: Plan, out: Path, resu
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
     return target, stages
+
+
+def _plan(session: Session, guide: torch.nn.Module):
+    """(plan, the model alignment starts from, how a stage introduces its modules) for either kind of recipe."""
+    recipe, dev = session.recipe, session.device
+    sample = session.data.x_train[:2].to(dev)
+    if recipe.target is None:
+        plan = build_plan(guide, recipe, sample)
+        by_path = {e.path: e for e in plan.entries}
+        return plan, copy.deepcopy(guide), lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced])
+    target = build_model(recipe.target.arch, recipe.target.kwargs, recipe.seed + 1000, recipe.task).to(dev)
+    plan = build_transfer_plan(guide, target, recipe, sample)  # also copies the inherited weights into target
+    return plan, target, lambda target, stage: None
+
+
+def _naive(session: Session, guide: torch.nn.Module, plan) -> torch.nn.Module:
+    """The baseline: the target architecture from scratch, or (``baseline.init: guide``) with every guide weight it
+    can inherit — the kept modules in place, the stem/embeddings/head in a transfer — and no alignment."""
+    recipe, seed, dev = session.recipe, session.recipe.seed, session.device
+    torch.manual_seed(seed + 7)
+    if recipe.target is not None:
+        naive = build_model(recipe.target.arch, recipe.target.kwargs, seed + 7, recipe.task).to(dev)
+        if recipe.baseline.init == "guide":
+            inherit_weights(guide, naive, plan.align_points)
+        return naive
+    if recipe.baseline.init == "guide":
+        naive = copy.deepcopy(guide)
+    else:
+        naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7, recipe.task).to(dev)
+    apply_entries(naive, plan.entries)
+    return naive
+
+
+def _plan_report(plan, recipe: Recipe) -> dict[str, Any]:
+    stages = [asdict(st) for st in plan.stages]
+    if recipe.target is None:
+        return {"kind": "replace", "entries": [asdict(e) for e in plan.entries], "stages": stages}
+    return {"kind": "transfer", "target": {"arch": recipe.target.arch, "kwargs": recipe.target.kwargs},
+            "pairs": [asdict(p) for p in plan.pairs], "stem": plan.stem, "head": plan.head, "inherited": plan.inherited,
+            "flops": {"guide": plan.guide_flops, "target": plan.target_flops}, "stages": stages}
 
 
 def run_conversion(
@@ -161,17 +203,19 @@ def run_conversion(
         p.requires_grad_(False)
     if recipe.task == "sentence-embedding":
         attach_guide_embeddings(session)
-    plan = build_plan(guide, recipe, data.x_train[:2].to(dev))
-    progress.log(f"plan: {len(plan.entries)} modules to replace, {plan.guide_params:,} → {plan.target_params:,} params")
+    plan, target, introduce = _plan(session, guide)
+    what = f"{len(plan.entries)} modules to replace" if recipe.target is None else f"{len(plan.pairs)} target blocks to align"
+    progress.log(f"plan: {what}, {plan.guide_params:,} → {plan.target_params:,} params")
     heldout = data.x_test[:HELDOUT_FOR_SIMILARITY]
+    guide_points = plan.guide_points if recipe.target is not None else None
 
     # ---- alignment (Algorithm 1), stage by stage as the schedule says
     t_align = time.perf_counter()
-    target, stages = _align(session, guide, plan, out, resume, progress)
+    target, stages = _align(session, guide, plan, target, introduce, out, resume, progress)
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     sim = recipe.similarity
-    sim_after_align = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens)
+    sim_after_align = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
 
     # ---- BatchNorm recalibration, then end-to-end fine-tuning
     bn_layers = 0
@@ -182,18 +226,13 @@ def run_conversion(
     ft_steps, warmup = _task_steps(session)
     ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
     m_target = _evaluate(target, session)
-    sim_after_ft = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens)
+    sim_after_ft = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
     m_guide = _evaluate(guide, session)
 
     # ---- naive baseline: same target architecture from scratch, same total gradient steps
     baseline_report = None
     if baseline:
-        torch.manual_seed(seed + 7)
-        if recipe.baseline.init == "guide":  # no-alignment ablation: inherit every kept weight
-            naive = copy.deepcopy(guide)
-        else:
-            naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7, recipe.task).to(dev)
-        apply_entries(naive, plan.entries)
+        naive = _naive(session, guide, plan)
         total = align_steps + ft_steps
         per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
         warm = int(round(recipe.finetune.warmup_epochs * per_epoch))
@@ -204,6 +243,7 @@ def run_conversion(
 
     # ---- files
     meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs}, "task": recipe.task,
+            "target": {"arch": recipe.target.arch, "kwargs": recipe.target.kwargs} if recipe.target else None,
             "entries": [asdict(e) for e in plan.entries], "input_shape": list(plan.input_shape),
             "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std} if data.mean else None,
             "tokenizer": data.tokenizer,
@@ -217,7 +257,7 @@ def run_conversion(
         "recipe_hash": recipe.digest(),
         "guide": session.guide_info,
         "data": data.summary(),
-        "plan": {"entries": meta["entries"], "stages": [asdict(st) for st in plan.stages]},
+        "plan": _plan_report(plan, recipe),
         "params": {"guide": plan.guide_params, "target": plan.target_params},
         "stages": stages,
         "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,
@@ -236,7 +276,8 @@ def run_conversion(
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
     plot_alignment(out / PLOT_FILE, stages, sim_after_align, sim.kind,
-                   f"{recipe.guide.arch} → {', '.join(sorted({e.replacement for e in plan.entries}))}")
+                   f"{recipe.guide.arch} → " + (recipe.target.arch if recipe.target else
+                                                ", ".join(sorted({e.replacement for e in plan.entries}))))
     report["wall_time"]["total"] = time.perf_counter() - started
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
     resume_stages.clear(out)

@@ -131,6 +131,64 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
+class MapEntry(_Strict):
+    """One alignment pair of an architecture transfer: a target module and the guide module(s) whose output it matches."""
+
+    target: str = Field(description="a target module: exact path, class name or 're:' pattern matching exactly one module")
+    guide: Union[str, list[str]] = Field(description="guide module(s), same grammar; their group's output is the output of "
+                                                     "the last of them to run")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return check_pattern(v)
+
+    @field_validator("guide")
+    @classmethod
+    def _guide(cls, v: Union[str, list[str]]) -> list[str]:
+        patterns = [v] if isinstance(v, str) else list(v)
+        if not patterns:
+            raise ValueError("guide is empty")
+        for p in patterns:
+            check_pattern(p)
+        return patterns
+
+
+class BlockLists(_Strict):
+    """Two block lists, split automatically: consecutive guide blocks are shared out evenly over the target blocks."""
+
+    target: str = Field(description="pattern listing the target's blocks (e.g. BasicBlock)")
+    guide: str = Field(description="pattern listing the guide's blocks (e.g. Bottleneck); with a 're:' capture group, "
+                                   "blocks are split within each captured value (e.g. per ResNet stage)")
+
+    @field_validator("target", "guide")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return check_pattern(v)
+
+
+class TargetConfig(_Strict):
+    """A separate target network rebuilt block by block (architecture transfer, the paper's Appendix E.2)."""
+
+    arch: str = Field(description="same spec forms as guide.arch")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    map: list[MapEntry] = Field(default_factory=list, description="explicit alignment pairs, in order")
+    blocks: Optional[BlockLists] = Field(None, description="or: two block lists split evenly")
+    inherit: bool = Field(True, description="copy guide weights of the same name and shape outside the mapped blocks "
+                                            "(stem, embeddings, head) into the target before alignment")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return check_arch_spec(v)
+
+    @model_validator(mode="after")
+    def _one_map(self) -> "TargetConfig":
+        if bool(self.map) == (self.blocks is not None):
+            raise ValueError("give exactly one of map (explicit pairs) or blocks (automatic even split)")
+        return self
+
+
 class ScheduleConfig(_Strict):
     kind: Literal["progressive", "sequential", "independent", "joint"] = "progressive"
     order: Literal["forward", "reverse"] = "forward"
@@ -230,8 +288,9 @@ class Recipe(_Strict):
         "classification", description="what the model does: image classification (accuracy), next-token prediction "
         "(perplexity), or sentence embeddings (cosine similarity to the guide's)")
     guide: GuideConfig
+    target: Optional[TargetConfig] = Field(None, description="architecture transfer: a separate target network (instead of replace)")
     data: DataConfig = Field(default_factory=DataConfig)
-    replace: list[RuleConfig] = Field(min_length=1)
+    replace: list[RuleConfig] = Field(default_factory=list)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
@@ -239,6 +298,18 @@ class Recipe(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _replace_or_transfer(self) -> "Recipe":
+        if self.target is None and not self.replace:
+            raise ValueError("replace: give replacement rules, or a target section for architecture transfer")
+        if self.target is not None and self.replace:
+            raise ValueError("target: a recipe either replaces modules in place (replace) or rebuilds a target network "
+                             "(target), not both")
+        if self.target is not None and (self.schedule.kind == "independent" or self.schedule.order == "reverse"):
+            raise ValueError("schedule: architecture transfer builds the target front to back; use progressive, "
+                             "sequential or joint in forward order")
+        return self
 
     @model_validator(mode="after")
     def _task_fits_data(self) -> "Recipe":
@@ -292,8 +363,8 @@ def _problem(err: dict, prefix: tuple = ()) -> str:
     return f"{_loc(prefix + loc)}: {msg}"
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    problems = [_problem(err) for err in exc.errors()]
+def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None) -> str:
+    problems = [_problem(err) for err in exc.errors()] + list(extra or [])
     noun = "problem" if len(problems) == 1 else "problems"
     return f"{source}: {len(problems)} {noun}: " + "; ".join(problems)
 
@@ -301,10 +372,14 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    # checked here as well as in Recipe, so it is reported together with field errors (after-validators
+    # only run once every field is valid)
+    extra = [] if "replace" in data or "target" in data else [
+        "replace: Field required (or a target section for architecture transfer)"]
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(source, exc)) from None
+        raise RecipeError(format_validation_error(source, exc, extra)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -329,6 +404,10 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Relative file paths in a recipe are relative to the recipe's own folder."""
+    if recipe.target is not None:
+        t = recipe.target.arch
+        if t.startswith("hf:") and t[3:].startswith((".", "/")) and not Path(t[3:]).is_absolute():
+            recipe.target.arch = "hf:" + str(base / t[3:])
     if recipe.guide.checkpoint and not Path(recipe.guide.checkpoint).is_absolute():
         recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
     if recipe.data.path and not Path(recipe.data.path).is_absolute():

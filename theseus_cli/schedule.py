@@ -29,6 +29,11 @@ class Stage:
     trained: list[str]
     aligned: list[str]  # in execution order
     feed: Literal["hybrid", "guide"] = "hybrid"  # guide: each module gets the guide's input (independent)
+    guide_points: list[str] | None = None  # architecture transfer: guide paths paired with ``aligned`` (None: the same paths)
+
+    @property
+    def guide_aligned(self) -> list[str]:
+        return self.guide_points if self.guide_points is not None else self.aligned
 
 
 def group_paths(paths: list[str], depth: int | None) -> list[list[str]]:

@@ -75,10 +75,11 @@ def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn:
             g_in, g_out = forward_until(guide, x, stage.aligned, deepest, with_inputs=True)
         return torch.stack([loss_fn(rows(first_tensor(target.get_submodule(p)(g_in[p]))), rows(g_out[p]))
                             for p in stage.aligned])
+    g_paths = stage.guide_aligned  # architecture transfer pairs each target block with a guide group's output
     with torch.no_grad():
-        g_acts = forward_until(guide, x, stage.aligned, deepest)
+        g_acts = forward_until(guide, x, g_paths, g_paths[-1])
     t_acts = forward_until(target, x, stage.aligned, deepest)
-    return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[p])) for p in stage.aligned])
+    return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
 
 
 def align_stage(
@@ -289,7 +290,8 @@ def embed(model: nn.Module, x, batch_size: int, device: torch.device) -> torch.T
 
 @torch.no_grad()
 def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x,
-                     device: torch.device, k: int = 10, tokens: str = "flatten") -> dict[str, dict[str, float]]:
+                     device: torch.device, k: int = 10, tokens: str = "flatten",
+                     guide_paths: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Every similarity metric between guide and target at each path, on inputs ``x``.
 
     Reported whatever metric was optimised, so a user can find bottleneck layers
@@ -298,8 +300,9 @@ def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x,
     guide.eval()
     target.eval()
     x = x.to(device)
-    g = forward_until(guide, x, paths, paths[-1])
+    g_paths = guide_paths or paths  # keyed by the target's path either way
+    g = forward_until(guide, x, g_paths, g_paths[-1])
     t = forward_until(target, x, paths, paths[-1])
     mask = token_mask(x)
     return {p: all_similarities(sequence_rows(t[p], tokens, mask, MAX_TOKEN_ROWS),
-                                sequence_rows(g[p], tokens, mask, MAX_TOKEN_ROWS), k) for p in paths}
+                                sequence_rows(g[q], tokens, mask, MAX_TOKEN_ROWS), k) for p, q in zip(paths, g_paths)}

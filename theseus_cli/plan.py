@@ -123,18 +123,25 @@ def apply_entries(model: nn.Module, entries: list[PlanEntry]) -> list[nn.Module]
     return new_modules
 
 
+def dry_trace(model: nn.Module, sample, name: str) -> dict[str, dict]:
+    """One forward of ``model`` in eval mode without gradients, traced (``hooks.trace_shapes``); a failure is a MatchError."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), trace_shapes(model) as info:
+            run_model(model, sample)
+    except Exception as exc:
+        raise MatchError(f"dry forward of the {name} on an input of shape {tuple(sample.shape)} failed: "
+                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    return info
+
+
 def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
     """Resolve rules, trace shapes on ``sample`` (a batch of ≥1 inputs: tensor or token batch), check and count."""
     matches = resolve_matches(guide, recipe.replace)
-    was_training = guide.training
-    guide.eval()
-    try:
-        with torch.no_grad(), trace_shapes(guide) as info:
-            run_model(guide, sample)
-    except Exception as exc:
-        raise MatchError(f"dry forward of the guide on an input of shape {tuple(sample.shape)} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        guide.train(was_training)
+    info = dry_trace(guide, sample, "guide")
 
     problems: list[str] = []
     entries: list[PlanEntry] = []

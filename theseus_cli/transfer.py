@@ -32,8 +32,8 @@ import torch.nn as nn
 
 from theseus_cli.batch import run_model
 from theseus_cli.errors import MatchError
-from theseus_cli.hooks import trace_shapes
 from theseus_cli.matching import pattern_matches
+from theseus_cli.plan import dry_trace
 from theseus_cli.recipe import Recipe, TargetConfig
 from theseus_cli.schedule import Stage
 
@@ -234,20 +234,7 @@ def transfer_stages(pairs: list[TransferPair], stem: dict[str, list[str]], kind:
 
 def build_transfer_plan(guide: nn.Module, target: nn.Module, recipe: Recipe, sample) -> TransferPlan:
     """Trace both networks on ``sample``, resolve and check the pairs, inherit weights, count params and FLOPs."""
-    infos = []
-    for name, model in (("guide", guide), ("target", target)):
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), trace_shapes(model) as info:
-                run_model(model, sample)
-        except Exception as exc:
-            raise MatchError(f"dry forward of the {name} on an input of shape {tuple(sample.shape)} failed: "
-                             f"{type(exc).__name__}: {exc}") from None
-        finally:
-            model.train(was_training)
-        infos.append(info)
-    g_info, t_info = infos
+    g_info, t_info = dry_trace(guide, sample, "guide"), dry_trace(target, sample, "target")
     raw = resolve_pairs(recipe.target, guide, target, g_info, t_info)
     check_pairs(raw, g_info, t_info)
     pairs = [TransferPair(t, gs, t_info[t]["output"], g_info[gs[-1]]["output"]) for t, gs in raw]

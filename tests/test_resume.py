@@ -61,3 +61,22 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
     report = run_conversion(_recipe(), tmp_path / "o", device="cpu", resume=True)
     assert len(report["stages"]) == 2
+
+
+def test_killed_transfer_resumes_to_the_same_result(tmp_path, monkeypatch):
+    data = tiny_recipe_dict(align={"epochs": 1, "max_steps_per_epoch": 2})
+    del data["replace"]
+    data["guide"] = {"arch": "theseus_cli.zoo:resnet_small",
+                     "kwargs": {"in_chans": 1, "widths": [4, 8], "blocks": [2, 2], "block": "bottleneck"}}
+    data["target"] = {"arch": "theseus_cli.zoo:resnet_small", "kwargs": {"in_chans": 1, "widths": [4, 8], "blocks": [1, 1]},
+                      "blocks": {"guide": "Bottleneck", "target": "BasicBlock"}}
+    recipe = parse_recipe(data)
+    full = run_conversion(recipe, tmp_path / "full", device="cpu")
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(recipe, tmp_path / "killed", device="cpu")
+    resumed = run_conversion(recipe, tmp_path / "killed", device="cpu", resume=True)
+    assert resumed["metric"] == full["metric"]
+    a, b = load_file(str(tmp_path / "full" / "target.safetensors")), load_file(str(tmp_path / "killed" / "target.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

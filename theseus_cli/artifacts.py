@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from theseus_cli.arch import build_model
@@ -60,6 +61,7 @@ def save_target(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_model
 
     metadata = {"format": FORMAT, "theseus": json.dumps(meta, sort_keys=True)}
+    model = model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors (runtime.channels_last)
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
 
 

@@ -35,6 +35,8 @@ from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
+from theseus_cli.runtime import Runtime, resolve_runtime, using
+from theseus_cli.runtime import current as current_runtime
 from theseus_cli.session import Session, attach_guide_embeddings, open_session
 from theseus_cli.similarity import make_loss, min_batch
 from theseus_cli.tasks import Task, get_task
@@ -143,7 +145,8 @@ def _plan(session: Session, guide: torch.nn.Module):
         plan = build_plan(guide, recipe, sample)
         by_path = {e.path: e for e in plan.entries}
         return plan, copy.deepcopy(guide), lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced])
-    target = build_model(recipe.target.arch, recipe.target.kwargs, recipe.seed + 1000, recipe.task).to(dev)
+    target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs, recipe.seed + 1000,
+                                                       recipe.task).to(dev))
     plan = build_transfer_plan(guide, target, recipe, sample)  # also copies the inherited weights into target
     return plan, target, lambda target, stage: None
 
@@ -153,15 +156,16 @@ def _naive(session: Session, guide: torch.nn.Module, plan) -> torch.nn.Module:
     can inherit — the kept modules in place, the stem/embeddings/head in a transfer — and no alignment."""
     recipe, seed, dev = session.recipe, session.recipe.seed, session.device
     torch.manual_seed(seed + 7)
+    rt = current_runtime(dev)
     if recipe.target is not None:
-        naive = build_model(recipe.target.arch, recipe.target.kwargs, seed + 7, recipe.task).to(dev)
+        naive = rt.prepare(build_model(recipe.target.arch, recipe.target.kwargs, seed + 7, recipe.task).to(dev))
         if recipe.baseline.init == "guide":
             inherit_weights(guide, naive, plan.align_points)
         return naive
     if recipe.baseline.init == "guide":
         naive = copy.deepcopy(guide)
     else:
-        naive = build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7, recipe.task).to(dev)
+        naive = rt.prepare(build_model(recipe.guide.arch, recipe.guide.kwargs, seed + 7, recipe.task).to(dev))
     apply_entries(naive, plan.entries)
     return naive
 
@@ -194,9 +198,19 @@ def run_conversion(
     out = Path(out)
     prepare_out_dir(out, overwrite or resume)
     session = open_session(recipe, checkpoint, device)
-    seed, data, dev = recipe.seed, session.data, session.device
-    baseline = recipe.baseline.enabled if baseline is None else baseline
+    rt = resolve_runtime(recipe.runtime, session.device, session.data)
+    if rt.data_on_device:
+        session.data.to(session.device)
+    rt.prepare(session.guide)
+    with using(rt):
+        return _convert(session, rt, out, recipe.baseline.enabled if baseline is None else baseline, resume, progress,
+                        started)
 
+
+def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: bool, progress: Progress,
+             started: float) -> dict[str, Any]:
+    recipe = session.recipe
+    seed, data, dev = recipe.seed, session.data, session.device
     task = get_task(recipe.task)
     guide = session.guide.eval()
     for p in guide.parameters():
@@ -253,6 +267,7 @@ def run_conversion(
         "versions": versions(),
         "seed": seed,
         "device": str(dev),
+        "runtime": rt.summary(),
         "recipe": recipe.resolved(),
         "recipe_hash": recipe.digest(),
         "guide": session.guide_info,

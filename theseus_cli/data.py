@@ -70,6 +70,14 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def to(self, device) -> "Dataset":
+        """Move every tensor to ``device`` in place (``runtime.data_on_device``); indices stay on the CPU."""
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
     def summary(self) -> dict:
         out = {
             "name": self.name,

@@ -20,6 +20,7 @@ from theseus_cli.data import batches_per_epoch, load_dataset
 from theseus_cli.errors import RecipeError
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
+from theseus_cli.runtime import resolve_runtime, using
 from theseus_cli.session import check_vocabulary, resolve_device
 from theseus_cli.tasks import get_task
 from theseus_cli.training import evaluate, train_task
@@ -39,7 +40,21 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
     model = build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed, recipe.task)
     check_vocabulary(model, data)
-    model = model.to(dev)
+    rt = resolve_runtime(recipe.runtime, dev, data)
+    if rt.data_on_device:
+        data.to(dev)
+    model = rt.prepare(model.to(dev))
+    with using(rt):
+        result, score = _train(model, task, data, recipe, epochs, lr, weight_decay, dev, progress)
+    out = Path(out)
+    model = model.cpu().to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+    atomic_write(out, lambda tmp: save_model(model, str(tmp), metadata={"arch": recipe.guide.arch}))
+    return {"checkpoint": str(out), "arch": recipe.guide.arch, "task": recipe.task, "metric": task.metric,
+            task.metric: score, "epochs": epochs, "steps": result.steps, "epoch_losses": result.epoch_losses,
+            "device": str(dev), "runtime": rt.summary(), "data": data.summary(), "seconds": time.perf_counter() - started}
+
+
+def _train(model, task, data, recipe: Recipe, epochs: int, lr: float, weight_decay: float, dev, progress: Progress):
     per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
     x = data.x_train[data.labelled]
     y = data.y_train[data.labelled] if data.y_train is not None else None
@@ -47,9 +62,4 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
                         recipe.data.batch_size, torch.Generator().manual_seed(recipe.seed + 11), dev,
                         "train guide", progress)
     score = evaluate(model, task, data.x_test, data.y_test, recipe.data.eval_batch_size, dev)
-    out = Path(out)
-    atomic_write(out, lambda tmp: save_model(model.cpu(), str(tmp), metadata={"arch": recipe.guide.arch}))
-    return {"checkpoint": str(out), "arch": recipe.guide.arch, "task": recipe.task, "metric": task.metric,
-            task.metric: score, "epochs": epochs,
-            "steps": result.steps, "epoch_losses": result.epoch_losses, "device": str(dev),
-            "data": data.summary(), "seconds": time.perf_counter() - started}
+    return result, score

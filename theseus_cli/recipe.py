@@ -260,6 +260,14 @@ class AlignConfig(_Strict):
         return cfg
 
 
+class RuntimeConfig(_Strict):
+    """How the run executes on its device (see :mod:`theseus_cli.runtime`); ``auto`` decides per device."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA for images")
+    data_on_device: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA when the data fits easily")
+
+
 class BNRecalConfig(_Strict):
     enabled: bool = True
     batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm statistics")
@@ -297,6 +305,7 @@ class Recipe(_Strict):
     bn_recalibration: BNRecalConfig = Field(default_factory=BNRecalConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     seed: int = 0
 
     @model_validator(mode="after")

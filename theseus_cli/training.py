@@ -19,6 +19,7 @@ from theseus_cli.errors import TrainingError
 from theseus_cli.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
+from theseus_cli.runtime import current as current_runtime
 from theseus_cli.schedule import Stage
 from theseus_cli.similarity import LossFn, all_similarities, sequence_rows
 from theseus_cli.tasks import Task
@@ -103,6 +104,7 @@ def align_stage(
     guide's running statistics (the paper's Appendix E.1); only the trained
     modules are in train mode, and only their parameters get gradients.
     """
+    rt = current_runtime(device)
     guide.eval()
     target.eval()
     trainable = [target.get_submodule(p) for p in stage.trained]
@@ -129,7 +131,8 @@ def align_stage(
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
-            layer_losses = _stage_losses(guide, target, stage, x_train[idx].to(device, non_blocking=True), loss_fn, tokens)
+            with rt.autocast():
+                layer_losses = _stage_losses(guide, target, stage, rt.batch(x_train[idx]), loss_fn, tokens)
             loss = layer_losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -182,10 +185,12 @@ def recalibrate_batchnorm(model: nn.Module, x_train: torch.Tensor, batches: int,
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
+    rt = current_runtime(device)
     for i, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
         if i >= batches:
             break
-        run_model(model, x_train[idx].to(device))
+        with rt.autocast():
+            run_model(model, rt.batch(x_train[idx]))
     for bn, momentum in zip(norms, saved):
         bn.momentum = momentum
     model.eval()
@@ -225,6 +230,7 @@ def train_task(
     progress: Progress = NullProgress(),
 ) -> TaskTrainResult:
     """Train every parameter on ``task``'s loss for exactly ``steps`` steps (AdamW, warm-up + cosine)."""
+    rt = current_runtime(device)
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
@@ -239,9 +245,10 @@ def train_task(
         for idx in iterate_batches(x.shape[0], batch_size, generator):
             if step >= steps:
                 break
-            xb = x[idx].to(device, non_blocking=True)
+            xb = rt.batch(x[idx])
             yb = y[idx].to(device, non_blocking=True) if y is not None else None
-            loss = task.loss(run_model(model, xb), xb, yb, label_smoothing)
+            with rt.autocast():
+                loss = task.loss(run_model(model, xb), xb, yb, label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -263,12 +270,15 @@ def train_task(
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size: int, device: torch.device) -> float:
     """``task``'s metric (accuracy, perplexity, cosine to the guide) over all of ``x``; one host sync at the end."""
+    rt = current_runtime(device)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
-        xb = x[idx].to(device)
-        s, c = task.metric_sums(run_model(model, xb), xb, y[idx].to(device) if y is not None else None)
+        xb = rt.batch(x[idx])
+        with rt.autocast():
+            out = run_model(model, xb)
+        s, c = task.metric_sums(out, xb, y[idx].to(device) if y is not None else None)
         total += s
         count += c
     return task.finish(float(total), float(count))
@@ -280,11 +290,14 @@ def embed(model: nn.Module, x, batch_size: int, device: torch.device) -> torch.T
     from theseus_cli.hf_models import model_output
     from theseus_cli.tasks import sentence_embedding
 
+    rt = current_runtime(device)
     model.eval()
     out = []
     for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
-        xb = x[idx].to(device)
-        out.append(sentence_embedding(model_output(run_model(model, xb)), xb).cpu())
+        xb = rt.batch(x[idx])
+        with rt.autocast():
+            hidden = model_output(run_model(model, xb))
+        out.append(sentence_embedding(hidden, xb).cpu())
     return torch.cat(out)
 
 
@@ -297,9 +310,10 @@ def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x,
     Reported whatever metric was optimised, so a user can find bottleneck layers
     under all of them (the paper's Figure 5 and 8).
     """
+    rt = current_runtime(device)
     guide.eval()
     target.eval()
-    x = x.to(device)
+    x = rt.batch(x)
     g_paths = guide_paths or paths  # keyed by the target's path either way
     g = forward_until(guide, x, g_paths, g_paths[-1])
     t = forward_until(target, x, paths, paths[-1])

@@ -1,0 +1,41 @@
+"""Runtime choices (precision, memory format, data placement): resolved per device, and a run under each works."""
+
+import pytest
+import torch
+
+from theseus_cli.convert import run_conversion
+from theseus_cli.pretrain import train_guide
+from theseus_cli.recipe import RuntimeConfig, parse_recipe
+from theseus_cli.runtime import Runtime, current, resolve_runtime, using
+from tests.conftest import tiny_recipe_dict
+
+
+def test_auto_is_plain_fp32_on_cpu():
+    rt = resolve_runtime(RuntimeConfig(), torch.device("cpu"))
+    assert rt == Runtime("cpu", bf16=False, channels_last=False, data_on_device=False)
+
+
+def test_explicit_choices_are_honoured_and_context_scoped():
+    rt = resolve_runtime(RuntimeConfig(precision="bf16", channels_last="on", data_on_device="on"), torch.device("cpu"))
+    assert rt.bf16 and rt.channels_last and not rt.data_on_device  # the CPU is where the data already is
+    assert current("cpu") == Runtime("cpu")
+    with using(rt):
+        assert current("cpu") is rt
+        x = rt.batch(torch.randn(2, 3, 4, 4))
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.bfloat16
+    assert current("cpu") == Runtime("cpu")
+
+
+def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
+    recipe = parse_recipe(tiny_recipe_dict(runtime={"precision": "bf16", "channels_last": "on"}))
+    guide = train_guide(recipe, tmp_path / "g.safetensors", epochs=1, device="cpu")
+    assert guide["runtime"]["bf16"] and guide["runtime"]["channels_last"]
+    report = run_conversion(recipe, tmp_path / "out", checkpoint=tmp_path / "g.safetensors", device="cpu", baseline=True)
+    assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False}
+    assert all(torch.isfinite(torch.tensor(s["losses"])).all() for s in report["stages"])
+    assert 0 <= report["metric"]["target"] <= 1 and 0 <= report["metric"]["baseline"] <= 1
+    import theseus_cli
+
+    assert sum(p.numel() for p in theseus_cli.load_target(tmp_path / "out").parameters()) == report["params"]["target"]

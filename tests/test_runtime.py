@@ -39,3 +39,18 @@ def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
     import theseus_cli
 
     assert sum(p.numel() for p in theseus_cli.load_target(tmp_path / "out").parameters()) == report["params"]["target"]
+
+
+def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "gpu_alignment_throughput.py"
+    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "gpu_alignment_throughput.json").read_text())["rows"][0]
+    assert row["aligned_points"] == 20 and row["alignment"] > 0 and row["plain"] > 0
+    assert row["ratio"] == row["alignment"] / row["plain"]

@@ -54,3 +54,10 @@ def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
     row = json.loads((tmp_path / "gpu_alignment_throughput.json").read_text())["rows"][0]
     assert row["aligned_points"] == 20 and row["alignment"] > 0 and row["plain"] > 0
     assert row["ratio"] == row["alignment"] / row["plain"]
+
+
+def test_conversion_with_micro_batched_alignment_matches_the_plain_one(tmp_path):
+    plain = run_conversion(parse_recipe(tiny_recipe_dict()), tmp_path / "a", device="cpu")
+    sliced = run_conversion(parse_recipe(tiny_recipe_dict(align={"micro_batch_size": 16})), tmp_path / "b", device="cpu")
+    for a, b in zip(plain["stages"], sliced["stages"]):
+        assert a["losses"] == pytest.approx(b["losses"], abs=1e-4)

@@ -77,3 +77,35 @@ def test_batchnorm_recalibration_estimates_fresh_statistics():
 def test_warmup_then_cosine():
     assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
     assert abs(lr_factor(55, 100, 10) - 0.5) < 1e-9 and lr_factor(100, 100, 10) == 0.0
+
+
+def test_micro_batched_alignment_step_gives_the_full_batch_gradient():
+    import copy
+
+    from theseus_cli.arch import build_model
+    from theseus_cli.plan import apply_entries, build_plan
+    from theseus_cli.recipe import parse_recipe
+    from theseus_cli.runtime import Runtime
+    from theseus_cli.similarity import make_loss
+    from theseus_cli.training import _stage_losses, micro_batched_step
+    from tests.conftest import tiny_recipe_dict
+
+    recipe = parse_recipe(tiny_recipe_dict())
+    guide = build_model(recipe.guide.arch, recipe.guide.kwargs, 0).eval()
+    x = torch.randn(24, 1, 8, 8)
+    plan = build_plan(guide, recipe, x[:2])
+    target = copy.deepcopy(guide)
+    apply_entries(target, plan.entries)
+    stage = plan.stages[-1]
+    for kind in ("cka", "ucka", "dmnn"):
+        loss_fn = make_loss(kind, k=5)
+        target.zero_grad(set_to_none=True)
+        full = _stage_losses(guide, target, stage, x, loss_fn, "flatten")
+        full.mean().backward()
+        expected = {n: p.grad.clone() for n, p in target.named_parameters() if p.grad is not None}
+        target.zero_grad(set_to_none=True)
+        sliced = micro_batched_step(guide, target, stage, x, loss_fn, "flatten", 7, Runtime("cpu"))
+        assert torch.allclose(sliced, full.detach(), atol=1e-6)
+        got = {n: p.grad for n, p in target.named_parameters() if p.grad is not None}
+        assert got.keys() == expected.keys() and expected
+        assert all(torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-4) for n in expected), kind

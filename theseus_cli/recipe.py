@@ -239,6 +239,8 @@ class StageOverride(_Strict):
 class AlignConfig(_Strict):
     epochs: int = Field(2, ge=0, description="passes over the training inputs per stage (max_epochs under auto)")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    micro_batch_size: Optional[int] = Field(None, ge=2, description="run each alignment batch in slices of this many "
+                                            "samples with the exact full-batch gradient (large batches in little memory)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw"] = "adamw"

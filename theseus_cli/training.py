@@ -83,6 +83,48 @@ def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn:
     return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
 
 
+def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: LossFn, tokens: str,
+                       micro: int, rt) -> torch.Tensor:
+    """Backward of one alignment step on batch ``x`` in slices of ``micro`` samples, with the exact full-batch gradient.
+
+    CKA and D-MNN compare whole batches, so the loss of a batch is not a sum over slices and plain
+    gradient accumulation would change the objective. Instead: (1) run every slice without a graph and
+    keep only the activations at the aligned points; (2) compute the loss on the whole batch from those
+    and back-propagate it to them; (3) re-run each slice with a graph and back-propagate the stored
+    gradient slice. Memory: one slice's graph plus the batch's aligned activations. The random state of
+    each slice is replayed in (3) so dropout matches (1); BatchNorm layers inside the trained modules see
+    slice statistics, as under any micro-batching. Returns the per-point losses (detached).
+    """
+    if stage.feed == "guide":
+        raise TrainingError("align.micro_batch_size does not apply to the independent schedule")
+    deepest, g_paths = stage.aligned[-1], stage.guide_aligned
+    slices = [slice(i, i + micro) for i in range(0, len(x), micro)]
+    states = []
+    t_parts, g_parts = [], []
+    with torch.no_grad(), rt.autocast():
+        for sl in slices:
+            states.append(torch.random.get_rng_state() if x.device.type == "cpu" else
+                          (torch.random.get_rng_state(), torch.cuda.get_rng_state(x.device)))
+            t_parts.append(forward_until(target, x[sl], stage.aligned, deepest))
+            g_parts.append(forward_until(guide, x[sl], g_paths, g_paths[-1]))
+    t_full = {p: torch.cat([part[p] for part in t_parts]).requires_grad_(True) for p in stage.aligned}
+    g_full = {q: torch.cat([part[q] for part in g_parts]) for q in g_paths}
+    mask = token_mask(x)
+    rows = lambda a: sequence_rows(a, tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
+    losses = torch.stack([loss_fn(rows(t_full[p]), rows(g_full[q])) for p, q in zip(stage.aligned, g_paths)])
+    losses.mean().backward()
+    for sl, state in zip(slices, states):
+        if x.device.type == "cpu":
+            torch.random.set_rng_state(state)
+        else:
+            torch.random.set_rng_state(state[0])
+            torch.cuda.set_rng_state(state[1], x.device)
+        with rt.autocast():
+            acts = forward_until(target, x[sl], stage.aligned, deepest)
+        torch.autograd.backward([acts[p] for p in stage.aligned], [t_full[p].grad[sl] for p in stage.aligned])
+    return losses.detach()
+
+
 def align_stage(
     index: int,
     guide: nn.Module,
@@ -131,11 +173,15 @@ def align_stage(
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
-            with rt.autocast():
-                layer_losses = _stage_losses(guide, target, stage, rt.batch(x_train[idx]), loss_fn, tokens)
-            loss = layer_losses.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            xb = rt.batch(x_train[idx])
+            if cfg.micro_batch_size and cfg.micro_batch_size < len(xb):
+                layer_losses = micro_batched_step(guide, target, stage, xb, loss_fn, tokens, cfg.micro_batch_size, rt)
+            else:
+                with rt.autocast():
+                    layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens)
+                layer_losses.mean().backward()
+            loss = layer_losses.detach().mean()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

@@ -129,3 +129,8 @@ def test_relative_hf_directory_and_tokenizer_resolve_against_the_recipe(write_re
     recipe = load_recipe(write_recipe(data))
     assert recipe.guide.arch == f"hf:{tmp_path / 'model'}"
     assert recipe.data.tokenizer == str(tmp_path / "tok") and recipe.data.path == str(tmp_path / "c.txt")
+
+
+def test_micro_batches_refused_for_independent_schedule():
+    with pytest.raises(RecipeError, match="align.micro_batch_size: not available for the independent schedule"):
+        parse_recipe(tiny_recipe_dict(align={"micro_batch_size": 8}, schedule={"kind": "independent"}))

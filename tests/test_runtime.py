@@ -12,7 +12,7 @@ from tests.conftest import tiny_recipe_dict
 
 def test_auto_is_plain_fp32_on_cpu():
     rt = resolve_runtime(RuntimeConfig(), torch.device("cpu"))
-    assert rt == Runtime("cpu", bf16=False, channels_last=False, data_on_device=False)
+    assert rt == Runtime("cpu", bf16=False, channels_last=False, data_on_device=False, compile=False)
 
 
 def test_explicit_choices_are_honoured_and_context_scoped():
@@ -33,7 +33,7 @@ def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
     guide = train_guide(recipe, tmp_path / "g.safetensors", epochs=1, device="cpu")
     assert guide["runtime"]["bf16"] and guide["runtime"]["channels_last"]
     report = run_conversion(recipe, tmp_path / "out", checkpoint=tmp_path / "g.safetensors", device="cpu", baseline=True)
-    assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False}
+    assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False, "compile": False}
     assert all(torch.isfinite(torch.tensor(s["losses"])).all() for s in report["stages"])
     assert 0 <= report["metric"]["target"] <= 1 and 0 <= report["metric"]["baseline"] <= 1
     import theseus_cli
@@ -61,3 +61,18 @@ def test_conversion_with_micro_batched_alignment_matches_the_plain_one(tmp_path)
     sliced = run_conversion(parse_recipe(tiny_recipe_dict(align={"micro_batch_size": 16})), tmp_path / "b", device="cpu")
     for a, b in zip(plain["stages"], sliced["stages"]):
         assert a["losses"] == pytest.approx(b["losses"], abs=1e-4)
+
+
+def test_compile_falls_back_to_eager_when_compilation_fails(tmp_path, monkeypatch):
+    def broken_compile(model, *a, **k):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler for inductor")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    report = run_conversion(parse_recipe(tiny_recipe_dict(runtime={"compile": True})), tmp_path / "o", device="cpu")
+    assert report["finetune"]["compile"].startswith("fallback to eager: RuntimeError: no C++ compiler")
+    assert report["runtime"]["compile"] is True and 0 <= report["metric"]["target"] <= 1
+    off = run_conversion(parse_recipe(tiny_recipe_dict()), tmp_path / "p", device="cpu")
+    assert off["finetune"]["compile"] == "off"
+    assert off["metric"] == report["metric"]  # the eager fallback trains exactly as a run without compile

@@ -285,7 +285,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
                    "retention": retention(task, m_guide, m_target)},
         "steps": {"alignment": align_steps, "finetune": ft_steps,
                   "baseline": baseline_report["steps"] if baseline_report else None},
-        "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds},
+        "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile},
         "baseline": baseline_report,
         "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},

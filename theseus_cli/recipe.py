@@ -268,6 +268,7 @@ class RuntimeConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA for images")
     data_on_device: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA when the data fits easily")
+    compile: bool = Field(False, description="torch.compile the model for task training; falls back to eager on failure")
 
 
 class BNRecalConfig(_Strict):
@@ -317,6 +318,9 @@ class Recipe(_Strict):
         if self.target is not None and self.replace:
             raise ValueError("target: a recipe either replaces modules in place (replace) or rebuilds a target network "
                              "(target), not both")
+        if self.align.micro_batch_size and self.schedule.kind == "independent":
+            raise ValueError("align.micro_batch_size: not available for the independent schedule (each module is fed "
+                             "the guide's input)")
         if self.target is not None and (self.schedule.kind == "independent" or self.schedule.order == "reverse"):
             raise ValueError("schedule: architecture transfer builds the target front to back; use progressive, "
                              "sequential or joint in forward order")

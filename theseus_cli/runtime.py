@@ -13,6 +13,10 @@ once per run (:func:`resolve_runtime`):
 * ``data_on_device`` — copy the whole data set to the device once, so a batch
   is an index on the device instead of a host-to-device copy per step;
   ``auto``: on CUDA when the tensors take under a quarter of the free memory.
+* ``compile`` — ``torch.compile`` the model for fine-tuning, the naive baseline
+  and ``train-guide`` (not alignment, whose forward stops early through hooks);
+  if compiling or running the compiled model fails, the run goes on eagerly and
+  the report says why (``finetune.compile``).
 
 The training loops read the run's runtime from a context variable set by
 :func:`using` (``convert`` and ``train-guide`` set it), so library callers that
@@ -41,6 +45,7 @@ class Runtime:
     bf16: bool = False
     channels_last: bool = False
     data_on_device: bool = False
+    compile: bool = False
 
     def autocast(self):
         dev = torch.device(self.device)
@@ -60,6 +65,31 @@ class Runtime:
 
     def summary(self) -> dict:
         return asdict(self)
+
+    def compiled(self, model: nn.Module):
+        """``model``, or with ``compile`` a ``torch.compile`` of it that falls back to ``model`` (eager) if compiling
+        or running the compiled graph fails. ``wrapper.status`` says which: off, compiled, or why it fell back."""
+        return _Compiled(model, self.compile)
+
+
+class _Compiled:
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.model, self.fn, self.status = model, model, "off"
+        if enabled:
+            try:
+                self.fn, self.status = torch.compile(model), "compiled"
+            except Exception as exc:  # backend missing, unsupported platform
+                self.status = f"fallback to eager: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is self.model:
+            return self.model(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as exc:  # compilation happens at the first call; a real model error re-raises in eager below
+            self.fn = self.model
+            self.status = f"fallback to eager: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            return self.model(*args, **kwargs)
 
 
 _CURRENT: ContextVar[Runtime | None] = ContextVar("theseus_runtime", default=None)
@@ -99,4 +129,4 @@ def resolve_runtime(cfg, device: torch.device, data=None) -> Runtime:
         free, _ = torch.cuda.mem_get_info(device)
         size = sum(_nbytes(t) for t in (data.x_train, data.y_train, data.x_test, data.y_test))
         on_device = size < DATA_FRACTION_OF_FREE_MEMORY * free
-    return Runtime(str(device), bf16, channels_last, on_device and device.type != "cpu")
+    return Runtime(str(device), bf16, channels_last, on_device and device.type != "cpu", cfg.compile)

@@ -256,6 +256,7 @@ class TaskTrainResult:
     steps: int
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    compile: str = "off"  # off | compiled | fallback to eager: <why>
 
 
 def train_task(
@@ -282,6 +283,7 @@ def train_task(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps))
+    forward = rt.compiled(model)
     result = TaskTrainResult(steps)
     bar = progress.task(description, steps)
     start = time.perf_counter()
@@ -294,7 +296,7 @@ def train_task(
             xb = rt.batch(x[idx])
             yb = y[idx].to(device, non_blocking=True) if y is not None else None
             with rt.autocast():
-                loss = task.loss(run_model(model, xb), xb, yb, label_smoothing)
+                loss = task.loss(run_model(forward, xb), xb, yb, label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -310,6 +312,7 @@ def train_task(
     bar.done()
     model.eval()
     result.seconds = time.perf_counter() - start
+    result.compile = forward.status
     return result
 
 

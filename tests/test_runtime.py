@@ -76,3 +76,18 @@ def test_compile_falls_back_to_eager_when_compilation_fails(tmp_path, monkeypatc
     off = run_conversion(parse_recipe(tiny_recipe_dict()), tmp_path / "p", device="cpu")
     assert off["finetune"]["compile"] == "off"
     assert off["metric"] == report["metric"]  # the eager fallback trains exactly as a run without compile
+
+
+def test_gpu_conversion_time_benchmark_runs_small_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "gpu_conversion_time.py"
+    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_conversion_time.json").read_text())
+    assert result["full"]["stages"] == 20 and 0 <= result["full"]["target"] <= 1
+    assert [r["stages"] for r in result["scaling"]] == [1, 1, 5, 5, 20, 20]

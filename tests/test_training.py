@@ -1,4 +1,5 @@
 import copy
+import pytest
 
 import torch
 import torch.nn as nn
@@ -109,3 +110,35 @@ def test_micro_batched_alignment_step_gives_the_full_batch_gradient():
         got = {n: p.grad for n, p in target.named_parameters() if p.grad is not None}
         assert got.keys() == expected.keys() and expected
         assert all(torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-4) for n in expected), kind
+
+
+def test_guide_cache_gives_the_same_alignment_with_fewer_guide_forwards(tmp_path):
+    from theseus_cli.convert import run_conversion
+    from theseus_cli.recipe import parse_recipe
+    from tests.conftest import tiny_recipe_dict
+
+    plain = run_conversion(parse_recipe(tiny_recipe_dict(align={"epochs": 3, "max_steps_per_epoch": 100})), tmp_path / "a",
+                           device="cpu")
+    cached = run_conversion(parse_recipe(tiny_recipe_dict(align={"epochs": 3, "max_steps_per_epoch": 100,
+                                                                 "cache_guide": True})), tmp_path / "b", device="cpu")
+    for a, b in zip(plain["stages"], cached["stages"]):
+        assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
+    assert cached["metric"]["target"] == pytest.approx(plain["metric"]["target"], abs=0.01)
+    steps = sum(s["steps"] for s in cached["stages"])
+    info = cached["guide_cache"]
+    # 2 stages × 3 epochs × 6 batches of 64: without the cache the guide runs on 36 × 64 rows; with it, each of
+    # the 400 samples once per stage (stage 2 aligns a new point too)
+    assert steps == 36 and info["points"] == ["0", "3"] and not info["refused"]
+    assert info["guide_rows"] <= 2 * 400
+
+
+def test_guide_cache_refuses_what_does_not_fit():
+    from theseus_cli.guide_cache import GuideCache
+
+    cache = GuideCache(10, torch.device("cpu"), budget=10 * 4 * 4)  # room for one (10, 4) float32 point
+    guide = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 8))
+    x = torch.randn(5, 3)
+    out = cache.fetch(guide, x, torch.arange(5), ["0", "1"])
+    assert set(cache.store) == {"0"} and "over the cache budget" in cache.refused["1"]
+    again = cache.fetch(guide, x, torch.arange(5), ["0", "1"])
+    assert torch.equal(out["0"], again["0"]) and torch.allclose(out["1"], again["1"])

@@ -30,6 +30,7 @@ from theseus_cli.arch import build_model
 from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
 from theseus_cli.data import batches_per_epoch
 from theseus_cli.errors import DataError, MatchError
+from theseus_cli.guide_cache import GuideCache
 from theseus_cli.matching import pattern_matches
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
@@ -96,13 +97,14 @@ def check_overrides(overrides, stages, matches) -> None:
 
 
 def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Module, introduce, out: Path, resume: bool,
-           progress: Progress) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+           progress: Progress) -> tuple[torch.nn.Module, list[dict[str, Any]], GuideCache | None]:
     """Align ``target`` stage by stage (``introduce(target, stage)`` swaps in what a stage adds); checkpoint after each.
 
     In-place conversion starts from a copy of the guide and introduces replacements; architecture
     transfer starts from the separate target and introduces nothing. Returns the aligned target and the
-    stage results. With ``resume``, stages already in ``out``'s stage checkpoint are rebuilt (same
-    seeds) and their trained weights restored instead of retrained.
+    stage results, and the guide-activation cache if ``align.cache_guide`` made one. With ``resume``, stages
+    already in ``out``'s stage checkpoint are rebuilt (same seeds) and their trained weights restored instead of
+    retrained.
     """
     recipe, data, dev, seed = session.recipe, session.data, session.device, session.recipe.seed
     sim = recipe.similarity
@@ -114,6 +116,8 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
     matches = lambda pattern, path: pattern_matches(pattern, path, named.get_submodule(path))  # noqa: E731
     check_overrides(recipe.align.overrides, plan.stages, matches)
     align_gen = torch.Generator().manual_seed(seed + 1)
+    cache = (GuideCache(data.x_train.shape[0], dev)
+             if recipe.align.cache_guide and recipe.schedule.kind != "independent" else None)
     stages: list[dict[str, Any]] = []
     fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
     saved = resume_stages.load_stages(out, fingerprint) if resume else None
@@ -131,10 +135,10 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
             continue
         cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
         result = align_stage(index, guide, target, stage, data.x_train, cfg, loss_fn,
-                             recipe.data.batch_size, align_gen, dev, progress, sim.tokens)
+                             recipe.data.batch_size, align_gen, dev, progress, sim.tokens, cache)
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
-    return target, stages
+    return target, stages, cache
 
 
 def _plan(session: Session, guide: torch.nn.Module):
@@ -225,7 +229,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
 
     # ---- alignment (Algorithm 1), stage by stage as the schedule says
     t_align = time.perf_counter()
-    target, stages = _align(session, guide, plan, target, introduce, out, resume, progress)
+    target, stages, cache = _align(session, guide, plan, target, introduce, out, resume, progress)
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     sim = recipe.similarity
@@ -277,6 +281,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
         "stages": stages,
         "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,
                        "after_alignment": sim_after_align, "after_finetune": sim_after_ft},
+        "guide_cache": cache.summary() if cache is not None else None,
         "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": bn_layers},
         "task": recipe.task,
         "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": m_guide,

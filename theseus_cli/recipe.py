@@ -245,6 +245,8 @@ class AlignConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw"] = "adamw"
     grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
+    cache_guide: bool = Field(False, description="compute the guide's output at each alignment point once per sample "
+                              "and reuse it across epochs and stages (memory permitting)")
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
     overrides: list[StageOverride] = Field(default_factory=list, description="per-stage lr/epochs; later entries win")
 

@@ -62,7 +62,8 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
         raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
 
 
-def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: LossFn, tokens: str) -> torch.Tensor:
+def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: LossFn, tokens: str,
+                  cache=None, idx: torch.Tensor | None = None) -> torch.Tensor:
     """Δ per aligned module for one batch (a (len(aligned),) tensor).
 
     ``stage.aligned`` is in execution order, so both forwards stop right after its last module.
@@ -77,14 +78,17 @@ def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn:
         return torch.stack([loss_fn(rows(first_tensor(target.get_submodule(p)(g_in[p]))), rows(g_out[p]))
                             for p in stage.aligned])
     g_paths = stage.guide_aligned  # architecture transfer pairs each target block with a guide group's output
-    with torch.no_grad():
-        g_acts = forward_until(guide, x, g_paths, g_paths[-1])
+    if cache is not None:  # guide outputs computed once per (point, sample) for the whole run
+        g_acts = cache.fetch(guide, x, idx, g_paths)
+    else:
+        with torch.no_grad():
+            g_acts = forward_until(guide, x, g_paths, g_paths[-1])
     t_acts = forward_until(target, x, stage.aligned, deepest)
     return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
 
 
 def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: LossFn, tokens: str,
-                       micro: int, rt) -> torch.Tensor:
+                       micro: int, rt, cache=None, idx: torch.Tensor | None = None) -> torch.Tensor:
     """Backward of one alignment step on batch ``x`` in slices of ``micro`` samples, with the exact full-batch gradient.
 
     CKA and D-MNN compare whole batches, so the loss of a batch is not a sum over slices and plain
@@ -106,7 +110,8 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
             states.append(torch.random.get_rng_state() if x.device.type == "cpu" else
                           (torch.random.get_rng_state(), torch.cuda.get_rng_state(x.device)))
             t_parts.append(forward_until(target, x[sl], stage.aligned, deepest))
-            g_parts.append(forward_until(guide, x[sl], g_paths, g_paths[-1]))
+            g_parts.append(cache.fetch(guide, x[sl], idx[sl], g_paths) if cache is not None
+                           else forward_until(guide, x[sl], g_paths, g_paths[-1]))
     t_full = {p: torch.cat([part[p] for part in t_parts]).requires_grad_(True) for p in stage.aligned}
     g_full = {q: torch.cat([part[q] for part in g_parts]) for q in g_paths}
     mask = token_mask(x)
@@ -138,6 +143,7 @@ def align_stage(
     device: torch.device,
     progress: Progress = NullProgress(),
     tokens: str = "flatten",
+    cache=None,
 ) -> StageResult:
     """One stage: train the modules in ``stage.trained`` so target activations at ``stage.aligned`` match the guide's.
 
@@ -176,10 +182,11 @@ def align_stage(
             opt.zero_grad(set_to_none=True)
             xb = rt.batch(x_train[idx])
             if cfg.micro_batch_size and cfg.micro_batch_size < len(xb):
-                layer_losses = micro_batched_step(guide, target, stage, xb, loss_fn, tokens, cfg.micro_batch_size, rt)
+                layer_losses = micro_batched_step(guide, target, stage, xb, loss_fn, tokens, cfg.micro_batch_size, rt,
+                                                  cache, idx)
             else:
                 with rt.autocast():
-                    layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens)
+                    layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens, cache, idx)
                 layer_losses.mean().backward()
             loss = layer_losses.detach().mean()
             if cfg.grad_clip:

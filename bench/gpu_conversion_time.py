@@ -58,7 +58,8 @@ def scaling(device: str, out: Path, small: bool, steps: int, batches: list[int])
                             ("per convolution (20 stages)", {})):
         for batch in batches:
             recipe = _recipe({"schedule": schedule, "data": {"batch_size": batch},
-                              "align": {"epochs": 1, "max_steps_per_epoch": steps}, "finetune": {"epochs": 0}}, small)
+                              "align": {"epochs": 1, "max_steps_per_epoch": steps, "batch_size": batch},
+                              "finetune": {"epochs": 0}}, small)
             report = run_conversion(recipe, out / "scaling", device=device, overwrite=True)
             rows.append({"schedule": label, "batch": batch, "stages": len(report["stages"]),
                          "steps": report["steps"]["alignment"], "alignment_seconds": report["wall_time"]["alignment"]})

@@ -33,7 +33,8 @@ def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
     guide = train_guide(recipe, tmp_path / "g.safetensors", epochs=1, device="cpu")
     assert guide["runtime"]["bf16"] and guide["runtime"]["channels_last"]
     report = run_conversion(recipe, tmp_path / "out", checkpoint=tmp_path / "g.safetensors", device="cpu", baseline=True)
-    assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False, "compile": False}
+    assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False,
+                                 "compile": False, "align_batch_size": 64}
     assert all(torch.isfinite(torch.tensor(s["losses"])).all() for s in report["stages"])
     assert 0 <= report["metric"]["target"] <= 1 and 0 <= report["metric"]["baseline"] <= 1
     import theseus_cli
@@ -91,3 +92,17 @@ def test_gpu_conversion_time_benchmark_runs_small_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_conversion_time.json").read_text())
     assert result["full"]["stages"] == 20 and 0 <= result["full"]["target"] <= 1
     assert [r["stages"] for r in result["scaling"]] == [1, 1, 5, 5, 20, 20]
+
+
+def test_alignment_batch_is_larger_by_default_on_cuda_only():
+    from theseus_cli.runtime import align_batch_size
+
+    recipe = parse_recipe(tiny_recipe_dict())  # data.batch_size 64
+    assert align_batch_size(recipe, torch.device("cpu")) == 64
+    assert align_batch_size(recipe, torch.device("cuda")) == 1024
+    pinned = parse_recipe(tiny_recipe_dict(align={"batch_size": 32}))
+    assert align_batch_size(pinned, torch.device("cuda")) == 32
+    from theseus_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="needs data.batch_size ≥ 4"):
+        parse_recipe(tiny_recipe_dict(align={"batch_size": 2}, similarity={"kind": "ucka"}))

@@ -36,7 +36,7 @@ from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
-from theseus_cli.runtime import Runtime, resolve_runtime, using
+from theseus_cli.runtime import Runtime, align_batch_size, resolve_runtime, using
 from theseus_cli.runtime import current as current_runtime
 from theseus_cli.session import Session, attach_guide_embeddings, open_session
 from theseus_cli.similarity import make_loss, min_batch
@@ -109,7 +109,8 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
     recipe, data, dev, seed = session.recipe, session.data, session.device, session.recipe.seed
     sim = recipe.similarity
     needed = min_batch(sim.kind, sim.k)
-    if min(recipe.data.batch_size, data.x_train.shape[0]) < needed:
+    batch = align_batch_size(recipe, dev)
+    if min(batch, data.x_train.shape[0]) < needed:
         raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has {data.x_train.shape[0]}")
     loss_fn = make_loss(sim.kind, sim.k, sim.tau)
     named = guide if recipe.target is None else target  # the model whose paths stages introduce
@@ -135,7 +136,7 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
             continue
         cfg = recipe.align.for_stage(index + 1, stage.introduced, matches)
         result = align_stage(index, guide, target, stage, data.x_train, cfg, loss_fn,
-                             recipe.data.batch_size, align_gen, dev, progress, sim.tokens, cache)
+                             batch, align_gen, dev, progress, sim.tokens, cache)
         stages.append(asdict(result))
         resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
     return target, stages, cache
@@ -271,7 +272,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
         "versions": versions(),
         "seed": seed,
         "device": str(dev),
-        "runtime": rt.summary(),
+        "runtime": {**rt.summary(), "align_batch_size": align_batch_size(recipe, dev)},
         "recipe": recipe.resolved(),
         "recipe_hash": recipe.digest(),
         "guide": session.guide_info,

@@ -239,6 +239,8 @@ class StageOverride(_Strict):
 class AlignConfig(_Strict):
     epochs: int = Field(2, ge=0, description="passes over the training inputs per stage (max_epochs under auto)")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=2, description="alignment batch; default data.batch_size on the CPU and "
+                                      "at least 1024 on CUDA (similarity estimates improve with batch size)")
     micro_batch_size: Optional[int] = Field(None, ge=2, description="run each alignment batch in slices of this many "
                                             "samples with the exact full-batch gradient (large batches in little memory)")
     lr: float = Field(1e-3, gt=0)
@@ -343,7 +345,8 @@ class Recipe(_Strict):
     def _batch_fits_similarity(self) -> "Recipe":
         from theseus_cli.similarity import min_batch  # the one place that knows each metric's minimum
 
-        sim, batch = self.similarity, self.data.batch_size
+        sim = self.similarity
+        batch = min(self.data.batch_size, self.align.batch_size or self.data.batch_size)
         if batch < min_batch(sim.kind, sim.k):
             if sim.kind == "dmnn":
                 raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")

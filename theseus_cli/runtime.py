@@ -37,6 +37,17 @@ from theseus_cli.batch import TokenBatch
 from theseus_cli.errors import DeviceError
 
 DATA_FRACTION_OF_FREE_MEMORY = 0.25
+GPU_ALIGN_BATCH = 1024
+
+
+def align_batch_size(recipe, device: torch.device) -> int:
+    """``align.batch_size`` if set; else ``data.batch_size``, raised to at least 1024 on CUDA, where large
+    batches are cheap and make CKA/D-MNN estimates less noisy (``align.micro_batch_size`` bounds the memory)."""
+    if recipe.align.batch_size is not None:
+        return recipe.align.batch_size
+    if device.type == "cuda":
+        return max(recipe.data.batch_size, GPU_ALIGN_BATCH)
+    return recipe.data.batch_size
 
 
 @dataclass(frozen=True)

@@ -422,12 +422,18 @@ def load_recipe(path: str | Path) -> Recipe:
     return _resolve_paths(recipe, path.parent)
 
 
+def _resolve_hf_dir(arch: str, base: Path) -> str:
+    """``hf:./dir`` relative to the recipe's folder; other specs unchanged."""
+    if arch.startswith("hf:") and arch[3:].startswith((".", "/")) and not Path(arch[3:]).is_absolute():
+        return "hf:" + str(base / arch[3:])
+    return arch
+
+
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Relative file paths in a recipe are relative to the recipe's own folder."""
+    recipe.guide.arch = _resolve_hf_dir(recipe.guide.arch, base)
     if recipe.target is not None:
-        t = recipe.target.arch
-        if t.startswith("hf:") and t[3:].startswith((".", "/")) and not Path(t[3:]).is_absolute():
-            recipe.target.arch = "hf:" + str(base / t[3:])
+        recipe.target.arch = _resolve_hf_dir(recipe.target.arch, base)
     if recipe.guide.checkpoint and not Path(recipe.guide.checkpoint).is_absolute():
         recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
     if recipe.data.path and not Path(recipe.data.path).is_absolute():
@@ -435,7 +441,4 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     tok = recipe.data.tokenizer
     if tok not in ("gpt2", "guide") and not Path(tok).is_absolute():
         recipe.data.tokenizer = str(base / tok)
-    arch = recipe.guide.arch
-    if arch.startswith("hf:") and arch[3:].startswith((".", "/")) and not Path(arch[3:]).is_absolute():
-        recipe.guide.arch = "hf:" + str(base / arch[3:])
     return recipe

@@ -186,4 +186,4 @@ def load_text_dataset(cfg, seed: int, task: str, guide_arch: str | None):
     labelled = _subset(len(x_tr), cfg.label_limit, gen).sort().values
     return Dataset(cfg.source, x_tr, None, x_te, None, None, None, None, labelled,
                    kind="tokens", vocab_size=len(tok), tokenizer=cfg.tokenizer,
-                   tokens=int((x_all.mask.sum() if isinstance(x_all, TokenBatch) else torch.tensor(x_all.numel())).item()))
+                   tokens=int(x_all.mask.sum()) if isinstance(x_all, TokenBatch) else x_all.numel())

@@ -93,6 +93,15 @@ def test_minilm_attention_to_token_mlp(tmp_path):
     assert report["guide"]["trained"] and report["guide"]["checkpoint"].endswith("model.safetensors")
     target = theseus_cli.load_target(out)
     assert type(target.encoder.layer[5].attention.self).__name__ == "TokenMLP"
+    # exported as a sentence-embedding graph of (input_ids, attention_mask), padding included in the check
+    res = runner.invoke(app, ["export", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["inputs"] == ["input_ids", "attention_mask"] and info["parity"]["passed"]
+    res = runner.invoke(app, ["export", str(out), "--format", "hf", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["load_with"] == "transformers.AutoModel.from_pretrained(dir, trust_remote_code=True)"
+    assert (out / "hf" / "tokenizer_config.json").is_file()
 
 
 def test_train_guide_refuses_sentence_embedding(tmp_path):

@@ -33,3 +33,11 @@ def test_gpt2_to_rnn_example_generates_with_the_reloaded_rnn_target(tmp_path):
     with torch.no_grad():  # greedy decoding picked the target's own argmax at each step
         logits = target(gen[:, :-1]).logits
     assert torch.equal(logits[0, ids.shape[1] - 1 :].argmax(-1), gen[0, ids.shape[1] :])
+
+
+def test_deploy_onnx_example_gets_the_pytorch_accuracy_from_onnx_runtime(tmp_path):
+    result = _load("deploy_onnx").main(tmp_path)
+    acc = result["report"]["metric"]
+    assert acc["target"] > 0.5  # a trained target, not chance
+    assert result["onnx_accuracy"] == pytest.approx(acc["target"], abs=1.5 / 360)  # at most one borderline image flips
+    assert result["export"]["parity"]["passed"]

@@ -155,23 +155,36 @@ def convert(
     device: str = DeviceOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out after its last finished stage"),
+    min_retention: Optional[float] = typer.Option(None, "--min-retention", min=0.0,
+                                                  help="gate: exit 10 unless the target keeps this share of the guide's metric"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0,
+                                                   help="gate: exit 10 unless the target's batch-1 latency on the device is at most this"),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Convert the guide into the recipe's target: align, recalibrate, fine-tune, save."""
+    """Convert the guide into the recipe's target: align, recalibrate, fine-tune, save; then check the gates."""
+    from theseus_cli.gates import Gates, raise_if_failed
 
     def work():
         from theseus_cli.convert import run_conversion
         from theseus_cli.recipe import load_recipe
 
         r = load_recipe(recipe)
-        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume)
+        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume,
+                              Gates(min_retention, max_latency_ms))
 
     report = _run(debug, work)
+    if report is None:  # a non-main rank of a torchrun job: rank 0 prints
+        return
     if as_json:
         _emit_json(report)
-        return
+    else:
+        _print_conversion(report, out)
+    _run(debug, lambda: raise_if_failed(report, str(out)))
+
+
+def _print_conversion(report: dict, out: Path) -> None:
     m = report["metric"]
     table = Table(title=f"{report['guide']['arch']} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
     for col in ("model", "params", f"test {m['name'].replace('_', ' ')}"):
@@ -183,7 +196,96 @@ def convert(
     if m["baseline"] is not None:
         table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", fmt.format(m["baseline"]))
     out_console.print(table)
+    d = report["deployment"]
+    cost = Table(title=f"deployment cost on {d['target'].get('latency_device', report['device'])}")
+    for col in ("model", "params", "FLOPs", "latency b=1", f"latency b={_big(d['target'])}"):
+        cost.add_column(col, justify="right" if col != "model" else "left")
+    for name in ("guide", "target"):
+        p = d[name]
+        cost.add_row(name, f"{p['params']:,}", f"{p['flops_per_example']:,}", *_latencies(p))
+    out_console.print(cost)
+    for name, r in report.get("gates", {}).get("checks", {}).items():
+        verdict = "[green]passed[/]" if r["passed"] else "[bold red]FAILED[/]"
+        value = "none" if r["value"] is None else f"{r['value']:.4g}"
+        out_console.print(f"gate {name.replace('_', '-')} {r['threshold']:g}: {value} {verdict}")
     out_console.print(f"wrote {out / report['files']['target']}, {out / report['files']['report']}, {out / report['files']['plot']}")
+
+
+def _big(profile: dict) -> str:
+    sizes = [b for b in profile.get("latency", {}) if b != "1"]
+    return sizes[-1] if sizes else "-"
+
+
+def _latencies(profile: dict) -> list[str]:
+    lat = profile.get("latency", {})
+    return [f"{lat[b]['median_ms']:.3g} ms" if b in lat else "-" for b in ("1", _big(profile))]
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="a converted target (run directory or target.safetensors) or a guide checkpoint"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="architecture and data (required for a guide checkpoint)"),
+    data: Optional[str] = typer.Option(None, "--data", help="data source name (fashion-mnist, mnist-5k, digits, bible-kjv) or path; "
+                                                           "other data settings stay the model's"),
+    device: str = DeviceOpt,
+    batch: int = typer.Option(64, "--batch", min=2, help="the larger batch size latency is measured at (besides 1)"),
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Metric on the test split, params, FLOPs and latency of a guide checkpoint or a converted target."""
+
+    def work():
+        from theseus_cli.evaluation import evaluate_model
+
+        return evaluate_model(model, recipe, data, device, (1, batch))
+
+    result = _run(debug, work)
+    if as_json:
+        _emit_json(result)
+        return
+    m = result["metric"]
+    table = Table(title=f"{result['kind']} {result['arch']} on {result['data']['name']} ({result['data']['test']:,} test examples)")
+    for col in ("test " + m["name"].replace("_", " "), "params", "FLOPs / example", "latency b=1", f"latency b={batch}"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{m['value']:.4f}", f"{result['params']:,}", f"{result['flops_per_example']:,}", *_latencies(result))
+    out_console.print(table)
+    out_console.print(f"latency: median of repeated forwards on {result['latency_device']}, PyTorch eager")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a converted target: run directory or target.safetensors"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or hf (transformers directory)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file (onnx, torchscript) or directory (hf); default inside RUN"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing export"),
+    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="parity check: absolute tolerance"),
+    rtol: float = typer.Option(1e-3, "--rtol", min=0.0, help="parity check: tolerance relative to PyTorch's output"),
+    opset: int = typer.Option(18, "--opset", min=9, help="ONNX opset"),
+    exporter: str = typer.Option("auto", "--exporter", help="ONNX exporter: auto (torch.export, then TorchScript), dynamo, torchscript"),
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Write a deployable target (ONNX, TorchScript, transformers directory), checked against PyTorch's outputs."""
+
+    def work():
+        from theseus_cli.errors import ExportError
+        from theseus_cli.export import export_target
+
+        if exporter not in ("auto", "dynamo", "torchscript"):
+            raise ExportError(f"--exporter {exporter!r}: choose one of auto, dynamo, torchscript")
+        return export_target(run, fmt, out, overwrite, atol, rtol, opset, exporter)
+
+    result = _run(debug, work)
+    if as_json:
+        _emit_json(result)
+        return
+    p = result["parity"]
+    how = f" ({result['exporter']} exporter, opset {result['opset']})" if "exporter" in result else ""
+    out_console.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes){how}")
+    out_console.print(f"parity with PyTorch on inputs {', '.join('×'.join(map(str, s)) for s in p['inputs'])}: "
+                      f"max |Δ| {p['max_abs_diff']:.2g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
+    if "load_with" in result:
+        out_console.print(f"load with {result['load_with']}")
 
 
 @app.command("train-guide")

@@ -29,11 +29,15 @@ from theseus_cli import resume as resume_stages
 from theseus_cli.arch import build_model
 from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
 from theseus_cli.data import batches_per_epoch
-from theseus_cli.errors import DataError, MatchError
+from theseus_cli.distributed import Dist, process_group
+from theseus_cli.distributed import current as current_dist
+from theseus_cli.errors import DataError, MatchError, RecipeError
+from theseus_cli.gates import Gates, evaluate_gates
 from theseus_cli.guide_cache import GuideCache
 from theseus_cli.matching import pattern_matches
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
+from theseus_cli.profile import compare, profile_model
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
 from theseus_cli.runtime import Runtime, align_batch_size, resolve_runtime, using
@@ -122,7 +126,8 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
     stages: list[dict[str, Any]] = []
     fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
     saved = resume_stages.load_stages(out, fingerprint) if resume else None
-    if saved is None:
+    main = current_dist().main
+    if saved is None and main:
         resume_stages.clear(out)
     for index, stage in enumerate(plan.stages):
         torch.manual_seed(seed + 1000 + index)
@@ -138,7 +143,8 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
         result = align_stage(index, guide, target, stage, data.x_train, cfg, loss_fn,
                              batch, align_gen, dev, progress, sim.tokens, cache)
         stages.append(asdict(result))
-        resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
+        if main:
+            resume_stages.save_stages(out, target, stages, align_gen, fingerprint)
     return target, stages, cache
 
 
@@ -193,28 +199,52 @@ def run_conversion(
     overwrite: bool = False,
     progress: Progress = NullProgress(),
     resume: bool = False,
+    gates: Gates = Gates(),
 ) -> dict[str, Any]:
     """Convert the recipe's guide into its target; write files into ``out``; return the report.
 
+    ``gates`` are checked once the files are written; the verdict is ``report["gates"]`` (the CLI
+    turns a failure into exit code 10, see :mod:`theseus_cli.gates`).
+
     With ``resume``, a run killed during alignment continues after its last finished stage
     (see :mod:`theseus_cli.resume`); without a stage checkpoint it starts afresh.
+
+    Under ``torchrun`` (more than one process) the run is data-parallel (:mod:`theseus_cli.distributed`):
+    rank 0 writes the files and returns the report, the other ranks return None.
     """
     started = time.perf_counter()
     out = Path(out)
-    prepare_out_dir(out, overwrite or resume)
-    session = open_session(recipe, checkpoint, device)
-    rt = resolve_runtime(recipe.runtime, session.device, session.data)
-    if rt.data_on_device:
-        session.data.to(session.device)
-    rt.prepare(session.guide)
-    with using(rt):
-        return _convert(session, rt, out, recipe.baseline.enabled if baseline is None else baseline, resume, progress,
-                        started)
+    with process_group(device) as (dist, device):
+        prepare_out_dir(out, overwrite or resume)
+        if not dist.main:
+            progress = NullProgress()
+        session = open_session(recipe, checkpoint, device)
+        check_world(session, dist)
+        rt = resolve_runtime(recipe.runtime, session.device, session.data)
+        if rt.data_on_device:
+            session.data.to(session.device)
+        rt.prepare(session.guide)
+        with using(rt):
+            report = _convert(session, rt, out, recipe.baseline.enabled if baseline is None else baseline, resume,
+                              progress, started, gates)
+        dist.barrier()  # the other ranks wait until rank 0 has written every file
+        return report if dist.main else None
+
+
+def check_world(session: Session, dist: Dist) -> None:
+    """Under torchrun every rank needs at least one sample of every batch it shards."""
+    if not dist.enabled:
+        return
+    recipe, n = session.recipe, session.data.x_train.shape[0]
+    for field, size in (("data.batch_size", recipe.data.batch_size), ("align.batch_size", align_batch_size(recipe, session.device))):
+        if min(size, n) < dist.world:
+            raise RecipeError(f"{field}: batches of {min(size, n)} cannot be split over {dist.world} processes")
 
 
 def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: bool, progress: Progress,
-             started: float) -> dict[str, Any]:
+             started: float, gates: Gates) -> dict[str, Any] | None:
     recipe = session.recipe
+    main = current_dist().main
     seed, data, dev = recipe.seed, session.data, session.device
     task = get_task(recipe.task)
     guide = session.guide.eval()
@@ -234,7 +264,8 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
     align_seconds = time.perf_counter() - t_align
     align_steps = sum(s["steps"] for s in stages)
     sim = recipe.similarity
-    sim_after_align = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
+    sim_after_align = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
+                       if main else None)
 
     # ---- BatchNorm recalibration, then end-to-end fine-tuning
     bn_layers = 0
@@ -245,7 +276,8 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
     ft_steps, warmup = _task_steps(session)
     ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
     m_target = _evaluate(target, session)
-    sim_after_ft = layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
+    sim_after_ft = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
+                    if main else None)
     m_guide = _evaluate(guide, session)
 
     # ---- naive baseline: same target architecture from scratch, same total gradient steps
@@ -260,6 +292,14 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
         baseline_report = {task.metric: _evaluate(naive, session), "init": recipe.baseline.init,
                            "steps": total, "lr": lr, "epoch_losses": res.epoch_losses, "seconds": res.seconds}
 
+    if not main:  # every file and measurement below is rank 0's
+        return None
+
+    # ---- what each model costs to deploy, on this device
+    sample = data.x_test[:1]
+    deployment = {"guide": profile_model(guide, sample, dev), "target": profile_model(target, sample, dev)}
+    deployment["ratios"] = compare(deployment["guide"], deployment["target"])
+
     # ---- files
     meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs}, "task": recipe.task,
             "target": {"arch": recipe.target.arch, "kwargs": recipe.target.kwargs} if recipe.target else None,
@@ -273,6 +313,8 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
         "seed": seed,
         "device": str(dev),
         "runtime": {**rt.summary(), "align_batch_size": align_batch_size(recipe, dev)},
+        "distributed": {"world_size": current_dist().world,
+                        "backend": torch.distributed.get_backend() if current_dist().enabled else None},
         "recipe": recipe.resolved(),
         "recipe_hash": recipe.digest(),
         "guide": session.guide_info,
@@ -293,12 +335,15 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
                   "baseline": baseline_report["steps"] if baseline_report else None},
         "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile},
         "baseline": baseline_report,
+        "deployment": deployment,
         "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
     plot_alignment(out / PLOT_FILE, stages, sim_after_align, sim.kind,
                    f"{recipe.guide.arch} → " + (recipe.target.arch if recipe.target else
                                                 ", ".join(sorted({e.replacement for e in plan.entries}))))
+    if gates.any:
+        report["gates"] = evaluate_gates(gates, report)
     report["wall_time"]["total"] = time.perf_counter() - started
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
     resume_stages.clear(out)

@@ -276,8 +276,14 @@ def _subset(n: int, limit: int | None, gen: torch.Generator) -> torch.Tensor:
     return perm if limit is None else perm[: min(limit, n)]
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", guide_arch: str | None = None) -> Dataset:
-    """Load, transform, subset and normalise the data set a recipe names (text: see :mod:`theseus_cli.text_data`)."""
+def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", guide_arch: str | None = None,
+                 normalization: dict | None = None) -> Dataset:
+    """Load, transform, subset and normalise the data set a recipe names (text: see :mod:`theseus_cli.text_data`).
+
+    Images are normalised with the training split's per-channel mean/std, or with ``normalization``
+    (``{"mean": [...], "std": [...]}``, e.g. what a converted target recorded) when given, so a model is
+    evaluated on inputs scaled as it was trained on.
+    """
     if cfg.source in ("bible-kjv", "text"):
         from theseus_cli.text_data import load_text_dataset
 
@@ -308,6 +314,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", g
 
     mean = x_tr.mean(dim=(0, 2, 3))
     std = x_tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    if normalization is not None:
+        mean, std = torch.tensor(normalization["mean"]), torch.tensor(normalization["std"])
+        if mean.numel() != x_tr.shape[1]:
+            raise DataError(f"{where}: {x_tr.shape[1]}-channel images, but the model was trained on {mean.numel()} channels")
     x_tr = (x_tr - mean[None, :, None, None]) / std[None, :, None, None]
     x_te = (x_te - mean[None, :, None, None]) / std[None, :, None, None]
     labelled = _subset(x_tr.shape[0], cfg.label_limit, gen).sort().values

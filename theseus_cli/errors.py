@@ -63,3 +63,15 @@ class TrainingError(TheseusError):
     """Training diverged (NaN/Inf loss) or could not proceed."""
 
     exit_code = 9
+
+
+class GateError(TheseusError):
+    """A quality gate (``--min-retention``, ``--max-latency-ms``) failed; the run's files are complete."""
+
+    exit_code = 10
+
+
+class ExportError(TheseusError):
+    """A target could not be exported, or the exported file's outputs differ from PyTorch's."""
+
+    exit_code = 11

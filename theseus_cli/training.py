@@ -19,6 +19,7 @@ from theseus_cli.errors import TrainingError
 from theseus_cli.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
+from theseus_cli.distributed import current as current_dist
 from theseus_cli.runtime import current as current_runtime
 from theseus_cli.schedule import Stage
 from theseus_cli.similarity import LossFn, all_similarities, sequence_rows
@@ -68,22 +69,29 @@ def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn:
 
     ``stage.aligned`` is in execution order, so both forwards stop right after its last module.
     Sequence activations become rows as ``tokens`` says (:func:`~theseus_cli.similarity.sequence_rows`).
+    Under ``torchrun`` this rank runs its shard of ``x`` and the loss is computed on every rank's
+    activations gathered (:mod:`theseus_cli.distributed`).
     """
+    dist = current_dist()
+    n = len(x)
+    shard = dist.shard(n)
+    xl = x[shard] if dist.enabled else x
+    il = idx[shard] if dist.enabled and idx is not None else idx
     deepest = stage.aligned[-1]
     mask = token_mask(x)
-    rows = lambda a: sequence_rows(a, tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
+    rows = lambda a: sequence_rows(dist.gather(a, n), tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
     if stage.feed == "guide":  # independent: each replacement sees the guide's own input there
         with torch.no_grad():
-            g_in, g_out = forward_until(guide, x, stage.aligned, deepest, with_inputs=True)
+            g_in, g_out = forward_until(guide, xl, stage.aligned, deepest, with_inputs=True)
         return torch.stack([loss_fn(rows(first_tensor(target.get_submodule(p)(g_in[p]))), rows(g_out[p]))
                             for p in stage.aligned])
     g_paths = stage.guide_aligned  # architecture transfer pairs each target block with a guide group's output
     if cache is not None:  # guide outputs computed once per (point, sample) for the whole run
-        g_acts = cache.fetch(guide, x, idx, g_paths)
+        g_acts = cache.fetch(guide, xl, il, g_paths)
     else:
         with torch.no_grad():
-            g_acts = forward_until(guide, x, g_paths, g_paths[-1])
-    t_acts = forward_until(target, x, stage.aligned, deepest)
+            g_acts = forward_until(guide, xl, g_paths, g_paths[-1])
+    t_acts = forward_until(target, xl, stage.aligned, deepest)
     return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
 
 
@@ -101,6 +109,12 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
     """
     if stage.feed == "guide":
         raise TrainingError("align.micro_batch_size does not apply to the independent schedule")
+    dist = current_dist()
+    n = len(x)
+    full_x = x
+    if dist.enabled:  # this rank's shard, micro-batched; the loss sees every rank's activations
+        shard = dist.shard(n)
+        x, idx = x[shard], (idx[shard] if idx is not None else None)
     deepest, g_paths = stage.aligned[-1], stage.guide_aligned
     slices = [slice(i, i + micro) for i in range(0, len(x), micro)]
     states = []
@@ -112,12 +126,14 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
             t_parts.append(forward_until(target, x[sl], stage.aligned, deepest))
             g_parts.append(cache.fetch(guide, x[sl], idx[sl], g_paths) if cache is not None
                            else forward_until(guide, x[sl], g_paths, g_paths[-1]))
-    t_full = {p: torch.cat([part[p] for part in t_parts]).requires_grad_(True) for p in stage.aligned}
-    g_full = {q: torch.cat([part[q] for part in g_parts]) for q in g_paths}
-    mask = token_mask(x)
+    t_full = {p: dist.gather(torch.cat([part[p] for part in t_parts]), n).requires_grad_(True) for p in stage.aligned}
+    g_full = {q: dist.gather(torch.cat([part[q] for part in g_parts]), n) for q in g_paths}
+    mask = token_mask(full_x)
     rows = lambda a: sequence_rows(a, tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
     losses = torch.stack([loss_fn(rows(t_full[p]), rows(g_full[q])) for p, q in zip(stage.aligned, g_paths)])
     losses.mean().backward()
+    own = dist.shard(n) if dist.enabled else slice(None)
+    grads = {p: t_full[p].grad[own] for p in stage.aligned}
     for sl, state in zip(slices, states):
         if x.device.type == "cpu":
             torch.random.set_rng_state(state)
@@ -126,7 +142,7 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
             torch.cuda.set_rng_state(state[1], x.device)
         with rt.autocast():
             acts = forward_until(target, x[sl], stage.aligned, deepest)
-        torch.autograd.backward([acts[p] for p in stage.aligned], [t_full[p].grad[sl] for p in stage.aligned])
+        torch.autograd.backward([acts[p] for p in stage.aligned], [grads[p][sl] for p in stage.aligned])
     return losses.detach()
 
 
@@ -153,6 +169,7 @@ def align_stage(
     modules are in train mode, and only their parameters get gradients.
     """
     rt = current_runtime(device)
+    dist = current_dist()
     guide.eval()
     target.eval()
     trainable = [target.get_submodule(p) for p in stage.trained]
@@ -168,12 +185,26 @@ def align_stage(
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=auto.factor, patience=auto.patience,
                                                           min_lr=auto.min_lr) if auto else None)
     alpha = 2.0 / (auto.ema_steps + 1) if auto else 0.0
-    ema = None  # device tensor: no host sync per step
     result = StageResult(index, list(stage.introduced), list(stage.trained), list(stage.aligned), stage.feed, steps=0,
                          lr=cfg.lr, stopped="epochs")
     where = f"alignment stage {index + 1} ({', '.join(stage.introduced)})"
     task = progress.task(f"stage {index + 1}: {', '.join(stage.introduced)}", per_epoch * max_epochs)
     start = time.perf_counter()
+    with dist.synced_batchnorm(target):
+        _align_epochs(guide, target, stage, x_train, cfg, loss_fn, batch_size, generator, device, tokens, cache,
+                      rt, dist, opt, params, per_epoch, max_epochs, auto, plateau, alpha, result, where, task)
+    result.lr = opt.param_groups[0]["lr"]
+    task.done()
+    result.seconds = time.perf_counter() - start
+    for p in target.parameters():
+        p.requires_grad_(True)
+    return result
+
+
+def _align_epochs(guide, target, stage, x_train, cfg, loss_fn, batch_size, generator, device, tokens, cache, rt, dist,
+                  opt, params, per_epoch, max_epochs, auto, plateau, alpha, result: StageResult, where: str, task) -> None:
+    """The epoch loop of :func:`align_stage` (fills ``result``)."""
+    ema = None  # device tensor: no host sync per step
     for _epoch in range(max_epochs):
         step_losses, layer_sums = [], torch.zeros(len(stage.aligned), device=device)  # stays on the device: no per-step sync
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
@@ -188,6 +219,7 @@ def align_stage(
                 with rt.autocast():
                     layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens, cache, idx)
                 layer_losses.mean().backward()
+            dist.sum_grads(params)  # each rank holds its shard's part of the full-batch gradient
             loss = layer_losses.detach().mean()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -211,12 +243,6 @@ def align_stage(
                 break
             plateau.step(float(ema))
             result.stopped = "max_epochs"
-    result.lr = opt.param_groups[0]["lr"]
-    task.done()
-    result.seconds = time.perf_counter() - start
-    for p in target.parameters():
-        p.requires_grad_(True)
-    return result
 
 
 @torch.no_grad()
@@ -285,6 +311,7 @@ def train_task(
 ) -> TaskTrainResult:
     """Train every parameter on ``task``'s loss for exactly ``steps`` steps (AdamW, warm-up + cosine)."""
     rt = current_runtime(device)
+    dist = current_dist()
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
@@ -295,27 +322,11 @@ def train_task(
     bar = progress.task(description, steps)
     start = time.perf_counter()
     step = 0
-    while step < steps:
-        losses = []
-        for idx in iterate_batches(x.shape[0], batch_size, generator):
-            if step >= steps:
-                break
-            xb = rt.batch(x[idx])
-            yb = y[idx].to(device, non_blocking=True) if y is not None else None
-            with rt.autocast():
-                loss = task.loss(run_model(forward, xb), xb, yb, label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
-            step += 1
-            bar.advance()
-        mean = torch.stack(losses).mean()
-        _check_finite(mean, description)
-        result.epoch_losses.append(float(mean))
+    params = list(model.parameters())
+    with dist.synced_batchnorm(model):
+        while step < steps:
+            step = _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_size, generator, device,
+                               grad_clip, opt, sched, params, rt, dist, result, description, bar)
     bar.done()
     model.eval()
     result.seconds = time.perf_counter() - start
@@ -323,21 +334,61 @@ def train_task(
     return result
 
 
+def _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_size, generator, device, grad_clip,
+                opt, sched, params, rt, dist, result: TaskTrainResult, description: str, bar) -> int:
+    """One pass over the data (or until ``steps``) of :func:`train_task`; returns the step count reached.
+
+    Under ``torchrun`` each rank trains on its shard of the batch, its mean loss weighted by the shard's
+    share, and gradients are summed over ranks: the gradient of the whole batch's mean loss."""
+    losses = []
+    for idx in iterate_batches(x.shape[0], batch_size, generator):
+        if step >= steps:
+            break
+        share = 1.0
+        if dist.enabled:
+            whole = len(idx)
+            idx = idx[dist.shard(whole)]
+            share = len(idx) / whole
+        xb = rt.batch(x[idx])
+        yb = y[idx].to(device, non_blocking=True) if y is not None else None
+        with rt.autocast():
+            loss = task.loss(run_model(forward, xb), xb, yb, label_smoothing) * share
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.sum_grads(params)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+        step += 1
+        bar.advance()
+    mean = dist.all_sum(torch.stack(losses).sum()) / len(losses)  # the shares add up to each batch's mean loss
+    _check_finite(mean, description)
+    result.epoch_losses.append(float(mean))
+    return step
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size: int, device: torch.device) -> float:
     """``task``'s metric (accuracy, perplexity, cosine to the guide) over all of ``x``; one host sync at the end."""
     rt = current_runtime(device)
+    dist = current_dist()
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for idx in iterate_batches(x.shape[0], batch_size, None, drop_last=False):
+    part = dist.shard(x.shape[0])  # under torchrun each rank takes a contiguous part; the sums are all-reduced
+    offset = part.start or 0
+    for idx in iterate_batches(part.stop - offset if dist.enabled else x.shape[0], batch_size, None, drop_last=False):
+        idx = idx + offset if dist.enabled else idx
         xb = rt.batch(x[idx])
         with rt.autocast():
             out = run_model(model, xb)
         s, c = task.metric_sums(out, xb, y[idx].to(device) if y is not None else None)
         total += s
         count += c
-    return task.finish(float(total), float(count))
+    sums = dist.all_sum(torch.stack([total, count]))
+    return task.finish(float(sums[0]), float(sums[1]))
 
 
 @torch.no_grad()

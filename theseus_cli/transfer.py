@@ -30,10 +30,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from theseus_cli.batch import run_model
 from theseus_cli.errors import MatchError
 from theseus_cli.matching import pattern_matches
 from theseus_cli.plan import dry_trace
+from theseus_cli.profile import count_flops
 from theseus_cli.recipe import Recipe, TargetConfig
 from theseus_cli.schedule import Stage
 
@@ -202,20 +202,6 @@ def inherit_weights(guide: nn.Module, target: nn.Module, blocks: list[str]) -> l
         for k in copied:
             t_state[k].copy_(g_state[k])
     return copied
-
-
-def count_flops(model: nn.Module, sample) -> int:
-    """Floating-point operations of one forward pass on ``sample`` (one example), as torch's flop counter counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_model(model, sample)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def transfer_stages(pairs: list[TransferPair], stem: dict[str, list[str]], kind: str) -> list[Stage]:

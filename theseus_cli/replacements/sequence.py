@@ -34,7 +34,6 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from theseus_cli.replacements.registry import IOShapes, register
 
@@ -122,18 +121,19 @@ class ElmanRNN(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         x = hidden_states
         keep = keep_mask(kwargs, x.shape[0], x.shape[1])
-        if keep is None or bool(keep.all()):
+        if keep is None:
             y, _ = self.rnn(x)
             return _like_old(self.out(y), self.output_arity)
-        # padded batch: move each sequence's real tokens to the front (order kept), run packed, put them back
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        lengths = keep.sum(1).clamp_min(1)
-        compact = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
-        packed = pack_padded_sequence(compact, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        y, _ = self.rnn(packed)
-        y, _ = pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
-        restored = torch.zeros_like(y).scatter(1, order.unsqueeze(-1).expand_as(y), y)
-        out = self.out(restored) * keep.unsqueeze(-1).to(y.dtype)
+        # Padded batch: move each sequence's real tokens to the front (order kept), run, put them back. The RNN is
+        # causal, so the real tokens' outputs do not see the padding now behind them. Written with cumsum, scatter
+        # and gather only (no packed sequences, no data-dependent branch), so it also exports to ONNX and traces.
+        k = keep.to(torch.int64)
+        dest = torch.where(keep, k.cumsum(1) - 1, k.sum(1, keepdim=True) + (1 - k).cumsum(1) - 1)
+        dest = dest.unsqueeze(-1)
+        compact = torch.zeros_like(x).scatter(1, dest.expand_as(x), x)
+        y, _ = self.rnn(compact)
+        restored = torch.gather(y, 1, dest.expand(-1, -1, y.shape[-1]))
+        out = self.out(restored) * keep.unsqueeze(-1).to(restored.dtype)
         return _like_old(out, self.output_arity)
 
 

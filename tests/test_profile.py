@@ -72,3 +72,12 @@ def test_token_batches_are_profiled_with_their_mask():
     x = TokenBatch(torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long))
     prof = profile_model(Bag(), x, torch.device("cpu"), (1, 3))
     assert prof["params"] == 400 and prof["latency"]["3"]["batch"] == 3
+
+
+def test_attention_flops_are_counted_on_the_cpu_too():
+    class Attend(nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    b, h, t, d = 1, 2, 30, 16
+    assert count_flops(Attend(), torch.randn(b, h, t, d)) == 2 * (2 * b * h * t * t * d)  # scores, then values

@@ -4,7 +4,8 @@ Used by ``theseus eval``, by ``convert``'s report (guide vs target) and by the
 ``--max-latency-ms`` gate. FLOPs are counted by ``torch.utils.flop_counter`` on one
 example (a multiply-add is 2 FLOPs). Recurrent layers that the counter does not see (cuDNN
 runs an RNN as one fused kernel; on the CPU it decomposes into matrix products the counter
-counts) are added from their shapes. Latency is wall time of ``model(x)`` in inference mode, the
+counts) are added from their shapes, and so is the CPU kernel of scaled-dot-product
+attention, which the counter only knows in its CUDA forms. Latency is wall time of ``model(x)`` in inference mode, the
 median over repeats after warm-up, with the device synchronised around each call, so
 it is what a deployment would see on that device with PyTorch eager, in the precision and
 memory format of the run (a conversion's ``runtime``; fp32 for ``theseus eval``). ONNX
@@ -61,6 +62,21 @@ def _rnn_flops(model: nn.Module) -> tuple[list, dict[str, int]]:
     return handles, counted
 
 
+def _extra_formulas() -> dict:
+    """Ops torch's counter has no formula for: the CPU kernel of scaled-dot-product attention (the counter knows
+    only the CUDA ones, so attention's score and value products would count 0 on the CPU)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: formula}
+
+
 def count_flops(model: nn.Module, sample) -> int:
     """FLOPs of one forward pass on ``sample`` (one example): torch's flop counter, plus the recurrent layers it
     did not see (on the CPU an RNN runs as matrix products the counter counts; cuDNN's fused kernel it cannot)."""
@@ -70,7 +86,7 @@ def count_flops(model: nn.Module, sample) -> int:
     model.eval()
     handles, rnn = _rnn_flops(model)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
             run_model(model, sample)
     finally:
         for h in handles:

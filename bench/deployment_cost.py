@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 
 import torch
 from common import ROOT, run_settings, settings_parser

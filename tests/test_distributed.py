@@ -2,11 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -14,9 +11,6 @@ from safetensors.torch import load_file
 
 from theseus_cli.distributed import Dist
 from tests.conftest import tiny_recipe_dict
-
-ROOT = Path(__file__).parents[1]
-
 
 @pytest.mark.parametrize("n,world", [(64, 2), (63, 2), (10, 3), (3, 3)])
 def test_shards_are_contiguous_cover_the_batch_and_differ_by_at_most_one(n, world):
@@ -42,18 +36,18 @@ def _run(cmd, tmp):
     return json.loads(res.stdout)
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None and
-                    not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("micro", [None, 20])
+def test_two_gloo_processes_match_one_process(tmp_path, micro):
     # BatchNorm in the guide (frozen during alignment, trained in fine-tuning and the baseline), a batch of 63
-    # (uneven shards 32 + 31), the naive baseline too: everything data-parallel has to get right
+    # (uneven shards 32 + 31), the naive baseline too: everything data-parallel has to get right; and the
+    # exact micro-batched alignment step, whose slices run within each rank's shard
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(data={"batch_size": 63}, baseline={"enabled": True},
-                                                      finetune={"epochs": 2})))
+                                                      finetune={"epochs": 2}, align={"micro_batch_size": micro})))
     args = ["convert", "--recipe", str(recipe), "--device", "cpu", "--json"]
     one = _run([sys.executable, "-m", "theseus_cli", *args, "--out", "one"], tmp_path)
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = _run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "theseus_cli", *args, "--out", "two"], tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # = torchrun
+    two = _run([*torchrun, "-m", "theseus_cli", *args, "--out", "two"], tmp_path)
     assert two["distributed"] == {"world_size": 2, "backend": "gloo"} and one["distributed"]["world_size"] == 1
     for a, b in zip(one["stages"], two["stages"]):
         assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)

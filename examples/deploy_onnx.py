@@ -22,14 +22,8 @@ from theseus_cli.export import export_target
 from theseus_cli.pretrain import train_guide
 from theseus_cli.recipe import parse_recipe
 
-RECIPE = {
-    "guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 8}},
-    "data": {"source": "digits", "batch_size": 64},
-    "replace": [{"match": "Conv2d", "with": "lowrank_linear", "params": {"rank": 32}}],
-    "align": {"epochs": 2, "lr": 2e-3},
-    "finetune": {"epochs": 6, "lr": 2e-3},
-    "seed": 0,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from library_conversion import RECIPE  # noqa: E402  (the same conversion as the library example, then deployed)
 
 
 def raw_test_images(recipe) -> tuple[np.ndarray, np.ndarray]:

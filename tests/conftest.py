@@ -43,3 +43,26 @@ def write_recipe(tmp_path: Path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *args: str) -> tuple[Path, Path | None, Path, dict]:
+    """Through the real CLI: write ``recipe``, train its guide for ``guide_epochs`` (None: untrained guide), convert
+    into ``tmp/run`` with ``args``; returns (recipe file, guide checkpoint, run directory, report)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from theseus_cli.cli import app
+
+    runner = CliRunner()
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    guide = None
+    if guide_epochs is not None:
+        guide = tmp / "guide.safetensors"
+        res = runner.invoke(app, ["train-guide", "--recipe", str(path), "--out", str(guide), "--epochs", str(guide_epochs), "--json"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["convert", *([str(guide)] if guide else []), "--recipe", str(path), "--out", str(tmp / "run"),
+                              "--device", "cpu", "--json", *args])
+    assert res.exit_code == 0, res.output
+    return path, guide, tmp / "run", json.loads(res.stdout)

@@ -3,28 +3,19 @@
 import json
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from theseus_cli.cli import app
 from theseus_cli.evaluation import data_override
 from theseus_cli.recipe import DataConfig
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import cli_conversion, tiny_recipe_dict
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict()))
-    guide = tmp / "guide.safetensors"
-    res = runner.invoke(app, ["train-guide", "--recipe", str(recipe), "--out", str(guide), "--epochs", "2", "--json"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["convert", str(guide), "--recipe", str(recipe), "--out", str(tmp / "run"), "--device", "cpu", "--json"])
-    assert res.exit_code == 0, res.output
-    return recipe, guide, tmp / "run", json.loads(res.stdout)
+    return cli_conversion(tmp_path_factory.mktemp("eval"), tiny_recipe_dict(), 2)
 
 
 def test_eval_of_a_target_reproduces_the_conversion_report(run):

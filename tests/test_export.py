@@ -6,26 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 from typer.testing import CliRunner
 
 from theseus_cli import load_target
 from theseus_cli.cli import app
 from theseus_cli.errors import ExportError
 from theseus_cli.export import Deployable, export_onnx, export_torchscript
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import cli_conversion, tiny_recipe_dict
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict()))
-    res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp / "run"), "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    return tmp / "run"
+    return cli_conversion(tmp_path_factory.mktemp("export"), tiny_recipe_dict())[2]
 
 
 def test_onnx_export_matches_pytorch_under_onnx_runtime(run_dir):

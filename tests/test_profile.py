@@ -52,7 +52,7 @@ def test_flops_of_recurrent_layers_counted_once_seen_or_not(hide, monkeypatch):
 def test_latency_is_measured_per_batch_size_and_profiles_compare():
     small, big = nn.Linear(16, 4), nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 4))
     lat = measure_latency(small, torch.randn(1, 16), 8, torch.device("cpu"), budget_s=0.01)
-    assert lat["batch"] == 8 and lat["median_ms"] > 0 and lat["repeats"] >= 5 and lat["p90_ms"] >= lat["median_ms"]
+    assert lat["batch"] == 8 and lat["median_ms"] > 0 and lat["repeats"] >= 3 and lat["p90_ms"] >= lat["median_ms"]
     a = profile_model(small, torch.randn(3, 16), torch.device("cpu"), (1, 4))
     b = profile_model(big, torch.randn(3, 16), torch.device("cpu"), (1, 4))
     assert set(a["latency"]) == {"1", "4"} and a["flops_per_example"] == 2 * 16 * 4

@@ -25,8 +25,9 @@ from theseus_cli.batch import TokenBatch, run_model
 from theseus_cli.runtime import current as current_runtime
 
 LATENCY_BATCHES = (1, 64)
-WARMUP = 3
-MIN_REPEATS = 5
+WARMUP = 3  # calls before timing; one when a call is slow (then allocator and kernels are warm after one)
+SLOW_CALL_S = 0.05
+MIN_REPEATS = 3
 MAX_REPEATS = 200
 TIME_BUDGET_S = 0.3  # per (model, batch size): repeats stop once this much time was spent, after MIN_REPEATS
 
@@ -118,8 +119,13 @@ def measure_latency(model: nn.Module, sample, batch: int, device: torch.device,
     model.eval()
     x = rt.batch(_repeat(sample, batch))
     with rt.autocast():
-        for _ in range(WARMUP):
-            run_model(model, x)
+        _sync(device)
+        t0 = time.perf_counter()
+        run_model(model, x)
+        _sync(device)
+        if time.perf_counter() - t0 < SLOW_CALL_S:
+            for _ in range(WARMUP - 1):
+                run_model(model, x)
     _sync(device)
     times: list[float] = []
     spent = 0.0

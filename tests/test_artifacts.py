@@ -52,3 +52,23 @@ def test_reading_something_that_is_not_a_target(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "target.safetensors"))
     with pytest.raises(ModelError, match="not a theseus target"):
         read_target_metadata(tmp_path)
+
+
+def test_leftovers_of_killed_writes_are_removed_and_resume_needs_a_run(tmp_path):
+    import pytest
+
+    from theseus_cli.errors import OutputError
+
+    out = tmp_path / "run"
+    (out / ".resume").mkdir(parents=True)
+    (out / ".resume" / "stages.pt").write_bytes(b"x")
+    (out / ".target.safetensors.k3j2.tmp").write_bytes(b"torn")
+    (out / ".resume" / ".stages.pt.a1.tmp").write_bytes(b"torn")
+    prepare_out_dir(out, overwrite=False, resume=True)
+    assert sorted(p.name for p in out.rglob("*")) == [".resume", "stages.pt"]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="holds no theseus run"):
+        prepare_out_dir(other, overwrite=False, resume=True)
+    assert (other / "notes.txt").read_text() == "keep"

@@ -13,7 +13,6 @@ import theseus_cli
 from theseus_cli.cli import app
 from theseus_cli.data import load_dataset
 from theseus_cli.recipe import load_recipe
-from theseus_cli.zoo import cnn_small
 from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()

@@ -28,7 +28,7 @@ def setup():
 def test_stage_trains_only_replacements_and_keeps_batchnorm_statistics():
     guide, plan, x = setup()
     target = copy.deepcopy(guide)
-    new = apply_entries(target, plan.entries[:2])
+    apply_entries(target, plan.entries[:2])
     before = {k: v.clone() for k, v in target.state_dict().items()}
     guide_before = {k: v.clone() for k, v in guide.state_dict().items()}
     stage = Stage(plan.paths[1:2], plan.paths[:2], plan.paths[:2])
@@ -56,7 +56,7 @@ def test_forward_stops_after_the_deepest_aligned_module():
 def test_alignment_raises_similarity():
     guide, plan, x = setup()
     target = copy.deepcopy(guide)
-    new = apply_entries(target, plan.entries[:1])
+    apply_entries(target, plan.entries[:1])
     start = layer_similarity(guide, target, plan.paths[:1], x, torch.device("cpu"))[plan.paths[0]]["cka"]
     align_stage(0, guide, target, Stage(plan.paths[:1], plan.paths[:1], plan.paths[:1]), x,
                 AlignConfig(epochs=20, lr=1e-2), cka_loss, 32, torch.Generator().manual_seed(0), torch.device("cpu"))

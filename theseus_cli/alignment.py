@@ -18,6 +18,8 @@ from theseus_cli.batch import token_mask
 from theseus_cli.data import batches_per_epoch, iterate_batches
 from theseus_cli.distributed import current as current_dist
 from theseus_cli.errors import TrainingError
+from theseus_cli.faults import (check_stop, diverged, first_nonfinite_module, is_oom, largest_fitting, oom_error,
+                                 restore, snapshot)
 from theseus_cli.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import AlignConfig
@@ -26,11 +28,6 @@ from theseus_cli.schedule import Stage
 from theseus_cli.similarity import LossFn, sequence_rows
 
 MAX_TOKEN_ROWS = 4096  # per-token similarity: rows kept per batch (mutual-kNN metrics cost O(rows²) memory)
-
-
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(f"{where}: loss became {loss.item()} (diverged); lower the learning rate or enable grad_clip")
 
 
 @dataclass
@@ -144,6 +141,18 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
     return losses.detach()
 
 
+def _align_step(guide, target, stage, xb, idx, cfg, loss_fn, tokens, cache, rt, micro: int | None = None) -> torch.Tensor:
+    """Forward and backward of one alignment step (gradients accumulate in the trained parameters); the
+    per-point losses. ``micro`` overrides ``align.micro_batch_size`` (the out-of-memory probe uses it)."""
+    micro = micro or cfg.micro_batch_size
+    if micro and micro < len(xb):
+        return micro_batched_step(guide, target, stage, xb, loss_fn, tokens, micro, rt, cache, idx)
+    with rt.autocast():
+        layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens, cache, idx)
+    layer_losses.mean().backward()
+    return layer_losses
+
+
 def align_stage(
     index: int,
     guide: nn.Module,
@@ -190,7 +199,7 @@ def align_stage(
     start = time.perf_counter()
     with dist.synced_batchnorm(target):
         _align_epochs(guide, target, stage, x_train, cfg, loss_fn, batch_size, generator, device, tokens, cache,
-                      rt, dist, opt, params, per_epoch, max_epochs, auto, plateau, alpha, result, where, task)
+                      rt, dist, opt, params, per_epoch, max_epochs, auto, plateau, alpha, result, where, task, trainable)
     result.lr = opt.param_groups[0]["lr"]
     task.done()
     result.seconds = time.perf_counter() - start
@@ -200,23 +209,32 @@ def align_stage(
 
 
 def _align_epochs(guide, target, stage, x_train, cfg, loss_fn, batch_size, generator, device, tokens, cache, rt, dist,
-                  opt, params, per_epoch, max_epochs, auto, plateau, alpha, result: StageResult, where: str, task) -> None:
-    """The epoch loop of :func:`align_stage` (fills ``result``)."""
+                  opt, params, per_epoch, max_epochs, auto, plateau, alpha, result: StageResult, where: str, task,
+                  trainable: list[nn.Module]) -> None:
+    """The epoch loop of :func:`align_stage` (fills ``result``). Each epoch starts from a snapshot of the trained
+    modules, put back if the epoch diverges; a stop request is honoured after any step (:mod:`theseus_cli.faults`)."""
     ema = None  # device tensor: no host sync per step
     for _epoch in range(max_epochs):
+        saved = snapshot(trainable)
         step_losses, layer_sums = [], torch.zeros(len(stage.aligned), device=device)  # stays on the device: no per-step sync
+        never = torch.iinfo(torch.int64).max
+        first_bad = torch.full((len(stage.aligned),), never, dtype=torch.int64, device=device)  # step each point went bad
         for step, idx in enumerate(iterate_batches(x_train.shape[0], batch_size, generator)):
             if step >= per_epoch:
                 break
             opt.zero_grad(set_to_none=True)
             xb = rt.batch(x_train[idx])
-            if cfg.micro_batch_size and cfg.micro_batch_size < len(xb):
-                layer_losses = micro_batched_step(guide, target, stage, xb, loss_fn, tokens, cfg.micro_batch_size, rt,
-                                                  cache, idx)
-            else:
-                with rt.autocast():
-                    layer_losses = _stage_losses(guide, target, stage, xb, loss_fn, tokens, cache, idx)
-                layer_losses.mean().backward()
+            try:
+                layer_losses = _align_step(guide, target, stage, xb, idx, cfg, loss_fn, tokens, cache, rt)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                opt.zero_grad(set_to_none=True)
+                fits = largest_fitting(len(xb), lambda m: _align_step(guide, target, stage, xb, idx, cfg, loss_fn, tokens,
+                                                                      cache, rt, micro=m))
+                opt.zero_grad(set_to_none=True)
+                raise oom_error(where, xb.device, len(xb), "align.micro_batch_size", fits,
+                                "the batch runs in slices of that size with the exact full-batch gradient") from None
             dist.sum_grads(params)  # each rank holds its shard's part of the full-batch gradient
             loss = layer_losses.detach().mean()
             if cfg.grad_clip:
@@ -224,14 +242,23 @@ def _align_epochs(guide, target, stage, x_train, cfg, loss_fn, batch_size, gener
             opt.step()
             step_losses.append(loss.detach())
             layer_sums += layer_losses.detach()
+            first_bad = torch.where(~torch.isfinite(layer_losses.detach()) & (first_bad == never), step, first_bad)
             result.steps += 1
             task.advance()
             if auto:
                 ema = loss.detach() if ema is None else ema + alpha * (loss.detach() - ema)
                 if result.steps % auto.check_every == 0 and float(ema) < auto.stop_loss:
                     break  # recorded as "threshold" below
+            check_stop(where)
         epoch_losses = torch.stack(step_losses).cpu()
-        check_finite(epoch_losses.sum(), where)
+        if not torch.isfinite(epoch_losses.sum()):
+            # where it started: the point that went non-finite first (at a tie, the upstream one, whose output the
+            # later points read), else the first trained module with non-finite weights
+            first = first_bad.cpu()
+            module = stage.aligned[int(first.argmin())] if int(first.min()) != never else \
+                first_nonfinite_module(target, stage.trained)
+            restore(trainable, saved)
+            raise diverged(where, "the alignment loss", module, "lower align.lr or set align.grad_clip")
         result.losses.extend(epoch_losses.tolist())
         result.epochs += 1
         result.final_layer_losses = {p: float(v) / len(step_losses) for p, v in zip(stage.aligned, layer_sums.cpu())}

@@ -12,9 +12,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import pickle
+import warnings
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -80,8 +83,30 @@ def _call_user_function(spec: str, module_name: str, fn_name: str, kwargs: dict[
     return fn(**kwargs)
 
 
+_TRUST_PICKLES: ContextVar[bool] = ContextVar("theseus_trust_pickles", default=False)
+
+
+@contextmanager
+def trusting_pickles(enabled: bool = True) -> Iterator[None]:
+    """Within this block, ``.pt``/``.pth``/``.bin``/``.ckpt`` checkpoints are unpickled in full
+    (``weights_only=False``), so a file holding a whole ``nn.Module`` (``torch.save(model)``) can be read.
+
+    Unpickling runs whatever code the file names: only for files from a source you trust. This is the
+    CLI's ``--trust-checkpoint``; without it every checkpoint is read with ``weights_only=True``.
+    """
+    token = _TRUST_PICKLES.set(enabled)
+    try:
+        yield
+    finally:
+        _TRUST_PICKLES.reset(token)
+
+
+def pickles_trusted() -> bool:
+    return _TRUST_PICKLES.get()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict without executing code from the file."""
+    """Read a state dict without executing code from the file (unless inside :func:`trusting_pickles`)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
@@ -90,16 +115,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
+        elif pickles_trusted():
+            state = torch.load(str(path), map_location="cpu", weights_only=False)
+            if isinstance(state, nn.Module):  # a whole pickled model: its weights, for the recipe's architecture
+                state = state.state_dict()
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelError(
             f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
-            f"(weights_only=True never runs code from a checkpoint; save model.state_dict() instead). {first}"
+            f"(weights_only=True never runs code from a checkpoint; save model.state_dict() instead, or pass "
+            f"--trust-checkpoint if you trust the file's source). {first}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}") from None
     except Exception as exc:  # safetensors raises its own error type
         raise ModelError(f"{path}: not a readable checkpoint: {type(exc).__name__}: {exc}") from None

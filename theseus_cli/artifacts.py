@@ -112,13 +112,26 @@ def load_target(path: str | Path, device: str = "cpu") -> nn.Module:
     return model
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a non-empty directory unless ``overwrite``."""
+def _is_run(out: Path) -> bool:
+    return any((out / name).exists() for name in (".resume", TARGET_FILE, REPORT_FILE))
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to mix a new run into a non-empty directory unless ``overwrite``; ``resume`` needs a directory that
+    holds a run (or nothing). Temporary files a killed run left behind (``atomic_write``'s) are removed."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: directory exists and is not empty (use --resume to continue a killed run there, or --overwrite to replace its files)")
+        if not resume:
+            raise OutputError(f"{out}: directory exists and is not empty (use --resume to continue a killed run there, "
+                              "or --overwrite to replace its files)")
+        if not _is_run(out):
+            raise OutputError(f"{out}: --resume, but the directory holds no theseus run (no .resume/, {TARGET_FILE} or "
+                              f"{REPORT_FILE}); use another --out, or --overwrite")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create output directory: {exc}") from None
+    for folder in (out, out / ".resume"):
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
+            stale.unlink(missing_ok=True)

@@ -28,6 +28,9 @@ err_console = Console(stderr=True)
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
 DebugOpt = typer.Option(False, "--debug", help="show tracebacks of unexpected errors")
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="unpickle .pt/.pth/.bin/.ckpt checkpoints in full (e.g. a whole saved nn.Module); this runs "
+                             "code from the file: only for files you trust (default: weights only, no code runs)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
 
@@ -80,16 +83,19 @@ def _shape(shape) -> str:
 def inspect(
     guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
     recipe: Path = RecipeOpt,
+    trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Show which modules the recipe replaces, their shapes, and what they become."""
 
     def work():
+        from theseus_cli.arch import trusting_pickles
         from theseus_cli.inspection import inspect_guide
         from theseus_cli.recipe import load_recipe
 
-        return inspect_guide(load_recipe(recipe), guide)
+        with trusting_pickles(trust):
+            return inspect_guide(load_recipe(recipe), guide)
 
     plan = _run(debug, work)
     if as_json:
@@ -159,6 +165,7 @@ def convert(
                                                   help="gate: exit 10 unless the target keeps this share of the guide's metric"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0,
                                                    help="gate: exit 10 unless the target's batch-1 latency on the device is at most this"),
+    trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
@@ -167,12 +174,14 @@ def convert(
     from theseus_cli.gates import Gates, raise_if_failed
 
     def work():
+        from theseus_cli.arch import trusting_pickles
         from theseus_cli.convert import run_conversion
         from theseus_cli.recipe import load_recipe
 
         r = load_recipe(recipe)
-        return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume,
-                              Gates(min_retention, max_latency_ms))
+        with trusting_pickles(trust):
+            return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume,
+                                  Gates(min_retention, max_latency_ms))
 
     report = _run(debug, work)
     if report is None:  # a non-main rank of a torchrun job: rank 0 prints
@@ -229,15 +238,18 @@ def eval_cmd(
                                                            "other data settings stay the model's"),
     device: str = DeviceOpt,
     batch: int = typer.Option(64, "--batch", min=2, help="the larger batch size latency is measured at (besides 1)"),
+    trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Metric on the test split, params, FLOPs and latency of a guide checkpoint or a converted target."""
 
     def work():
+        from theseus_cli.arch import trusting_pickles
         from theseus_cli.evaluation import evaluate_model
 
-        return evaluate_model(model, recipe, data, device, (1, batch))
+        with trusting_pickles(trust):
+            return evaluate_model(model, recipe, data, device, (1, batch))
 
     result = _run(debug, work)
     if as_json:

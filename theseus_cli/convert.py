@@ -32,6 +32,7 @@ from theseus_cli.data import batches_per_epoch
 from theseus_cli.distributed import Dist, process_group
 from theseus_cli.distributed import current as current_dist
 from theseus_cli.errors import DataError, MatchError, RecipeError
+from theseus_cli.faults import Interrupted, graceful_stop
 from theseus_cli.gates import Gates, evaluate_gates
 from theseus_cli.guide_cache import GuideCache
 from theseus_cli.matching import pattern_matches
@@ -101,7 +102,7 @@ def check_overrides(overrides, stages, matches) -> None:
 
 
 def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Module, introduce, out: Path, resume: bool,
-           progress: Progress) -> tuple[torch.nn.Module, list[dict[str, Any]], GuideCache | None]:
+           progress: Progress, fingerprint: dict) -> tuple[torch.nn.Module, list[dict[str, Any]], GuideCache | None]:
     """Align ``target`` stage by stage (``introduce(target, stage)`` swaps in what a stage adds); checkpoint after each.
 
     In-place conversion starts from a copy of the guide and introduces replacements; architecture
@@ -124,7 +125,6 @@ def _align(session: Session, guide: torch.nn.Module, plan, target: torch.nn.Modu
     cache = (GuideCache(data.x_train.shape[0], dev)
              if recipe.align.cache_guide and recipe.schedule.kind != "independent" else None)
     stages: list[dict[str, Any]] = []
-    fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
     saved = resume_stages.load_stages(out, fingerprint) if resume else None
     main = current_dist().main
     if saved is None and main:
@@ -215,7 +215,7 @@ def run_conversion(
     started = time.perf_counter()
     out = Path(out)
     with process_group(device) as (dist, device):
-        prepare_out_dir(out, overwrite or resume)
+        prepare_out_dir(out, overwrite, resume)
         if not dist.main:
             progress = NullProgress()
         session = open_session(recipe, checkpoint, device)
@@ -224,9 +224,13 @@ def run_conversion(
         if rt.data_on_device:
             session.data.to(session.device)
         rt.prepare(session.guide)
-        with using(rt):
-            report = _convert(session, rt, out, recipe.baseline.enabled if baseline is None else baseline, resume,
-                              progress, started, gates)
+        try:
+            with using(rt), graceful_stop():
+                report = _convert(session, rt, out, recipe.baseline.enabled if baseline is None else baseline, resume,
+                                  progress, started, gates)
+        except Interrupted as stop:
+            raise Interrupted(f"{stop.message}; rerun the same command with --resume to continue "
+                              f"{resume_stages.describe(out)}", stop.exit_code - 128) from None
         dist.barrier()  # the other ranks wait until rank 0 has written every file
         return report if dist.main else None
 
@@ -258,27 +262,44 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
     heldout = data.x_test[:HELDOUT_FOR_SIMILARITY]
     guide_points = plan.guide_points if recipe.target is not None else None
 
-    # ---- alignment (Algorithm 1), stage by stage as the schedule says
-    t_align = time.perf_counter()
-    target, stages, cache = _align(session, guide, plan, target, introduce, out, resume, progress)
-    align_seconds = time.perf_counter() - t_align
-    align_steps = sum(s["steps"] for s in stages)
+    fingerprint = {"recipe_hash": recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
+    done = resume_stages.load_phase(out, fingerprint) if resume else None
     sim = recipe.similarity
-    sim_after_align = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
-                       if main else None)
-
-    # ---- BatchNorm recalibration, then end-to-end fine-tuning
-    bn_layers = 0
-    if recipe.bn_recalibration.enabled:
-        bn_layers = recalibrate_batchnorm(target, data.x_train, recipe.bn_recalibration.batches,
-                                          recipe.data.batch_size, torch.Generator().manual_seed(seed + 2), dev)
-    m_aligned = _evaluate(target, session)
+    cache = None
+    if done is not None:  # a resumed run whose alignment (and maybe fine-tuning) had finished
+        for stage in plan.stages:
+            introduce(target, stage)
+        target.load_state_dict(done["state"])
+        r = done["results"]
+        progress.log(f"resumed {resume_stages.describe(out)}")
+    else:
+        # ---- alignment (Algorithm 1), stage by stage as the schedule says
+        t_align = time.perf_counter()
+        target, stages, cache = _align(session, guide, plan, target, introduce, out, resume, progress, fingerprint)
+        r = {"stages": stages, "align_seconds": time.perf_counter() - t_align}
+        r["sim_after_align"] = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens,
+                                                 guide_points) if main else None)
+        # ---- BatchNorm recalibration
+        r["bn_layers"] = 0
+        if recipe.bn_recalibration.enabled:
+            r["bn_layers"] = recalibrate_batchnorm(target, data.x_train, recipe.bn_recalibration.batches,
+                                                   recipe.data.batch_size, torch.Generator().manual_seed(seed + 2), dev)
+        r["m_aligned"] = _evaluate(target, session)
+        if main:
+            resume_stages.save_phase(out, "aligned", target, r, fingerprint)
+    stages, align_steps = r["stages"], sum(s["steps"] for s in r["stages"])
     ft_steps, warmup = _task_steps(session)
-    ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
-    m_target = _evaluate(target, session)
-    sim_after_ft = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens, guide_points)
-                    if main else None)
-    m_guide = _evaluate(guide, session)
+    if done is None or done["phase"] == "aligned":
+        # ---- end-to-end fine-tuning
+        torch.manual_seed(seed + 3)  # dropout draws the same masks whether or not the run was resumed
+        ft = _train_on_task(target, session, ft_steps, warmup, recipe.finetune.lr, seed + 3, "fine-tune target", progress)
+        r["finetune"] = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile}
+        r["m_target"] = _evaluate(target, session)
+        r["sim_after_ft"] = (layer_similarity(guide, target, plan.align_points, heldout, dev, sim.k, sim.tokens,
+                                              guide_points) if main else None)
+        r["m_guide"] = _evaluate(guide, session)
+        if main:
+            resume_stages.save_phase(out, "finetuned", target, r, fingerprint)
 
     # ---- naive baseline: same target architecture from scratch, same total gradient steps
     baseline_report = None
@@ -294,6 +315,8 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
 
     if not main:  # every file and measurement below is rank 0's
         return None
+    m_guide, m_aligned, m_target = r["m_guide"], r["m_aligned"], r["m_target"]
+    sim_after_align, sim_after_ft = r["sim_after_align"], r["sim_after_ft"]
 
     # ---- what each model costs to deploy, on this device
     sample = data.x_test[:1]
@@ -325,7 +348,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
         "similarity": {"optimised": sim.kind, "heldout_samples": int(heldout.shape[0]), "mknn_k": sim.k,
                        "after_alignment": sim_after_align, "after_finetune": sim_after_ft},
         "guide_cache": cache.summary() if cache is not None else None,
-        "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": bn_layers},
+        "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": r["bn_layers"]},
         "task": recipe.task,
         "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": m_guide,
                    "target_after_alignment": m_aligned, "target": m_target,
@@ -333,10 +356,10 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
                    "retention": retention(task, m_guide, m_target)},
         "steps": {"alignment": align_steps, "finetune": ft_steps,
                   "baseline": baseline_report["steps"] if baseline_report else None},
-        "finetune": {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile},
+        "finetune": r["finetune"],
         "baseline": baseline_report,
         "deployment": deployment,
-        "wall_time": {"alignment": align_seconds, "total": time.perf_counter() - started},
+        "wall_time": {"alignment": r["align_seconds"], "total": time.perf_counter() - started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
     plot_alignment(out / PLOT_FILE, stages, sim_after_align, sim.kind,

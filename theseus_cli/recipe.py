@@ -8,11 +8,12 @@ its location (``replace[0].params.rank: ...``), before any model is built.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -376,10 +377,41 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``Optional[X]``, ``list[X]``, ``Union[...]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys the recipe's schema allows in the mapping at ``loc`` (a pydantic error location)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = _model_in(field.annotation) if field is not None else None
+    return [f.alias or n for n, f in model.model_fields.items()] if model is not None else []
+
+
+def _unknown_key(loc: tuple) -> str:
+    key = loc[-1] if loc else ""
+    valid = _keys_at(loc[:-1])
+    near = difflib.get_close_matches(str(key), valid, n=1)
+    if near:
+        return f"unknown key (did you mean {near[0]!r}?)"
+    return f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
+
+
 def _problem(err: dict, prefix: tuple = ()) -> str:
-    """One pydantic error as 'location: message'."""
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    """One pydantic error as 'location: message'; an unknown key comes with the closest valid one."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     return f"{_loc(prefix + loc)}: {msg}"
 
 

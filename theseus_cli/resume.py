@@ -1,14 +1,15 @@
-"""Stage checkpoints, so a killed conversion resumes from its last finished stage.
+"""Checkpoints, so a killed or stopped conversion resumes from its last finished stage or phase.
 
-After every alignment stage, ``convert`` atomically replaces one file,
-``OUT/.resume/stages.pt``, holding the hybrid target's state dict, the
-results of the finished stages, the alignment batch generator's state and a
-fingerprint of what is being converted (resolved recipe hash and guide
-checkpoint hash). ``convert --resume`` rebuilds the hybrid up to that stage,
-loads the state and carries on; everything later (stage seeds, batch order,
-recalibration, fine-tuning) is seeded, so the resumed run reaches the same
-target as an uninterrupted one. The file is read with ``weights_only=True``
-and removed when the run finishes.
+After every alignment stage, ``convert`` atomically replaces ``OUT/.resume/stages.pt``,
+holding the hybrid target's state dict, the results of the finished stages, the alignment
+batch generator's state and a fingerprint of what is being converted (resolved recipe hash
+and guide checkpoint hash). After alignment + BatchNorm recalibration, and again after
+fine-tuning, it replaces ``OUT/.resume/phase.pt`` (the target and the results so far).
+``convert --resume`` continues from the latest of these: it rebuilds the hybrid, loads the
+state and carries on; everything later (stage seeds, batch order, recalibration,
+fine-tuning, baseline) is seeded, so the resumed run reaches the same target as an
+uninterrupted one. The work of a stage or phase that was cut short is redone. Files are
+read with ``weights_only=True`` and removed when the run finishes.
 """
 
 from __future__ import annotations
@@ -58,3 +59,42 @@ def load_stages(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None
 
 def clear(out: Path) -> None:
     shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+
+
+PHASE_FILE = "phase.pt"
+
+
+def save_phase(out: Path, phase: str, target: nn.Module, results: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """After alignment (``aligned``: aligned and recalibrated) and after fine-tuning (``finetuned``): the target's
+    state and everything the report needs from the phases done, so a resumed run skips them."""
+    payload = {"fingerprint": fingerprint, "phase": phase, "results": results,
+               "state": {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}}
+    atomic_write(out / RESUME_DIR / PHASE_FILE, lambda tmp: torch.save(payload, tmp))
+
+
+def load_phase(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    file = out / RESUME_DIR / PHASE_FILE
+    if not file.is_file():
+        return None
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise OutputError(f"{file}: unreadable checkpoint ({type(exc).__name__}); delete it or drop --resume") from None
+    if payload.get("fingerprint") != fingerprint:
+        raise OutputError(f"{file}: made for a different recipe or guide checkpoint; use another --out or --overwrite")
+    return payload
+
+
+def describe(out: Path) -> str:
+    """Where ``convert --resume`` on ``out`` would continue from, in words."""
+    phase, stages = out / RESUME_DIR / PHASE_FILE, _file(out)
+    try:
+        if phase.is_file():
+            done = torch.load(phase, map_location="cpu", weights_only=True)["phase"]
+            return "after fine-tuning (the baseline is redone)" if done == "finetuned" else "from the aligned target"
+        if stages.is_file():
+            n = len(torch.load(stages, map_location="cpu", weights_only=True)["stages"])
+            return f"after alignment stage {n}"
+    except Exception:  # an unreadable checkpoint: resume will say so
+        pass
+    return "from the start (no stage had finished)"

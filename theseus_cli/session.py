@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from theseus_cli.arch import load_guide
+from theseus_cli.arch import load_guide, pickles_trusted
 from theseus_cli.data import Dataset, load_dataset
 from theseus_cli.errors import DataError, DeviceError
 from theseus_cli.recipe import Recipe
@@ -60,6 +60,7 @@ class Session:
                 "trained": self.checkpoint is not None}
         if self.checkpoint:
             info["checkpoint_sha256"] = file_sha256(self.checkpoint)
+            info["unpickled_in_full"] = pickles_trusted() and self.checkpoint.suffix != ".safetensors"
         return info
 
 

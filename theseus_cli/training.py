@@ -15,11 +15,13 @@ import torch
 import torch.nn as nn
 
 # alignment stages live in theseus_cli.alignment; re-exported here, where callers have always found them
-from theseus_cli.alignment import (MAX_TOKEN_ROWS, StageResult, _stage_losses, align_stage, check_finite,  # noqa: F401
+from theseus_cli.alignment import (MAX_TOKEN_ROWS, StageResult, _stage_losses, align_stage,  # noqa: F401
                                    micro_batched_step, set_trainable)
 from theseus_cli.batch import run_model, token_mask
 from theseus_cli.data import iterate_batches
 from theseus_cli.distributed import current as current_dist
+from theseus_cli.faults import (check_stop, diverged, first_nonfinite_module, is_oom, largest_fitting, oom_error,
+                                 restore, snapshot)
 from theseus_cli.hooks import forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.runtime import current as current_runtime
@@ -107,8 +109,14 @@ def train_task(
     params = list(model.parameters())
     with dist.synced_batchnorm(model):
         while step < steps:
-            step = _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_size, generator, device,
-                               grad_clip, opt, sched, params, rt, dist, result, description, bar)
+            saved = snapshot([model])  # put back if this epoch diverges
+            step, mean = _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_size, generator,
+                                     device, grad_clip, opt, sched, params, rt, dist, description, bar)
+            if not torch.isfinite(mean):
+                module = first_nonfinite_module(model)
+                restore([model], saved)
+                raise diverged(description, "the task loss", module, "lower the learning rate or set finetune.grad_clip")
+            result.epoch_losses.append(float(mean))
     bar.done()
     model.eval()
     result.seconds = time.perf_counter() - start
@@ -116,9 +124,16 @@ def train_task(
     return result
 
 
+def _task_step(forward, task, xb, yb, label_smoothing: float, share: float, rt):
+    with rt.autocast():
+        loss = task.loss(run_model(forward, xb), xb, yb, label_smoothing) * share
+    loss.backward()
+    return loss
+
+
 def _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_size, generator, device, grad_clip,
-                opt, sched, params, rt, dist, result: TaskTrainResult, description: str, bar) -> int:
-    """One pass over the data (or until ``steps``) of :func:`train_task`; returns the step count reached.
+                opt, sched, params, rt, dist, description: str, bar) -> tuple[int, torch.Tensor]:
+    """One pass over the data (or until ``steps``) of :func:`train_task`: (the step count reached, the mean loss).
 
     Under ``torchrun`` each rank trains on its shard of the batch, its mean loss weighted by the shard's
     share, and gradients are summed over ranks: the gradient of the whole batch's mean loss."""
@@ -133,10 +148,18 @@ def _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_
             share = len(idx) / whole
         xb = rt.batch(x[idx])
         yb = y[idx].to(device, non_blocking=True) if y is not None else None
-        with rt.autocast():
-            loss = task.loss(run_model(forward, xb), xb, yb, label_smoothing) * share
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = _task_step(forward, task, xb, yb, label_smoothing, share, rt)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            opt.zero_grad(set_to_none=True)
+            fits = largest_fitting(len(xb), lambda b: _task_step(forward, task, xb[:b], None if yb is None else yb[:b],
+                                                                 label_smoothing, share, rt))
+            opt.zero_grad(set_to_none=True)
+            raise oom_error(description, torch.device(device), len(xb), "data.batch_size", fits,
+                            "fine-tuning, the baseline and train-guide use it") from None
         dist.sum_grads(params)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -145,10 +168,8 @@ def _task_epoch(model, forward, task, x, y, steps, step, label_smoothing, batch_
         losses.append(loss.detach())
         step += 1
         bar.advance()
-    mean = dist.all_sum(torch.stack(losses).sum()) / len(losses)  # the shares add up to each batch's mean loss
-    check_finite(mean, description)
-    result.epoch_losses.append(float(mean))
-    return step
+        check_stop(description)
+    return step, dist.all_sum(torch.stack(losses).sum()) / len(losses)  # the shares add up to each batch's mean loss
 
 
 @torch.no_grad()

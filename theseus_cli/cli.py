@@ -300,6 +300,59 @@ def export(
         out_console.print(f"load with {result['load_with']}")
 
 
+@app.command()
+def transport(
+    recipe: Path = RecipeOpt,
+    base_a: Path = typer.Option(..., "--base-a", help="state dict of base model A"),
+    tuned_a: Path = typer.Option(..., "--tuned-a", help="state dict of A fine-tuned on the task (A′)"),
+    base_b: Path = typer.Option(..., "--base-b", help="state dict of base model B (another width)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: a data source or path (default: the task's training inputs)"),
+    val: Optional[str] = typer.Option(None, "--val", help="validation examples for α: a data source or path (default: held out from the task's training split)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="fixed α (no search)"),
+    alpha_grid: Optional[str] = typer.Option(None, "--alpha-grid", help="start:stop:step searched on the validation split (default: the recipe's)"),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Move the fine-tuning delta A′ − A to model B of another width, with Procrustes maps, no training."""
+
+    def work():
+        from theseus_cli.arch import trusting_pickles
+        from theseus_cli.errors import RecipeError
+        from theseus_cli.transport import alpha_values, load_transport_recipe
+        from theseus_cli.transport_run import run_transport
+
+        if alpha is not None and alpha_grid is not None:
+            raise RecipeError("give --alpha or --alpha-grid, not both")
+        if alpha_grid is not None:
+            try:
+                alpha_values(alpha_grid)
+            except ValueError as exc:
+                raise RecipeError(f"--alpha-grid: {exc}") from None
+        with trusting_pickles(trust):
+            return run_transport(load_transport_recipe(recipe), base_a, tuned_a, base_b, out, calib, val, alpha,
+                                 alpha_grid, device, overwrite)
+
+    report = _run(debug, work)
+    if as_json:
+        _emit_json(report)
+        return
+    m = report["metric"]
+    table = Table(title=f"task vector A′ − A → B (α = {report['alpha']['chosen']:g}, chosen on "
+                        f"{report['validation']['samples']} validation examples)")
+    for col in ("model", f"test {m['name']}"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for key, label in (("A", "A (base)"), ("A_tuned", "A′ (fine-tuned)"), ("B", "B (base)"), ("B_transported", "B′ = B + α·T(τ)")):
+        table.add_row(label, f"{m[key]:.4f}")
+    out_console.print(table)
+    out_console.print(f"moved {len(report['transported'])} tensors ({report['parameters_moved']:,} of B's "
+                      f"{report['parameters_in_b']:,} parameters); zero delta: {len(report['zero_delta'])} tensors "
+                      f"(see report.json); wrote {out / report['files']['target']}, {out / report['files']['report']}")
+
+
 @app.command("train-guide")
 def train_guide_cmd(
     recipe: Path = RecipeOpt,

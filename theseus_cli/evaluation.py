@@ -89,7 +89,14 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
     if _is_target(path):
         model = load_target(path, str(device))
         meta = model.theseus_meta
-        if recipe is None:
+        if recipe is None and meta.get("transport"):  # B′ of `theseus transport`: its data is the transport recipe's
+            from theseus_cli.recipe import GuideConfig
+            from theseus_cli.transport import TransportRecipe
+
+            tr = TransportRecipe.model_validate(meta["transport"]["recipe"])
+            recipe = Recipe.model_construct(task=tr.task, guide=GuideConfig(**meta["guide"]), target=None, replace=[],
+                                            data=tr.data, seed=tr.seed)
+        elif recipe is None:
             recipe = parse_recipe(meta["recipe"], f"{path} (recorded recipe)")
         return model, recipe, "target", meta.get("normalization")
     if recipe is None:

@@ -117,7 +117,7 @@ class RuleConfig(_Strict):
         try:
             self.params = replacement.params_model.model_validate(self.params).model_dump()
         except ValidationError as exc:
-            raise ValueError("; ".join(_problem(e, ("params",)) for e in exc.errors())) from None
+            raise ValueError("; ".join(_problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
         return self
 
 
@@ -388,9 +388,9 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _keys_at(loc: tuple) -> list[str]:
-    """The keys the recipe's schema allows in the mapping at ``loc`` (a pydantic error location)."""
-    model: type[BaseModel] | None = Recipe
+def _keys_at(loc: tuple, root: type[BaseModel]) -> list[str]:
+    """The keys the schema ``root`` allows in the mapping at ``loc`` (a pydantic error location)."""
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -399,24 +399,25 @@ def _keys_at(loc: tuple) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()] if model is not None else []
 
 
-def _unknown_key(loc: tuple) -> str:
+def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
     key = loc[-1] if loc else ""
-    valid = _keys_at(loc[:-1])
+    valid = _keys_at(loc[:-1], root)
     near = difflib.get_close_matches(str(key), valid, n=1)
     if near:
         return f"unknown key (did you mean {near[0]!r}?)"
     return f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
 
 
-def _problem(err: dict, prefix: tuple = ()) -> str:
+def _problem(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
     """One pydantic error as 'location: message'; an unknown key comes with the closest valid one."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    msg = _unknown_key(loc, root) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     return f"{_loc(prefix + loc)}: {msg}"
 
 
-def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None) -> str:
-    problems = [_problem(err) for err in exc.errors()] + list(extra or [])
+def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None,
+                            root: type[BaseModel] | None = None) -> str:
+    problems = [_problem(err, root or Recipe) for err in exc.errors()] + list(extra or [])
     noun = "problem" if len(problems) == 1 else "problems"
     return f"{source}: {len(problems)} {noun}: " + "; ".join(problems)
 
@@ -437,6 +438,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; raise :class:`RecipeError` naming every problem."""
     path = Path(path)
+    recipe = parse_recipe(read_yaml(path), str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data (``yaml.safe_load``: no Python objects); :class:`RecipeError` naming the file otherwise."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -450,8 +457,7 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
-    recipe = parse_recipe(data, str(path))
-    return _resolve_paths(recipe, path.parent)
+    return data
 
 
 def _resolve_hf_dir(arch: str, base: Path) -> str:

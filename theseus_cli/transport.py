@@ -1,0 +1,228 @@
+"""``theseus transport``: move a fine-tuning delta to a model of another width, without training.
+
+Given base model A, its fine-tuned A′ and a base model B of a different width (same family and
+depth), the task vector τ = A′ − A is carried over to B′ = B + α·T(τ) (arXiv 2602.12952). A and B
+run on a small unlabelled calibration set; every module with parameters present under the same
+path in both gets Procrustes maps from its input and output activations
+(:mod:`theseus_cli.procrustes`), and each parameter's delta is mapped with them:
+
+* Linear ``(out, in)``: ``T_outᵀ ΔW T_in``; transformers' ``Conv1D`` ``(in, out)``: ``T_inᵀ ΔW T_out``;
+  biases ``T_outᵀ Δb``. A fused attention projection (``qkv``, ``c_attn``, ``in_proj``) gets one
+  output map per q/k/v block.
+* Conv2d kernels (``groups == 1``): channel maps over spatially flattened activations, applied to
+  every kernel tap: ``ΔK_B[:, :, i, j] = T_outᵀ ΔK_A[:, :, i, j] T_in`` (beyond the reference code).
+* LayerNorm / BatchNorm / GroupNorm scale and shift: ``T_outᵀ Δγ`` with the map of the norm's outputs.
+* Embedding tables ``(vocab, d)`` of equal vocabulary: ``ΔE T_out``.
+
+Any other parameter — a path missing in B, a module that never ran, a grouped convolution,
+model-level tensors (position embeddings, class tokens) — gets a zero delta and is listed in the
+report with the reason. No gradient is ever computed. With an α grid, α is chosen on a validation
+split held out from the training split (disjoint from the calibration samples); BatchNorm
+statistics of B′ are then re-estimated on the calibration inputs (``transport.recalibrate_bn``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from pydantic import Field, ValidationError, field_validator
+
+from theseus_cli.errors import MatchError, RecipeError
+from theseus_cli.procrustes import PointStats, match_rows, procrustes, rows
+from theseus_cli.recipe import DataConfig, GuideConfig, _Strict, format_validation_error, read_yaml
+
+FUSED = ("qkv", "c_attn", "in_proj")  # module names whose outputs are q, k, v side by side
+
+
+class TransportConfig(_Strict):
+    calib_samples: int = Field(64, ge=2, description="unlabelled training inputs the maps are computed from")
+    calib_batch_size: int = Field(32, ge=1)
+    center: bool = Field(True, description="centre activations before the cross-covariance")
+    whiten: float = Field(0.0, ge=0.0, le=0.5, description="partial whitening power p: G_A^-p C G_B^-p")
+    alpha: Optional[float] = Field(None, description="fixed α; otherwise chosen on alpha_grid")
+    alpha_grid: str = Field("0:2:0.1", description="start:stop:step (inclusive) searched on the validation split")
+    val_samples: int = Field(500, ge=1, description="labelled training examples held out to choose α")
+    recalibrate_bn: bool = Field(True, description="re-estimate B′'s BatchNorm statistics on the calibration inputs")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid(cls, v: str) -> str:
+        alpha_values(v)
+        return v
+
+
+class TransportRecipe(_Strict):
+    task: Literal["classification", "causal-lm"] = "classification"
+    model_a: GuideConfig = Field(description="architecture of A and A′ (the fine-tuned one)")
+    model_b: GuideConfig = Field(description="architecture of B, the other width")
+    data: DataConfig = Field(description="the fine-tuning task's data: calibration and validation from its training split")
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    seed: int = 0
+
+
+def alpha_values(spec: str) -> list[float]:
+    """``start:stop:step`` → the values, stop included."""
+    try:
+        start, stop, step = (float(p) for p in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"alpha grid {spec!r}: expected start:stop:step, e.g. 0:2:0.1") from None
+    if step <= 0 or stop < start:
+        raise ValueError(f"alpha grid {spec!r}: needs step > 0 and stop ≥ start")
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 10) for i in range(n + 1)]
+
+
+def load_transport_recipe(path: str | Path) -> TransportRecipe:
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return TransportRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(str(path), exc, root=TransportRecipe)) from None
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own parameters directly (not through children), by path."""
+    return {p: m for p, m in model.named_modules() if p and any(True for _ in m.parameters(recurse=False))}
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    return None
+
+
+@torch.no_grad()
+def calibrate(model_a: nn.Module, model_b: nn.Module, paths: list[str], batches, run) -> dict[str, PointStats]:
+    """Input/output cross statistics of every path, over ``batches`` (``run(model, x)`` calls a model)."""
+    stats = {p: PointStats() for p in paths}
+    for x in batches:
+        acts: dict[str, dict[str, tuple]] = {"a": {}, "b": {}}
+        handles = []
+        for side, model in (("a", model_a), ("b", model_b)):
+            for p in paths:
+                def hook(mod, args, out, side=side, p=p):
+                    if p not in acts[side]:  # first call (a module reused in a loop: its first use)
+                        acts[side][p] = (_first_tensor(args), _first_tensor(out))
+                handles.append(model.get_submodule(p).register_forward_hook(hook))
+        try:
+            run(model_a, x)
+            run(model_b, x)
+        finally:
+            for h in handles:
+                h.remove()
+        for p in paths:
+            if p not in acts["a"] or p not in acts["b"]:
+                continue
+            module = model_a.get_submodule(p)
+            (ia, oa), (ib, ob) = acts["a"][p], acts["b"][p]
+            if ia is not None and ib is not None and ia.is_floating_point():
+                stats[p].inputs.add(rows(ia, module), rows(match_rows(ia, ib, module), module))
+            if oa is not None and ob is not None:
+                stats[p].outputs.add(rows(oa, module), rows(match_rows(oa, ob, module), module))
+    return stats
+
+
+# ---------------------------------------------------------------- transport of one parameter
+
+
+@dataclass
+class Moved:
+    delta: torch.Tensor | None  # None: zero delta
+    reason: str  # how it was transported, or why not
+
+
+def _is_conv1d_hf(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def move(name: str, module: nn.Module, delta: torch.Tensor, target_shape: torch.Size, t_in, t_out) -> Moved:
+    """The delta of parameter ``name`` of ``module`` in B's shape, or why it cannot be moved."""
+    kind = name.rpartition(".")[2]
+    d = delta.double()
+    need_out = t_out is None
+    if isinstance(module, nn.Linear) or _is_conv1d_hf(module):
+        if kind == "bias":
+            return Moved(t_out.T @ d, "T_outᵀ Δb") if not need_out else Moved(None, "no output map")
+        if t_in is None or t_out is None:
+            return Moved(None, "no input/output map (module did not run on the calibration data)")
+        if _is_conv1d_hf(module):
+            return Moved(t_in.T @ d @ t_out, "T_inᵀ ΔW T_out (Conv1D)")
+        return Moved(t_out.T @ d @ t_in, "T_outᵀ ΔW T_in")
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return Moved(None, f"grouped convolution (groups={module.groups})")
+        if kind == "bias":
+            return Moved(t_out.T @ d, "T_outᵀ Δb") if not need_out else Moved(None, "no output map")
+        if t_in is None or t_out is None:
+            return Moved(None, "no input/output map (module did not run on the calibration data)")
+        if tuple(delta.shape[2:]) != tuple(target_shape[2:]):
+            return Moved(None, f"kernel sizes differ ({tuple(delta.shape[2:])} vs {tuple(target_shape[2:])})")
+        return Moved(torch.einsum("ab,bcij,cd->adij", t_out.T, d, t_in), "T_outᵀ ΔK T_in per tap")
+    if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) or "Norm" in type(module).__name__:
+        if t_out is None or d.dim() != 1:
+            return Moved(None, "no output map" if t_out is None else f"{d.dim()}-D normalisation parameter")
+        return Moved(t_out.T @ d, "T_outᵀ Δγ (norm outputs)")
+    if isinstance(module, nn.Embedding):
+        if t_out is None:
+            return Moved(None, "no output map")
+        if delta.shape[0] != target_shape[0]:
+            return Moved(None, f"vocabularies differ ({delta.shape[0]} vs {target_shape[0]})")
+        return Moved(d @ t_out, "ΔE T_out")
+    return Moved(None, f"{type(module).__name__} parameters are not transported")
+
+
+def task_vector_deltas(a: nn.Module, a_tuned: nn.Module, b: nn.Module, stats: dict[str, PointStats], center: bool,
+                       whiten: float) -> tuple[dict[str, torch.Tensor], list[dict], list[dict]]:
+    """(B-shaped deltas by parameter name, per-layer map report, parameters left at zero with reasons)."""
+    a_params, t_params = dict(a.named_parameters()), dict(a_tuned.named_parameters())
+    b_params = dict(b.named_parameters())
+    a_mods, b_mods = owners(a), owners(b)
+    maps, layers, zero = {}, [], []
+    for path, st in stats.items():
+        blocks = 3 if path.rpartition(".")[2] in FUSED else 1
+        m_in = procrustes(st.inputs, center, whiten) if st.inputs.cross is not None else None
+        m_out = procrustes(st.outputs, center, whiten, blocks) if st.outputs.cross is not None else None
+        maps[path] = (m_in, m_out)
+        layers.append({"module": path, "type": type(a_mods[path]).__name__, "rows": (m_out or m_in).rows if (m_out or m_in) else 0,
+                       "input_map": list(m_in.t.shape) if m_in else None, "input_quality": m_in.quality if m_in else None,
+                       "output_map": list(m_out.t.shape) if m_out else None, "output_quality": m_out.quality if m_out else None})
+    deltas = {}
+    for name, pa in a_params.items():
+        owner, _, _ = name.rpartition(".")
+        if name not in b_params:
+            zero.append({"parameter": name, "reason": "not in model B"})
+            continue
+        delta = (t_params[name] - pa).detach()
+        if owner not in a_mods or owner not in b_mods or type(a_mods[owner]) is not type(b_mods[owner]):
+            zero.append({"parameter": name, "reason": "model-level tensor" if not owner else "module types differ"})
+            continue
+        m_in, m_out = maps.get(owner, (None, None))
+        moved = move(name, a_mods[owner], delta, b_params[name].shape, m_in.t if m_in else None, m_out.t if m_out else None)
+        if moved.delta is None or tuple(moved.delta.shape) != tuple(b_params[name].shape):
+            reason = moved.reason if moved.delta is None else f"mapped to {tuple(moved.delta.shape)}, B has {tuple(b_params[name].shape)}"
+            zero.append({"parameter": name, "reason": reason})
+            continue
+        deltas[name] = moved.delta.to(b_params[name].dtype)
+    if not deltas:
+        raise MatchError("transport: no parameter of A could be moved to B (do the models share module paths?)")
+    return deltas, layers, zero
+
+
+def apply_deltas(b: nn.Module, deltas: dict[str, torch.Tensor], alpha: float) -> None:
+    """B's parameters += α·delta, in place."""
+    params = dict(b.named_parameters())
+    with torch.no_grad():
+        for name, d in deltas.items():
+            params[name].add_(d.to(params[name].device), alpha=alpha)

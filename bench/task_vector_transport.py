@@ -41,7 +41,15 @@ WIDTHS = {"w": [8, 16, 32], "1.5w": [12, 24, 48]}
 BASE = DataConfig(source="fashion-mnist", train_limit=20000, test_limit=2000, batch_size=128)
 NEW = DataConfig(source="mnist-5k", batch_size=64)
 BASE_EPOCHS, FT_EPOCHS, LR = 4, 3, 2e-3
-SETTINGS = {"w-to-1.5w": {"a": "w", "b": "1.5w"}, "1.5w-to-w": {"a": "1.5w", "b": "w"}}
+SETTINGS = {
+    "w-to-1.5w": {"a": "w", "b": "1.5w", "calib": 64},
+    "w-to-1.5w-calib512": {"a": "w", "b": "1.5w", "calib": 512},
+    "1.5w-to-w": {"a": "1.5w", "b": "w", "calib": 64},
+    "1.5w-to-w-calib512": {"a": "1.5w", "b": "w", "calib": 512},
+    # sanity check: B is A itself, widened to 1.5w with its channels permuted and the new ones dead, so an
+    # exact map exists; transport should then give B′ ≈ A′
+    "w-to-widened-copy": {"a": "w", "b": "1.5w", "calib": 64, "copy": True},
+}
 _cache: dict = {}
 
 
@@ -95,11 +103,39 @@ def weight_selection(delta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out
 
 
+def widened_copy(a: torch.nn.Module, a_width: str, b_width: str, seed: int = 5) -> dict[str, torch.Tensor]:
+    """State dict of a ``b_width`` ResNet that computes exactly what ``a`` does: each channel space of A (its widths
+    are distinct, so a width names one) sits at random positions of B's; B's extra channels are dead."""
+    g = torch.Generator().manual_seed(seed)
+    wa, wb = WIDTHS[a_width], WIDTHS[b_width]
+    perms = {x: torch.randperm(y, generator=g)[:x] for x, y in zip(wa, wb)}
+    size = dict(zip(wa, wb))
+    b = build_model(spec(b_width).arch, spec(b_width).kwargs, seed=0)
+    state = {k: torch.zeros_like(v) for k, v in b.state_dict().items()}
+    for k, v in a.state_dict().items():
+        if v.dim() == 0:
+            state[k] = v.clone()
+            continue
+        index = [perms[d] if d in perms else torch.arange(d) for d in v.shape[:2]]
+        if k.endswith("running_var"):
+            state[k] = torch.ones(size[v.shape[0]])
+        if v.dim() == 1:
+            state[k][index[0]] = v
+        else:
+            state[k][index[0][:, None], index[1][None, :]] = v
+    return state
+
+
 def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     started = time.perf_counter()
     out_root.mkdir(parents=True, exist_ok=True)
     a_w, b_w = setting["a"], setting["b"]
     paths = {w: base_model(w, device, out_root) for w in (a_w, b_w)}
+    if setting.get("copy"):
+        from safetensors.torch import save_file
+
+        paths = {a_w: paths[a_w], b_w: out_root / f"copy-of-{a_w}-as-{b_w}.safetensors"}
+        save_file({k: v.contiguous() for k, v in widened_copy(_load(a_w, paths[a_w], "cpu"), a_w, b_w).items()}, str(paths[b_w]))
     new = _data("new")
     task = get_task("classification")
     a = _load(a_w, paths[a_w], device)
@@ -109,7 +145,7 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     tuned = out_root / f"tuned-{a_w}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in a2.state_dict().items()}, str(tuned))
     recipe = TransportRecipe(model_a=spec(a_w), model_b=spec(b_w), data=NEW,
-                             transport=TransportConfig(calib_samples=64, val_samples=500, alpha_grid="0:3:0.1"))
+                             transport=TransportConfig(calib_samples=setting["calib"], val_samples=500, alpha_grid="0:3:0.1"))
     report = run_transport(recipe, paths[a_w], tuned, paths[b_w], out_root / f"transport-{name}", device=device,
                            overwrite=True)
     b = _load(b_w, paths[b_w], device)
@@ -117,7 +153,7 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     # weight selection of τ, α on the same validation digits transport used
     from theseus_cli.transport_run import _split
 
-    _, val_idx = _split(len(new.x_train), 64, 500, 0)
+    _, val_idx = _split(len(new.x_train), setting["calib"], 500, 0)
     x_val, y_val = new.x_train[val_idx], new.y_train[val_idx]
     a_params, t_params = dict(a.named_parameters()), dict(a2.named_parameters())
     sel = {n: weight_selection((t_params[n] - a_params[n]).detach(), p.shape) for n, p in b.named_parameters() if n in a_params}
@@ -135,7 +171,8 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     ws = evaluate(selected(ws_alpha), task, new.x_test, new.y_test, 1024, torch.device(device))
     b_ft = _train(copy.deepcopy(b), new, FT_EPOCHS, 2, device)
     m = report["metric"]
-    return {"setting": name, "a": a_w, "b": b_w, "A_base_fashion": evaluate(a, task, _data("base").x_test, _data("base").y_test, 1024, torch.device(device)),
+    return {"setting": name, "a": a_w, "b": ("copy of A widened to " + b_w) if setting.get("copy") else b_w,
+            "calib": setting["calib"], "A_base_fashion": evaluate(a, task, _data("base").x_test, _data("base").y_test, 1024, torch.device(device)),
             "A": m["A"], "A_tuned": m["A_tuned"], "B": m["B"], "B_weight_selection": ws, "weight_selection_alpha": ws_alpha,
             "B_transported": m["B_transported"], "transport_alpha": report["alpha"]["chosen"],
             "B_finetuned": evaluate(b_ft, task, new.x_test, new.y_test, 1024, torch.device(device)),
@@ -145,10 +182,10 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
 
 
 def markdown(rows: list, device: str) -> str:
-    lines = ["| A → B | A′ (fine-tuned A) | B untouched | B + weight selection of τ (α) | **B + transported τ** (α) | "
-             "**transport − untouched** | B fine-tuned directly |", "|---|---|---|---|---|---|---|"]
+    lines = ["| A → B | calibration inputs | A′ (fine-tuned A) | B untouched | B + weight selection of τ (α) | **B + transported τ** (α) | "
+             "**transport − untouched** | B fine-tuned directly |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['a']} → {r['b']} | {r['A_tuned']:.4f} | {r['B']:.4f} | {r['B_weight_selection']:.4f} "
+        lines.append(f"| {r['a']} → {r['b']} | {r['calib']} | {r['A_tuned']:.4f} | {r['B']:.4f} | {r['B_weight_selection']:.4f} "
                      f"({r['weight_selection_alpha']:g}) | **{r['B_transported']:.4f}** ({r['transport_alpha']:g}) | "
                      f"**{r['B_transported'] - r['B']:+.4f}** | {r['B_finetuned']:.4f} |")
     return "\n".join(lines)

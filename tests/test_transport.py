@@ -247,3 +247,30 @@ def test_transport_recipe_errors_name_the_field(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_transport_recipe(path)
     assert "transport.alpha_grid" in str(err.value) and "did you mean 'calib_samples'" in str(err.value)
+
+
+def test_into_a_permuted_wider_copy_the_transported_model_computes_what_a_tuned_does():
+    """B = A with its hidden units permuted and 8 dead units added: a perfect map exists, and transport finds it."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    a2 = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    a2.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for p in a2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    perm = torch.randperm(24)[:16]  # where A's units sit in B
+    b = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.zero_()
+        b[0].weight[perm], b[0].bias[perm] = a[0].weight, a[0].bias
+        b[2].weight[:, perm], b[2].bias[:] = a[2].weight, a[2].bias
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(b(x), a(x))
+    stats = calibrate(a, b, ["0", "2"], [x], _run)
+    deltas, _, zero = task_vector_deltas(a, a2, b, stats, center=True, whiten=0.0)
+    assert not zero
+    for name, p in b.named_parameters():
+        with torch.no_grad():
+            p.add_(deltas[name])
+    torch.testing.assert_close(b(x), a2(x), atol=1e-5, rtol=1e-4)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RIDGE = 1e-9  # relative to the mean diagonal of the Grams
+RIDGE = 1e-9  # relative to the mean diagonal of the Grams; far below the prior, so only the last tie-breaker
 
 
 def channel_first(module: nn.Module) -> bool:
@@ -89,9 +89,21 @@ class Map:
     rows: int
 
 
+PRIOR = 1e-4  # weight of the prior, relative to the norm of the cross-covariance
+
+
+def centered_cross(s: CrossStats, center: bool = True) -> torch.Tensor:
+    return s.cross - s.n * torch.outer(s.sum_a / s.n, s.sum_b / s.n) if center else s.cross
+
+
 def procrustes(s: CrossStats, center: bool = True, whiten: float = 0.0,
-               blocks: int = 1) -> Map:
-    """The map from ``s``; with ``blocks`` > 1 (fused q/k/v) one map per diagonal block, assembled block-diagonally."""
+               blocks: int = 1, prior: torch.Tensor | None = None) -> Map:
+    """The map from ``s``; with ``blocks`` > 1 (fused q/k/v) one map per diagonal block, assembled block-diagonally.
+
+    ``prior`` (a × b, e.g. the similarity of the two modules' weight rows) only decides directions the
+    calibration data leaves undetermined: it is added at 1e-4 of the cross-covariance's norm. A layer
+    that widens (8 inputs → 16 outputs) has rank-deficient outputs; there, data alone cannot place
+    half of the units, and the prior can."""
     c, ga, gb = s.cross.clone(), s.gram_a.clone(), s.gram_b.clone()
     if center:
         ma, mb = s.sum_a / s.n, s.sum_b / s.n
@@ -109,6 +121,10 @@ def procrustes(s: CrossStats, center: bool = True, whiten: float = 0.0,
         ci, gai, gbi = c[sa, sb], ga[sa, sa], gb[sb, sb]
         if whiten > 0:
             ci = _inv_power(gai, whiten) @ ci @ _inv_power(gbi, whiten)
+        if prior is not None:
+            pi = prior[sa, sb].to(ci.dtype)
+            if float(pi.norm()) > 0:
+                ci = ci + PRIOR * float(ci.norm()) / float(pi.norm()) * pi
         scale = (torch.diagonal(gai).mean() + torch.diagonal(gbi).mean()).clamp_min(1e-30) / 2
         u, sv, vh = torch.linalg.svd(ci + RIDGE * scale * torch.eye(ka, kb, dtype=c.dtype), full_matrices=False)
         t[sa, sb] = u @ vh

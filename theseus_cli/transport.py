@@ -14,6 +14,10 @@ path in both gets Procrustes maps from its input and output activations
 * LayerNorm / BatchNorm / GroupNorm scale and shift: ``T_outᵀ Δγ`` with the map of the norm's outputs.
 * Embedding tables ``(vocab, d)`` of equal vocabulary: ``ΔE T_out``.
 
+Directions an output's calibration data leaves undetermined (a widening layer's outputs have low
+rank) are placed by a weak prior: the input statistics of the next module of the same widths, else
+the similarity of weight rows (:func:`consumer_prior`, :func:`weight_prior`).
+
 Any other parameter — a path missing in B, a module that never ran, a grouped convolution,
 model-level tensors (position embeddings, class tokens) — gets a zero delta and is listed in the
 report with the reason. No gradient is ever computed. With an α grid, α is chosen on a validation
@@ -32,7 +36,7 @@ import torch.nn as nn
 from pydantic import Field, ValidationError, field_validator
 
 from theseus_cli.errors import MatchError, RecipeError
-from theseus_cli.procrustes import PointStats, match_rows, procrustes, rows
+from theseus_cli.procrustes import PointStats, centered_cross, match_rows, procrustes, rows
 from theseus_cli.recipe import DataConfig, GuideConfig, _Strict, format_validation_error, read_yaml
 
 FUSED = ("qkv", "c_attn", "in_proj")  # module names whose outputs are q, k, v side by side
@@ -183,6 +187,38 @@ def move(name: str, module: nn.Module, delta: torch.Tensor, target_shape: torch.
     return Moved(None, f"{type(module).__name__} parameters are not transported")
 
 
+def consumer_prior(st: PointStats, later: list[PointStats], center: bool) -> torch.Tensor | None:
+    """The input cross-covariance of the next module whose inputs have this module's output widths (e.g. the
+    layer after a ReLU or BatchNorm). A layer that widens has rank-deficient outputs, which cannot place every
+    unit; its consumer's inputs, after the nonlinearity, usually can."""
+    if st.outputs.cross is None:
+        return None
+    shape = st.outputs.cross.shape
+    for nxt in later:
+        if nxt.inputs.cross is not None and nxt.inputs.cross.shape == shape:
+            return centered_cross(nxt.inputs, center)
+    return None
+
+
+def weight_prior(ma: nn.Module, mb: nn.Module, t_in: torch.Tensor | None) -> torch.Tensor | None:
+    """How alike the output units of A's and B's module are by their weights (A's rows seen in B's input basis):
+    the tie-breaker for output directions the calibration data does not excite."""
+    wa, wb = getattr(ma, "weight", None), getattr(mb, "weight", None)
+    if t_in is None or not isinstance(wa, torch.Tensor) or not isinstance(wb, torch.Tensor):
+        return None
+    wa, wb = wa.detach().double(), wb.detach().double()
+    if _is_conv1d_hf(ma):
+        wa, wb = wa.T, wb.T
+    if isinstance(ma, nn.Linear) or _is_conv1d_hf(ma):
+        if wa.shape[1] != t_in.shape[0] or wb.shape[1] != t_in.shape[1]:
+            return None
+        return (wa @ t_in) @ wb.T
+    if isinstance(ma, nn.Conv2d) and ma.groups == 1 and wa.shape[2:] == wb.shape[2:] and wa.shape[1] == t_in.shape[0]:
+        ra = torch.einsum("oikl,ij->ojkl", wa, t_in).reshape(wa.shape[0], -1)
+        return ra @ wb.reshape(wb.shape[0], -1).T
+    return None
+
+
 def task_vector_deltas(a: nn.Module, a_tuned: nn.Module, b: nn.Module, stats: dict[str, PointStats], center: bool,
                        whiten: float) -> tuple[dict[str, torch.Tensor], list[dict], list[dict]]:
     """(B-shaped deltas by parameter name, per-layer map report, parameters left at zero with reasons)."""
@@ -190,10 +226,14 @@ def task_vector_deltas(a: nn.Module, a_tuned: nn.Module, b: nn.Module, stats: di
     b_params = dict(b.named_parameters())
     a_mods, b_mods = owners(a), owners(b)
     maps, layers, zero = {}, [], []
-    for path, st in stats.items():
+    order = list(stats)
+    for i, (path, st) in enumerate(stats.items()):
         blocks = 3 if path.rpartition(".")[2] in FUSED else 1
         m_in = procrustes(st.inputs, center, whiten) if st.inputs.cross is not None else None
-        m_out = procrustes(st.outputs, center, whiten, blocks) if st.outputs.cross is not None else None
+        prior = consumer_prior(st, [stats[p] for p in order[i + 1:]], center) if blocks == 1 else None
+        if prior is None:
+            prior = weight_prior(a_mods[path], b_mods[path], m_in.t if m_in else None)
+        m_out = procrustes(st.outputs, center, whiten, blocks, prior) if st.outputs.cross is not None else None
         maps[path] = (m_in, m_out)
         layers.append({"module": path, "type": type(a_mods[path]).__name__, "rows": (m_out or m_in).rows if (m_out or m_in) else 0,
                        "input_map": list(m_in.t.shape) if m_in else None, "input_quality": m_in.quality if m_in else None,

@@ -43,18 +43,22 @@ def save_stages(out: Path, target: nn.Module, stages: list[dict[str, Any]], gene
     atomic_write(_file(out), lambda tmp: torch.save(payload, tmp))
 
 
-def load_stages(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The last stage checkpoint in ``out``, or None; refuses one made for another recipe or guide."""
-    file = _file(out)
+def _load_checked(file: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's payload (tensors and plain data only), or None without one; refuses one of another run."""
     if not file.is_file():
         return None
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise OutputError(f"{file}: unreadable stage checkpoint ({type(exc).__name__}); delete it or drop --resume") from None
+        raise OutputError(f"{file}: unreadable checkpoint ({type(exc).__name__}); delete it or drop --resume") from None
     if payload.get("fingerprint") != fingerprint:
         raise OutputError(f"{file}: made for a different recipe or guide checkpoint; use another --out or --overwrite")
     return payload
+
+
+def load_stages(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The last stage checkpoint in ``out``, or None; refuses one made for another recipe or guide."""
+    return _load_checked(_file(out), fingerprint)
 
 
 def clear(out: Path) -> None:
@@ -73,16 +77,8 @@ def save_phase(out: Path, phase: str, target: nn.Module, results: dict[str, Any]
 
 
 def load_phase(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    file = out / RESUME_DIR / PHASE_FILE
-    if not file.is_file():
-        return None
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise OutputError(f"{file}: unreadable checkpoint ({type(exc).__name__}); delete it or drop --resume") from None
-    if payload.get("fingerprint") != fingerprint:
-        raise OutputError(f"{file}: made for a different recipe or guide checkpoint; use another --out or --overwrite")
-    return payload
+    """The last phase checkpoint in ``out``, or None; refuses one made for another recipe or guide."""
+    return _load_checked(out / RESUME_DIR / PHASE_FILE, fingerprint)
 
 
 def describe(out: Path) -> str:

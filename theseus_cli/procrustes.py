@@ -126,7 +126,7 @@ def procrustes(s: CrossStats, center: bool = True, whiten: float = 0.0,
             if float(pi.norm()) > 0:
                 ci = ci + PRIOR * float(ci.norm()) / float(pi.norm()) * pi
         scale = (torch.diagonal(gai).mean() + torch.diagonal(gbi).mean()).clamp_min(1e-30) / 2
-        u, sv, vh = torch.linalg.svd(ci + RIDGE * scale * torch.eye(ka, kb, dtype=c.dtype), full_matrices=False)
+        u, sv, vh = torch.linalg.svd(ci + RIDGE * scale * torch.eye(ka, kb, dtype=c.dtype, device=c.device), full_matrices=False)
         t[sa, sb] = u @ vh
         singular += float(torch.linalg.svdvals(c[sa, sb]).sum())
     denom = float(torch.sqrt(torch.trace(ga).clamp_min(0) * torch.trace(gb).clamp_min(0)))

@@ -99,7 +99,7 @@ def count_flops(model: nn.Module, sample) -> int:
     return int(counter.get_total_flops()) + unseen
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,22 +119,22 @@ def measure_latency(model: nn.Module, sample, batch: int, device: torch.device,
     model.eval()
     x = rt.batch(_repeat(sample, batch))
     with rt.autocast():
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         run_model(model, x)
-        _sync(device)
+        synchronize(device)
         if time.perf_counter() - t0 < SLOW_CALL_S:
             for _ in range(WARMUP - 1):
                 run_model(model, x)
-    _sync(device)
+    synchronize(device)
     times: list[float] = []
     spent = 0.0
     while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or spent < budget_s):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with rt.autocast():
             run_model(model, x)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         spent += times[-1]
     times.sort()

@@ -81,13 +81,16 @@ def load_phase(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     return _load_checked(out / RESUME_DIR / PHASE_FILE, fingerprint)
 
 
+def describe_phase(phase: str) -> str:
+    return "after fine-tuning (the baseline is redone)" if phase == "finetuned" else "from the aligned target"
+
+
 def describe(out: Path) -> str:
     """Where ``convert --resume`` on ``out`` would continue from, in words."""
     phase, stages = out / RESUME_DIR / PHASE_FILE, _file(out)
     try:
         if phase.is_file():
-            done = torch.load(phase, map_location="cpu", weights_only=True)["phase"]
-            return "after fine-tuning (the baseline is redone)" if done == "finetuned" else "from the aligned target"
+            return describe_phase(torch.load(phase, map_location="cpu", weights_only=True)["phase"])
         if stages.is_file():
             n = len(torch.load(stages, map_location="cpu", weights_only=True)["stages"])
             return f"after alignment stage {n}"

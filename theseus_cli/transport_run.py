@@ -21,6 +21,7 @@ import torch
 
 from theseus_cli.arch import load_guide
 from theseus_cli.artifacts import REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
+from theseus_cli.batch import run_model
 from theseus_cli.data import load_dataset
 from theseus_cli.errors import DataError
 from theseus_cli.evaluation import data_override
@@ -68,13 +69,10 @@ def run_transport(recipe: TransportRecipe, base_a: str | Path, tuned_a: str | Pa
     a_own, b_own = owners(a), owners(b)
     paths = [p for p in a_own if p in b_own and type(a_own[p]) is type(b_own[p])]
 
-    from theseus_cli.batch import run_model
-
     bs = cfg.calib_batch_size
     batches = [x_cal[i: i + bs].to(dev) for i in range(0, len(x_cal), bs)]
     stats = calibrate(a, b, paths, batches, run_model)
-    deltas, layers, zero = task_vector_deltas(a.cpu(), a2.cpu(), b.cpu(), stats, cfg.center, cfg.whiten)
-    a.to(dev), a2.to(dev), b.to(dev)
+    deltas, layers, zero = task_vector_deltas(a, a2, b, stats, cfg.center, cfg.whiten)  # on the device, as the stats
 
     task = get_task(recipe.task)
     ebs = recipe.data.eval_batch_size
@@ -86,8 +84,8 @@ def run_transport(recipe: TransportRecipe, base_a: str | Path, tuned_a: str | Pa
             recalibrate_batchnorm(model, x_cal, max(1, len(x_cal) // bs), bs, torch.Generator().manual_seed(seed + 2), dev)
         return model.eval()
 
-    alphas = [alpha if alpha is not None else cfg.alpha] if (alpha is not None or cfg.alpha is not None) else \
-        alpha_values(alpha_grid or cfg.alpha_grid)
+    fixed = alpha if alpha is not None else cfg.alpha
+    alphas = [fixed] if fixed is not None else alpha_values(alpha_grid or cfg.alpha_grid)
     search = [{"alpha": v, "validation": evaluate(transported(v), task, x_val, y_val, ebs, dev)} for v in alphas]
     better = max if task.higher_is_better else min
     chosen = better(search, key=lambda r: r["validation"])["alpha"]

@@ -96,3 +96,16 @@ def test_a_wrong_export_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_torchscript(wrapper, _cases(), tmp_path / "m.pt", meta, 1e-4, 1e-3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_opset_and_tolerances_reach_the_export(run_dir, tmp_path):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", str(run_dir), "-o", str(out), "--opset", "17", "--exporter", "torchscript",
+                              "--atol", "0.5", "--rtol", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["opset"] == 17 and info["exporter"] == "torchscript"
+    assert info["parity"]["atol"] == 0.5 and info["parity"]["rtol"] == 0.0
+    assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {17}

@@ -292,3 +292,30 @@ def test_transport_benchmark_runs_small_and_recovers_a_tuned_in_the_widened_copy
     copy = rows["w-to-widened-copy"]
     assert copy["B_transported"] == pytest.approx(copy["A_tuned"], abs=0.02)  # an exact map exists: A′ recovered
     assert min(copy["map_quality"].values()) > 0.99
+
+
+def test_calibration_and_validation_can_come_from_another_source(tmp_path):
+    from safetensors.torch import save_file
+
+    from theseus_cli.zoo import cnn_small
+
+    files = {}
+    for name, width, seed in (("a", 4, 0), ("a2", 4, 1), ("b", 6, 2)):
+        torch.manual_seed(seed)
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in cnn_small(10, 1, width).state_dict().items()}, str(files[name]))
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(yaml.safe_dump(TRANSPORT))
+    npz = tmp_path / "calib.npz"
+    g = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    np.savez(npz, x=torch.rand(200, 8, 8, generator=g).numpy(), y=torch.randint(0, 10, (200,), generator=g).numpy())
+    res = runner.invoke(app, ["transport", "--recipe", str(recipe), "--base-a", str(files["a"]), "--tuned-a", str(files["a2"]),
+                              "--base-b", str(files["b"]), "--calib", str(npz), "--val", str(npz), "--alpha-grid", "0:1:0.5",
+                              "--out", str(tmp_path / "o"), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["calibration"]["source"] == str(npz) and report["calibration"]["samples"] == 64
+    assert report["validation"]["source"] == str(npz) and report["validation"]["samples"] == 100
+    assert [r["alpha"] for r in report["alpha"]["search"]] == [0.0, 0.5, 1.0]

@@ -66,3 +66,8 @@ def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *ar
                               "--device", "cpu", "--json", *args])
     assert res.exit_code == 0, res.output
     return path, guide, tmp / "run", json.loads(res.stdout)
+
+
+# Subprocess time limits catch hangs only: a loaded 2-core machine may run any step many times slower than an idle
+# one, so no test may fail because a healthy run was slow (progress, not the clock, decides when tests act).
+HANG_S = 3600

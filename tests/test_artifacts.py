@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from theseus_cli.artifacts import atomic_write, prepare_out_dir, read_target_metadata, write_json
+from theseus_cli.artifacts import atomic_write, read_target_metadata, write_json
+from theseus_cli.rundir import run_directory
 from theseus_cli.errors import ModelError, OutputError
 
 
@@ -32,15 +33,19 @@ def test_written_files_get_ordinary_permissions(tmp_path):
 
 
 def test_output_dir_rules(tmp_path):
-    prepare_out_dir(tmp_path / "new", overwrite=False)
+    with run_directory(tmp_path / "new", overwrite=False):
+        pass
     assert (tmp_path / "new").is_dir()
     (tmp_path / "new" / "x").write_text("1")
     with pytest.raises(OutputError, match="not empty"):
-        prepare_out_dir(tmp_path / "new", overwrite=False)
-    prepare_out_dir(tmp_path / "new", overwrite=True)
+        with run_directory(tmp_path / "new", overwrite=False):
+            pass
+    with run_directory(tmp_path / "new", overwrite=True):
+        pass
     (tmp_path / "file").write_text("1")
     with pytest.raises(OutputError, match="not a directory"):
-        prepare_out_dir(tmp_path / "file", overwrite=True)
+        with run_directory(tmp_path / "file", overwrite=True):
+            pass
 
 
 def test_reading_something_that_is_not_a_target(tmp_path):
@@ -64,11 +69,13 @@ def test_leftovers_of_killed_writes_are_removed_and_resume_needs_a_run(tmp_path)
     (out / ".resume" / "stages.pt").write_bytes(b"x")
     (out / ".target.safetensors.k3j2.tmp").write_bytes(b"torn")
     (out / ".resume" / ".stages.pt.a1.tmp").write_bytes(b"torn")
-    prepare_out_dir(out, overwrite=False, resume=True)
+    with run_directory(out, overwrite=False, resume=True):
+        pass
     assert sorted(p.name for p in out.rglob("*")) == [".resume", "stages.pt"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
     with pytest.raises(OutputError, match="holds no theseus run"):
-        prepare_out_dir(other, overwrite=False, resume=True)
+        with run_directory(other, overwrite=False, resume=True):
+            pass
     assert (other / "notes.txt").read_text() == "keep"

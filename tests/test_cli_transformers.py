@@ -17,6 +17,8 @@ from theseus_cli.recipe import load_recipe
 from theseus_cli.tasks import get_task
 from theseus_cli.training import evaluate
 
+from tests.conftest import HANG_S
+
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
 
@@ -115,7 +117,7 @@ def test_transformers_benchmark_runs_small(tmp_path):
     """The benchmark script itself, at toy sizes (its real figures come from a GPU run, docs/BENCHMARKS.md)."""
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "transformers_attention.py"), "--small", "--device", "cpu",
                           "--settings", "gpt2-rnn-block-fewtokens,minilm-mlp-block-inherit", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "CI": "true"})
+                         capture_output=True, text=True, timeout=HANG_S, env={**__import__("os").environ, "CI": "true"})
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "transformers_attention.json").read_text())
     assert [r["setting"] for r in result["rows"]] == ["gpt2-rnn-block-fewtokens", "minilm-mlp-block-inherit"]

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from theseus_cli.distributed import Dist
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import HANG_S, tiny_recipe_dict
 
 @pytest.mark.parametrize("n,world", [(64, 2), (63, 2), (10, 3), (3, 3)])
 def test_shards_are_contiguous_cover_the_batch_and_differ_by_at_most_one(n, world):
@@ -31,7 +31,7 @@ def test_one_process_is_a_no_op():
 
 def _run(cmd, tmp):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
-    res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
 

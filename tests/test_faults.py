@@ -22,7 +22,7 @@ from theseus_cli.recipe import AlignConfig
 from theseus_cli.similarity import make_loss
 from theseus_cli.tasks import get_task
 from theseus_cli.training import align_stage, train_task
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import HANG_S, tiny_recipe_dict
 
 CPU = torch.device("cpu")
 
@@ -161,7 +161,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(SLOW))
-    res = subprocess.run(_cmd(recipe, tmp / "full"), env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_cmd(recipe, tmp / "full"), env=_env(), capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-2000:]
     return recipe, tmp / "full", json.loads(res.stdout)
 
@@ -179,16 +179,16 @@ def test_a_signal_stops_at_a_step_boundary_and_the_run_resumes(reference, tmp_pa
     recipe, full, report = reference
     out = tmp_path / "o"
     proc = subprocess.Popen(_cmd(recipe, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / ".resume" / "stages.pt").exists() and proc.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + HANG_S  # progress (the first stage's checkpoint) decides when to signal, not a clock
+    while not (out / ".resume" / "stages.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == code, stderr[-2000:]
     line = stderr.strip()
     assert "\n" not in line and f"stopped by {sig.name}" in line and "--resume" in line and "Traceback" not in line
     assert not (out / "report.json").exists() and stdout == ""
-    res = subprocess.run(_cmd(recipe, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_cmd(recipe, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-2000:]
     _same_run(out, full, report)
 
@@ -203,23 +203,50 @@ def _files_are_whole(out: Path) -> None:
         torch.load(f, weights_only=True)
 
 
+def _progress(out: Path) -> set:
+    """The points a run resumes from (each stage or phase checkpoint) and its end (report.json), by name, mtime and
+    size: a killed run repeats whatever came after its last checkpoint, so only these count as progress."""
+    marks = set()
+    for f in [out / "report.json", *((out / ".resume").glob("*.pt"))] if out.is_dir() else []:
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # removed by the run between the listing and the look
+            continue
+        marks.add((f.name, st.st_mtime_ns, st.st_size))
+    return marks
+
+
+def _wait_for_progress(proc: subprocess.Popen, out: Path, before: set) -> None:
+    """Until the run writes a checkpoint it had not written before this attempt, or ends (a hang fails)."""
+    deadline = time.monotonic() + HANG_S
+    while proc.poll() is None and not (_progress(out) - before):
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run made no progress (hung)")
+        time.sleep(0.02)
+
+
 def test_killed_at_random_moments_it_resumes_to_the_same_result(reference, tmp_path):
+    """SIGKILL at random moments, each after the attempt has finished one more step than the last (so every
+    attempt moves the run on however slow the machine is), then --resume until it finishes."""
     recipe, full, report = reference
     out = tmp_path / "o"
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(12):
+    for _attempt in range(40):  # far more than the run has checkpoints: each killed attempt wrote a new one
+        before = _progress(out)
         proc = subprocess.Popen(_cmd(recipe, out, "--resume"), env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(timeout=rng.uniform(1.0, 4.0 + attempt))
-        except subprocess.TimeoutExpired:
+        _wait_for_progress(proc, out, before)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.5))  # a random moment into the next step: mid-stage, mid-write, mid-report
+        if proc.poll() is None:
             proc.kill()  # SIGKILL: no handler runs, no cleanup
             proc.wait()
             kills += 1
             _files_are_whole(out)
             continue
-        assert proc.returncode == 0, proc.stderr.read()[-2000:]
+        assert proc.wait() == 0, proc.stderr.read()[-2000:]
         break
     else:
         pytest.fail("the run never finished")

@@ -14,7 +14,7 @@ import yaml
 from theseus_cli.arch import build_model, read_state_dict, trusting_pickles
 from theseus_cli.errors import ModelError
 from theseus_cli.zoo import cnn_small
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import HANG_S, tiny_recipe_dict
 
 
 class _Payload:
@@ -27,7 +27,7 @@ class _Payload:
 
 def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "theseus_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "CI": "true"}, timeout=300)
+                          env={**os.environ, "CI": "true"}, timeout=HANG_S)
 
 
 def test_a_pickle_that_would_run_code_is_refused_through_the_real_cli(tmp_path):

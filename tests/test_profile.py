@@ -8,6 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from theseus_cli.batch import TokenBatch
 from theseus_cli.profile import compare, count_flops, count_params, measure_latency, profile_model
 
+from tests.conftest import HANG_S
+
 
 def test_params_count_tied_weights_once():
     emb = nn.Embedding(10, 4)
@@ -93,7 +95,7 @@ def test_deployment_cost_benchmark_runs_on_two_settings(tmp_path):
     root = Path(__file__).parents[1]
     run = subprocess.run([sys.executable, str(root / "bench" / "deployment_cost.py"), "--device", "cpu", "--settings",
                           "fmnist-resnet-to-mlp,resnet50-to-resnet18-small", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "true"})
+                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["setting"]: r for r in json.loads((tmp_path / "deployment_cost.json").read_text())["rows"]}
     transfer = rows["resnet50-to-resnet18-small"]["ratios"]

@@ -7,7 +7,7 @@ from theseus_cli.convert import run_conversion
 from theseus_cli.pretrain import train_guide
 from theseus_cli.recipe import RuntimeConfig, parse_recipe
 from theseus_cli.runtime import Runtime, current, resolve_runtime, using
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import HANG_S, tiny_recipe_dict
 
 
 def test_auto_is_plain_fp32_on_cpu():
@@ -50,7 +50,7 @@ def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
 
     script = Path(__file__).parents[1] / "bench" / "gpu_alignment_throughput.py"
     run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     row = json.loads((tmp_path / "gpu_alignment_throughput.json").read_text())["rows"][0]
     assert row["aligned_points"] == 20 and row["alignment"] > 0 and row["plain"] > 0
@@ -87,7 +87,7 @@ def test_gpu_conversion_time_benchmark_runs_small_on_cpu(tmp_path):
 
     script = Path(__file__).parents[1] / "bench" / "gpu_conversion_time.py"
     run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_conversion_time.json").read_text())
     assert result["full"]["stages"] == 20 and 0 <= result["full"]["target"] <= 1

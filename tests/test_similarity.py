@@ -209,3 +209,59 @@ def test_sequence_rows_flatten_and_per_token():
     assert sequence_rows(a, "per-token", max_rows=4).shape == (4, 4)
     img = torch.randn(2, 3, 5, 5)
     assert sequence_rows(img, "per-token") is img  # only (B, T, D) activations are sequences
+
+
+# ---------------------------------------------------------------- nearly parallel rows, small batches, D-MNN grads
+
+
+def _offset_pair(offset: float, dtype: torch.dtype):
+    """Late-ReLU-like activations with a common offset in every feature: row-normalised, the rows are almost parallel."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.relu(torch.randn(32, 64, generator=g, dtype=dtype))
+    return base + offset, torch.relu(base @ torch.randn(64, 48, generator=g, dtype=dtype)) + offset
+
+
+def _centred_reference_ucka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``reference_ucka`` on column-centred rows (HSIC_U is shift-invariant; centring keeps float64 exact here)."""
+    a = a.flatten(1).double()
+    b = b.flatten(1).double()
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    a, b = a - a.mean(0), b - b.mean(0)
+    k, l = a @ a.T, b @ b.T
+    return reference_hsic_u(k, l) / math.sqrt(reference_hsic_u(k, k) * reference_hsic_u(l, l))
+
+
+def test_nearly_parallel_rows_are_not_mistaken_for_constant_ones():
+    """An absolute floor on the self-HSIC terms collapsed CKA towards 0 here (linear 0.011, unbiased 0.019)."""
+    from theseus_cli.similarity import unbiased_cka
+
+    a, b = _offset_pair(1e4, torch.float64)
+    assert float(linear_cka(a, b, dtype=torch.float64)) == pytest.approx(reference_cka(a, b), abs=1e-6)
+    a, b = _offset_pair(1e3, torch.float32)
+    assert float(unbiased_cka(a, b)) == pytest.approx(_centred_reference_ucka(a, b), abs=1e-3)
+    assert float(linear_cka(a, b)) == pytest.approx(reference_cka(a, b), abs=1e-4)
+
+
+def test_cka_of_two_samples_is_refused_as_it_is_always_one():
+    from theseus_cli.errors import RecipeError
+    from theseus_cli.recipe import parse_recipe
+    from tests.conftest import tiny_recipe_dict
+
+    a, b = torch.randn(2, 5), torch.randn(2, 7)
+    assert reference_cka(a, b) == pytest.approx(1.0)  # why it is refused: no signal to align on
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        linear_cka(a, b)
+    with pytest.raises(RecipeError, match="needs data.batch_size ≥ 3, got 2"):
+        parse_recipe(tiny_recipe_dict(data={"batch_size": 2}))
+
+
+def test_dmnn_loss_passes_a_float64_gradcheck_on_both_sides():
+    from theseus_cli.dmnn import dmnn_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    assert dmnn_loss(t, g, 3, 0.5).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x, y: dmnn_loss(x, y, 3, 0.5), (t, g))
+    dmnn_loss(t.float(), g.float(), 3, 0.1).backward()
+    assert torch.isfinite(g.grad).all() and torch.isfinite(t.grad).all()  # the guide side too, when it requires grad

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pickle
+import stat
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -105,24 +106,62 @@ def pickles_trusted() -> bool:
     return _TRUST_PICKLES.get()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict without executing code from the file (unless inside :func:`trusting_pickles`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found")
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (never opened: a FIFO would block the read)."""
     try:
-        if path.suffix == ".safetensors":
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {what}, not a checkpoint file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def sniff_format(path: Path) -> str:
+    """``safetensors``, ``torch`` (a zip archive or a legacy pickle, read by ``torch.load``), ``empty`` or ``unknown``,
+    from the file's first bytes: the suffix is only a name, and a mislabelled file should load, or fail saying what
+    it really is."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
+        return "torch"
+    return "unknown"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code from the file (unless inside :func:`trusting_pickles`).
+
+    The format is sniffed from the content, not the suffix; a path that is a directory, a pipe or a device
+    is named as such. Non-finite weights (NaN/Inf) are an error here, before any work uses them.
+    """
+    path = Path(path)
+    problem = _not_a_file(path)
+    if problem is not None:
+        raise ModelError(f"{path}: checkpoint {problem}")
+    kind = sniff_format(path)
+    if kind in ("empty", "unknown"):
+        raise ModelError(f"{path}: not a readable checkpoint: the file is empty" if kind == "empty" else
+                         f"{path}: not a readable checkpoint: its content is neither safetensors nor a PyTorch file "
+                         "(torch.save's zip archive or pickle), whatever its suffix says")
+    try:
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
-        elif pickles_trusted():
-            state = torch.load(str(path), map_location="cpu", weights_only=False)
-            if isinstance(state, nn.Module):  # a whole pickled model: its weights, for the recipe's architecture
+        else:  # from an open file: torch.load given a path picks its reader by the suffix, not the content
+            with open(path, "rb") as fh, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols on the way to refusing a file
+                state = torch.load(fh, map_location="cpu", weights_only=not pickles_trusted())
+            if isinstance(state, nn.Module):  # trusted: a whole pickled model; its weights, for the recipe's architecture
                 state = state.state_dict()
-        else:
-            with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
-                warnings.simplefilter("ignore")
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelError(
@@ -132,10 +171,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}") from None
+        raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted {kind} file?): {reason}") from None
     except Exception as exc:  # safetensors raises its own error type
-        raise ModelError(f"{path}: not a readable checkpoint: {type(exc).__name__}: {exc}") from None
-    return _unwrap_state_dict(path, state)
+        raise ModelError(f"{path}: not a readable checkpoint ({kind} file): {type(exc).__name__}: {exc}") from None
+    state = _unwrap_state_dict(path, state)
+    check_finite(state, str(path))
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """NaN/Inf in weights would surface 20 s later as a "diverged" alignment with the wrong advice; name them now."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad.append(f"{name} ({int((~finite).sum()):,} of {t.numel():,} values)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", … ({len(bad)} tensors in all)" if len(bad) > 5 else "")
+        raise ModelError(f"{source}: non-finite weights (NaN or Inf) in {shown}; the file is damaged or was saved "
+                         "from a diverged run")
 
 
 def _unwrap_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:

@@ -4,23 +4,27 @@
 that is needed to rebuild the architecture: the guide spec (arch + kwargs) and
 the plan entries (which module became what, with its params and shapes), the
 resolved recipe and the input normalisation. :func:`load_target` rebuilds the
-model from that file alone — no recipe, guide checkpoint or data needed (only
-the code a ``module:function`` guide spec names must be importable).
+model from that file alone — no recipe, guide checkpoint or data needed — and
+builds only architectures the installation vouches for unless trusted (README,
+"Security"). Run directories (locks, overwrite, disk checks) are
+:mod:`theseus_cli.rundir`'s.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from theseus_cli.arch import build_model
-from theseus_cli.errors import ModelError, OutputError
+from theseus_cli.errors import ModelError, OutputError, TheseusError, disk_error
 from theseus_cli.plan import PlanEntry, apply_entries
 
 FORMAT = "theseus-target/1"
@@ -41,16 +45,64 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     A kill at any moment leaves either the old file or the new one, never a torn one.
     The file gets ordinary permissions (0666 less the umask), not mkstemp's private 0600.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        err = disk_error(exc, path)
+        if err is None:
+            raise
+        raise err from None
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        cause = None
+        if isinstance(exc, Exception):  # measured before the partial file goes
+            cause = errno.ENOSPC if disk_full(path.parent) else errno.EFBIG if at_file_size_limit(Path(tmp)) else None
         Path(tmp).unlink(missing_ok=True)
-        raise
+        err = write_error(exc, path, cause)
+        if err is None:
+            raise
+        raise err from None
+
+
+def disk_full(folder: Path, margin: int = 64 * 1024) -> bool:
+    """Whether ``folder``'s file system has (nearly) no room left: libraries that write through their own I/O
+    (torch's zip writer says "unexpected pos …") report a full disk in words of their own."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
+def at_file_size_limit(file: Path) -> bool:
+    """Whether ``file`` reached the process's file-size limit (``ulimit -f``), which fails writes as ``EFBIG``."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        return soft != resource.RLIM_INFINITY and file.stat().st_size >= soft - 4096
+    except OSError:
+        return False
+
+
+def write_error(exc: BaseException, path: Path, cause: int | None) -> OutputError | None:
+    """An :class:`OutputError` naming ``path`` and the cause, if writing it failed because of the disk (``cause``: the
+    errno the disk's state points to, for writers that do not say)."""
+    import re
+
+    err = disk_error(exc, path)
+    if err is None:  # Rust and C++ writers quote the OS error in their message: "… (os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is not None:
+            err = disk_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)))
+    if err is None and cause is not None:
+        err = disk_error(OSError(cause, os.strerror(cause), str(path)))
+    return err
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -70,8 +122,26 @@ def _target_path(path: str | Path) -> Path:
     return path / TARGET_FILE if path.is_dir() else path
 
 
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Meta(BaseModel):
+    """The fields of a target's metadata that rebuilding it relies on (the rest is a record, read with ``.get``)."""
+
+    model_config = ConfigDict(extra="allow")
+    task: Literal["classification", "causal-lm", "sentence-embedding"] = "classification"
+    guide: _Spec
+    target: Optional[_Spec] = None
+    entries: list[dict[str, Any]] = Field(default_factory=list)
+    input_shape: list[int]
+
+
 def read_target_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``theseus`` metadata of a saved target (a run directory or the file)."""
+    """The ``theseus`` metadata of a saved target (a run directory or the file), checked to have what
+    :func:`load_target` needs: a file that is not JSON or lacks a field is a one-line :class:`ModelError`."""
     from safetensors import safe_open
 
     file = _target_path(path)
@@ -84,25 +154,75 @@ def read_target_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{file}: not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT or "theseus" not in metadata:
         raise ModelError(f"{file}: not a theseus target (metadata format {metadata.get('format')!r})")
-    return json.loads(metadata["theseus"])
+    try:
+        meta = json.loads(metadata["theseus"])
+    except ValueError as exc:
+        raise ModelError(f"{file}: the target's metadata is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{file}: the target's metadata is a {type(meta).__name__}, not a mapping")
+    try:
+        _Meta.model_validate(meta)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        raise ModelError(f"{file}: the target's metadata lacks what rebuilding it needs: {problems}") from None
+    if Path(path).is_dir() and not (Path(path) / REPORT_FILE).is_file():
+        raise unfinished(path, f", or name {file} itself to use that file anyway")
+    return meta
 
 
-def load_target(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild a converted target from ``target.safetensors`` (or its run directory).
+def unfinished(path: object, more: str = "") -> ModelError:
+    return ModelError(f"{path}: an unfinished run (no {REPORT_FILE}: killed, failed or still running); finish it with "
+                      f"convert --resume{more}")
 
-    Returns the model in eval mode; ``model.theseus_meta`` holds the metadata
-    (input shape, normalisation, plan, recipe).
+
+# What a saved target may name without the user's say-so: architectures this installation itself provides.
+VOUCHED_PREFIXES = ("torchvision", "timm")
+VOUCHED_MODULES = ("theseus_cli.zoo",)
+
+
+def unvouched(spec: str) -> str | None:
+    """Why building ``spec`` on a file's word needs the user's trust, or None when the installation vouches for it:
+    ``torchvision:``/``timm:`` names, ``hf:`` config-built model types and installed packages' directories, and
+    this project's zoo. A ``module:function`` imports and runs whatever the file chose; an ``hf:`` directory
+    reads whatever folder on this machine the file chose."""
+    prefix, _, name = spec.partition(":")
+    if prefix in VOUCHED_PREFIXES or prefix in VOUCHED_MODULES:
+        return None
+    if prefix == "hf":
+        return f"the model directory {name!r}" if name.startswith((".", "/")) else None
+    return f"code ({spec!r}: importing {prefix!r} and calling {name!r})"
+
+
+def check_vouched(spec: str, trust_code: bool, source: object) -> None:
+    """:class:`ModelError` (exit 4) if ``spec``, read from ``source``'s metadata, needs trust that was not given."""
+    what = None if trust_code else unvouched(spec)
+    if what is not None:
+        raise ModelError(f"{source}: the target's metadata names {what}; a saved target may name only torchvision:, "
+                         "timm:, hf: model types or installed packages, and theseus_cli.zoo architectures unless you pass "
+                         "--trust-target (library: trust_code=True) for a file whose source you trust")
+
+
+def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False) -> nn.Module:
+    """Rebuild a converted target from ``target.safetensors`` (or its finished run directory).
+
+    Returns the model in eval mode; ``model.theseus_meta`` holds the metadata (input shape, normalisation,
+    plan, recipe). The architecture the metadata names is built only if this installation vouches for it
+    (see :func:`unvouched`), or with ``trust_code``: a downloaded target must not run code of its choosing.
     """
     from safetensors.torch import load_model
 
     file = _target_path(path)
-    meta = read_target_metadata(file)
-    task = meta.get("task", "classification")
-    if meta.get("target"):  # architecture transfer: the target is its own architecture
-        model = build_model(meta["target"]["arch"], meta["target"]["kwargs"], seed=0, task=task)
-    else:
-        model = build_model(meta["guide"]["arch"], meta["guide"]["kwargs"], seed=0, task=task)
-    apply_entries(model, [PlanEntry.from_dict(e) for e in meta["entries"]])
+    meta = read_target_metadata(path)
+    spec = meta.get("target") or meta["guide"]  # architecture transfer: the target is its own architecture
+    check_vouched(spec["arch"], trust_code, file)
+    try:
+        model = build_model(spec["arch"], spec.get("kwargs") or {}, seed=0, task=meta.get("task", "classification"))
+        apply_entries(model, [PlanEntry.from_dict(e) for e in meta.get("entries") or []])
+    except TheseusError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{file}: the target's metadata does not rebuild a model: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
     try:
         load_model(model, str(file), strict=True, device=device)
     except Exception as exc:
@@ -110,28 +230,3 @@ def load_target(path: str | Path, device: str = "cpu") -> nn.Module:
     model.to(device).eval()
     model.theseus_meta = meta
     return model
-
-
-def _is_run(out: Path) -> bool:
-    return any((out / name).exists() for name in (".resume", TARGET_FILE, REPORT_FILE))
-
-
-def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to mix a new run into a non-empty directory unless ``overwrite``; ``resume`` needs a directory that
-    holds a run (or nothing). Temporary files a killed run left behind (``atomic_write``'s) are removed."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if not resume:
-            raise OutputError(f"{out}: directory exists and is not empty (use --resume to continue a killed run there, "
-                              "or --overwrite to replace its files)")
-        if not _is_run(out):
-            raise OutputError(f"{out}: --resume, but the directory holds no theseus run (no .resume/, {TARGET_FILE} or "
-                              f"{REPORT_FILE}); use another --out, or --overwrite")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create output directory: {exc}") from None
-    for folder in (out, out / ".resume"):
-        for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
-            stale.unlink(missing_ok=True)

@@ -16,9 +16,10 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from theseus_cli.errors import TheseusError
+from theseus_cli.errors import TheseusError, disk_error, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
@@ -32,6 +33,10 @@ TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="unpickle .pt/.pth/.bin/.ckpt checkpoints in full (e.g. a whole saved nn.Module); this runs "
                              "code from the file: only for files you trust (default: weights only, no code runs)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
+TrustTargetOpt = typer.Option(False, "--trust-target",
+                              help="build the architecture a saved target's metadata names even when it is code "
+                                   "(module:function) or an hf: directory; only for files you trust (default: only "
+                                   "torchvision:, timm:, hf: model types or packages and theseus_cli.zoo)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
 
 
@@ -47,18 +52,25 @@ def _run(debug: bool, fn: Callable[[], Any], trust: bool = False) -> Any:
         with trusting_pickles(trust):
             return fn()
     except TheseusError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code)
+        _error(exc)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130)
     except Exception as exc:
+        disk = disk_error(exc)
+        if disk is not None:  # a full or read-only disk anywhere in the run is the disk's problem, not a bug
+            _error(disk)
         if debug:
             raise
-        msg = " ".join(str(exc).split())
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(one_line(str(exc)))} "
+                          "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _error(exc: TheseusError) -> None:
+    """One line on stderr, the message escaped (paths and patterns hold '[…]', which is not rich markup), and the exit."""
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
 
 
 def _progress(quiet: bool):
@@ -75,8 +87,13 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _e(value: Any) -> str:
+    """User-derived text (paths, module names, specs) for rich: escaped, so '[…]' in it is printed, not parsed."""
+    return escape(str(value))
+
+
 def _count(paths: list[str]) -> str:
-    return paths[0] if len(paths) == 1 else f"{len(paths)} modules ({paths[0]} … {paths[-1]})"
+    return _e(paths[0]) if len(paths) == 1 else f"{len(paths)} modules ({_e(paths[0])} … {_e(paths[-1])})"
 
 
 def _shape(shape) -> str:
@@ -106,15 +123,15 @@ def inspect(
     if plan["kind"] == "transfer":
         _print_transfer(plan)
         return
-    table = Table(title=f"{plan['guide']['arch']} on input {_shape(plan['input_shape'])}", show_lines=False)
+    table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
     for col in ("path", "type", "output", "params", "rule", "becomes", "target params"):
         table.add_column(col, justify="right" if "params" in col else "left")
     for row in plan["rows"]:
         becomes = None
         if row["becomes"]:
             args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items())
-            becomes = f"[green]{row['becomes']}[/]({args})"
-        table.add_row(row["path"], row["module_type"], _shape(row["output_shape"]), f"{row['params']:,}",
+            becomes = f"[green]{_e(row['becomes'])}[/]({_e(args)})"
+        table.add_row(_e(row["path"]), _e(row["module_type"]), _shape(row["output_shape"]), f"{row['params']:,}",
                       f"replace[{row['rule']}]" if row["rule"] is not None else "",
                       becomes or "[dim]kept[/]",
                       f"{row['target_params']:,}" if row["target_params"] is not None else f"{row['params']:,}")
@@ -124,10 +141,10 @@ def inspect(
     for col in ("stage", "introduces", "trains", "aligns", "fed by"):
         stages.add_column(col)
     for i, st in enumerate(plan["stages"]):
-        stages.add_row(str(i + 1), ", ".join(st["introduced"]), _count(st["trained"]), _count(st["aligned"]), st["feed"])
+        stages.add_row(str(i + 1), _e(", ".join(st["introduced"])), _count(st["trained"]), _count(st["aligned"]), st["feed"])
     out_console.print(stages)
     g = plan["guide"]
-    out_console.print(f"guide: {g['arch']} ({'checkpoint ' + g['checkpoint'] if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
     out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
                       f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
@@ -137,19 +154,19 @@ def inspect(
 def _print_transfer(plan: dict) -> None:
     """``inspect`` for architecture transfer: the map with shapes on both sides, what else is trained, the ratios."""
     t = plan["target"]
-    table = Table(title=f"{plan['guide']['arch']} → {t['arch']} on input {_shape(plan['input_shape'])}")
+    table = Table(title=f"{_e(plan['guide']['arch'])} → {_e(t['arch'])} on input {_shape(plan['input_shape'])}")
     for col in ("stage", "target block", "target output", "guide group", "guide output", "also trained from here"):
         table.add_column(col)
     for i, pair in enumerate(plan["pairs"]):
         group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
-        table.add_row(str(i + 1), pair["target"], _shape(pair["target_shape"]), group, _shape(pair["guide_shape"]),
-                      ", ".join(plan["stem"].get(pair["target"], [])))
+        table.add_row(str(i + 1), _e(pair["target"]), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
+                      _e(", ".join(plan["stem"].get(pair["target"], []))))
     out_console.print(table)
     g = plan["guide"]
-    out_console.print(f"guide: {g['arch']} ({'checkpoint ' + g['checkpoint'] if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
     out_console.print(f"schedule: {plan['schedule']['kind']}, similarity {plan['similarity']}; head (fine-tuning only): "
-                      f"{', '.join(plan['head']) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
-                      + (f" ({', '.join(sorted({k.rpartition('.')[0] for k in plan['inherited']}))})" if plan["inherited"] else ""))
+                      f"{_e(', '.join(plan['head'])) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
+                      + (f" ({_e(', '.join(sorted({k.rpartition('.')[0] for k in plan['inherited']})))})" if plan["inherited"] else ""))
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} (×{plan['param_ratio']:.2f}); "
                       f"FLOPs per example: {plan['guide_flops']:,} → {plan['target_flops']:,} (×{plan['flop_ratio']:.2f})")
 
@@ -194,7 +211,7 @@ def convert(
 
 def _print_conversion(report: dict, out: Path) -> None:
     m = report["metric"]
-    table = Table(title=f"{report['guide']['arch']} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
+    table = Table(title=f"{_e(report['guide']['arch'])} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
     for col in ("model", "params", f"test {m['name'].replace('_', ' ')}"):
         table.add_column(col, justify="right" if col != "model" else "left")
     fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
@@ -216,7 +233,7 @@ def _print_conversion(report: dict, out: Path) -> None:
         verdict = "[green]passed[/]" if r["passed"] else "[bold red]FAILED[/]"
         value = "none" if r["value"] is None else f"{r['value']:.4g}"
         out_console.print(f"gate {name.replace('_', '-')} {r['threshold']:g}: {value} {verdict}")
-    out_console.print(f"wrote {out / report['files']['target']}, {out / report['files']['report']}, {out / report['files']['plot']}")
+    out_console.print(f"wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}, {_e(out / report['files']['plot'])}")
 
 
 def _big(profile: dict) -> str:
@@ -238,6 +255,7 @@ def eval_cmd(
     device: str = DeviceOpt,
     batch: int = typer.Option(64, "--batch", min=2, help="the larger batch size latency is measured at (besides 1)"),
     trust: bool = TrustOpt,
+    trust_target: bool = TrustTargetOpt,
     as_json: bool = JsonOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -246,14 +264,14 @@ def eval_cmd(
     def work():
         from theseus_cli.evaluation import evaluate_model
 
-        return evaluate_model(model, recipe, data, device, (1, batch))
+        return evaluate_model(model, recipe, data, device, (1, batch), trust_code=trust_target)
 
     result = _run(debug, work, trust)
     if as_json:
         _emit_json(result)
         return
     m = result["metric"]
-    table = Table(title=f"{result['kind']} {result['arch']} on {result['data']['name']} ({result['data']['test']:,} test examples)")
+    table = Table(title=f"{result['kind']} {_e(result['arch'])} on {_e(result['data']['name'])} ({result['data']['test']:,} test examples)")
     for col in ("test " + m["name"].replace("_", " "), "params", "FLOPs / example", "latency b=1", f"latency b={batch}"):
         table.add_column(col, justify="right")
     table.add_row(f"{m['value']:.4f}", f"{result['params']:,}", f"{result['flops_per_example']:,}", *_latencies(result))
@@ -271,6 +289,7 @@ def export(
     rtol: float = typer.Option(1e-3, "--rtol", min=0.0, help="parity check: tolerance relative to PyTorch's output"),
     opset: int = typer.Option(18, "--opset", min=9, help="ONNX opset"),
     exporter: str = typer.Option("auto", "--exporter", help="ONNX exporter: auto (torch.export, then TorchScript), dynamo, torchscript"),
+    trust_target: bool = TrustTargetOpt,
     as_json: bool = JsonOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -282,7 +301,7 @@ def export(
 
         if exporter not in ("auto", "dynamo", "torchscript"):
             raise ExportError(f"--exporter {exporter!r}: choose one of auto, dynamo, torchscript")
-        return export_target(run, fmt, out, overwrite, atol, rtol, opset, exporter)
+        return export_target(run, fmt, out, overwrite, atol, rtol, opset, exporter, trust_target)
 
     result = _run(debug, work)
     if as_json:
@@ -290,11 +309,11 @@ def export(
         return
     p = result["parity"]
     how = f" ({result['exporter']} exporter, opset {result['opset']})" if "exporter" in result else ""
-    out_console.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes){how}")
+    out_console.print(f"wrote {_e(result['out'])} ({result['size_bytes']:,} bytes){how}")
     out_console.print(f"parity with PyTorch on inputs {', '.join('×'.join(map(str, s)) for s in p['inputs'])}: "
                       f"max |Δ| {p['max_abs_diff']:.2g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
     if "load_with" in result:
-        out_console.print(f"load with {result['load_with']}")
+        out_console.print(f"load with {_e(result['load_with'])}")
 
 
 @app.command()
@@ -345,7 +364,7 @@ def transport(
     out_console.print(table)
     out_console.print(f"moved {len(report['transported'])} tensors ({report['parameters_moved']:,} of B's "
                       f"{report['parameters_in_b']:,} parameters); zero delta: {len(report['zero_delta'])} tensors "
-                      f"(see report.json); wrote {out / report['files']['target']}, {out / report['files']['report']}")
+                      f"(see report.json); wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}")
 
 
 @app.command("train-guide")
@@ -371,8 +390,8 @@ def train_guide_cmd(
     if as_json:
         _emit_json(result)
         return
-    out_console.print(f"guide {result['arch']}: test {result['metric']} {result[result['metric']]:.4f} after {result['epochs']} epochs "
-                      f"({result['seconds']:.0f}s on {result['device']}) → {result['checkpoint']}")
+    out_console.print(f"guide {_e(result['arch'])}: test {result['metric']} {result[result['metric']]:.4f} after {result['epochs']} epochs "
+                      f"({result['seconds']:.0f}s on {result['device']}) → {_e(result['checkpoint'])}")
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ the conversion took in all (alignment + fine-tuning), as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import platform
 import time
 from dataclasses import asdict
@@ -25,25 +27,28 @@ from typing import Any
 import torch
 
 from theseus_cli import __version__
+from theseus_cli import memory
 from theseus_cli import resume as resume_stages
 from theseus_cli.arch import build_model
-from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
+from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, save_target, write_json
 from theseus_cli.data import batches_per_epoch
 from theseus_cli.distributed import Dist, process_group
 from theseus_cli.distributed import current as current_dist
-from theseus_cli.errors import DataError, MatchError, RecipeError
+from theseus_cli.errors import DataError, MatchError, OutputError, RecipeError
 from theseus_cli.faults import Interrupted, graceful_stop
 from theseus_cli.gates import Gates, evaluate_gates
 from theseus_cli.guide_cache import GuideCache
+from theseus_cli.hf_models import portable_spec
 from theseus_cli.matching import pattern_matches
 from theseus_cli.plan import apply_entries, build_plan
 from theseus_cli.plots import plot_alignment
 from theseus_cli.profile import compare, profile_model
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
+from theseus_cli.rundir import check_out_path, finished, run_directory
 from theseus_cli.runtime import Runtime, align_batch_size, resolve_runtime, using
 from theseus_cli.runtime import current as current_runtime
-from theseus_cli.session import Session, attach_guide_embeddings, open_session
+from theseus_cli.session import Session, attach_guide_embeddings, check_classes, open_session
 from theseus_cli.similarity import make_loss, min_batch
 from theseus_cli.tasks import Task, get_task
 from theseus_cli.transfer import build_transfer_plan, inherit_weights
@@ -154,12 +159,30 @@ def _plan(session: Session, guide: torch.nn.Module):
     sample = session.data.x_train[:2].to(dev)
     if recipe.target is None:
         plan = build_plan(guide, recipe, sample)
+        check_fits(session, guide, plan)
         by_path = {e.path: e for e in plan.entries}
         return plan, copy.deepcopy(guide), lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced])
     target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs, recipe.seed + 1000,
                                                        recipe.task).to(dev))
+    check_classes(target, session.data, f"the target {recipe.target.arch}")
     plan = build_transfer_plan(guide, target, recipe, sample)  # also copies the inherited weights into target
+    check_fits(session, guide, plan)
     return plan, target, lambda target, stage: None
+
+
+def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
+    """Before any work: the target can be trained on the device, and each batch size fits (lower bounds, see
+    :mod:`theseus_cli.memory`). A plan of 700 billion parameters is refused here, not by the allocator."""
+    recipe, data, dev = session.recipe, session.data, session.device
+    biggest = max(plan.entries, key=lambda e: e.target_params, default=None)
+    hint = (f" (the largest replacement: module '{biggest.path}' → {biggest.replacement} with {biggest.target_params:,} "
+            f"parameters, replace[{biggest.rule}])" if biggest is not None else "")
+    memory.require_trainable(plan.target_params, dev, "the target" + hint)
+    n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
+    memory.require_batches(guide, data.x_train[:1].to(dev), {
+        "align.batch_size": min(align_batch_size(recipe, dev), n_train),
+        "data.batch_size": min(recipe.data.batch_size, n_train),
+        "data.eval_batch_size": min(recipe.data.eval_batch_size, n_test)}, dev)
 
 
 def _naive(session: Session, guide: torch.nn.Module, plan) -> torch.nn.Module:
@@ -214,11 +237,12 @@ def run_conversion(
     """
     started = time.perf_counter()
     out = Path(out)
-    with process_group(device) as (dist, device):
-        prepare_out_dir(out, overwrite, resume)
+    with process_group(device) as (dist, device), _hold(out, overwrite, resume, dist.main):
         if not dist.main:
             progress = NullProgress()
         session = open_session(recipe, checkpoint, device)
+        if resume and finished(out):
+            return _finished_run(out, session, gates) if dist.main else None
         check_world(session, dist)
         rt = resolve_runtime(recipe.runtime, session.device, session.data)
         if rt.data_on_device:
@@ -233,6 +257,30 @@ def run_conversion(
                               f"{resume_stages.describe(out)}", stop.exit_code - 128) from None
         dist.barrier()  # the other ranks wait until rank 0 has written every file
         return report if dist.main else None
+
+
+def _finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:
+    """``--resume`` of a run that had finished (killed after its report, or rerun by a CI step): nothing is redone,
+    its report is returned, with the gates checked against it — if the same recipe and guide made it."""
+    try:
+        report = json.loads((out / REPORT_FILE).read_text())
+        made_by = report["recipe_hash"], report["guide"].get("checkpoint_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OutputError(f"{out / REPORT_FILE}: unreadable report of a finished run ({exc}); use --overwrite") from None
+    if made_by != (session.recipe.digest(), session.guide_info.get("checkpoint_sha256")):
+        raise OutputError(f"{out}: holds a finished run of a different recipe or guide checkpoint; use another --out, "
+                          "or --overwrite")
+    if gates.any:
+        report["gates"] = evaluate_gates(gates, report)
+    return report
+
+
+def _hold(out: Path, overwrite: bool, resume: bool, main: bool):
+    """Rank 0 locks and prepares the run directory (:mod:`theseus_cli.rundir`); other ranks only check it."""
+    if main:
+        return run_directory(out, overwrite, resume)
+    check_out_path(out, overwrite, resume)
+    return contextlib.nullcontext(out)
 
 
 def check_world(session: Session, dist: Dist) -> None:
@@ -324,11 +372,14 @@ def _convert(session: Session, rt: Runtime, out: Path, baseline: bool, resume: b
     deployment["ratios"] = compare(deployment["guide"], deployment["target"])
 
     # ---- files
-    meta = {"guide": {"arch": recipe.guide.arch, "kwargs": recipe.guide.kwargs}, "task": recipe.task,
-            "target": {"arch": recipe.target.arch, "kwargs": recipe.target.kwargs} if recipe.target else None,
+    # hf: directories are recorded as the config-built models they hold, so the file rebuilds without them
+    guide_arch, guide_kwargs, tokenizer = portable_spec(recipe.guide.arch, recipe.guide.kwargs, data.tokenizer)
+    target_spec = portable_spec(recipe.target.arch, recipe.target.kwargs, None)[:2] if recipe.target else None
+    meta = {"guide": {"arch": guide_arch, "kwargs": guide_kwargs}, "task": recipe.task,
+            "target": {"arch": target_spec[0], "kwargs": target_spec[1]} if target_spec else None,
             "entries": [asdict(e) for e in plan.entries], "input_shape": list(plan.input_shape),
             "num_classes": data.num_classes, "normalization": {"mean": data.mean, "std": data.std} if data.mean else None,
-            "tokenizer": data.tokenizer,
+            "tokenizer": tokenizer,
             "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "theseus_version": __version__}
     save_target(out / TARGET_FILE, target.cpu(), meta)
     report = {

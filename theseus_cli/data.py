@@ -168,6 +168,8 @@ def _load_npz(path: Path):
 
 
 def _load_image_tree(folder: Path, classes: list[str] | None, size: int | None):
+    import warnings
+
     from PIL import Image
 
     classes = classes or sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -177,11 +179,16 @@ def _load_image_tree(folder: Path, classes: list[str] | None, size: int | None):
     for label, cls in enumerate(classes):
         for file in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
             try:
-                with Image.open(file) as img:
-                    img = img.convert("RGB")
-                    if size:
-                        img = img.resize((size, size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+                with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice that: refuse both
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(file) as img:
+                        img = img.convert("RGB")
+                        if size:
+                            img = img.resize((size, size), Image.BILINEAR)
+                        images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise DataError(f"{file}: refused to decode: {' '.join(str(exc).split())[:200]} (an image this large is a "
+                                "decompression bomb or not meant for training; resize it first)") from None
             except OSError:
                 continue  # not an image: skip, as image-folder loaders do
             labels.append(label)
@@ -228,7 +235,7 @@ def _raw(source: str, path: str | None, size_hint: int | None):
 # ---------------------------------------------------------------- transforms
 
 
-def _to_tensor(x: np.ndarray, where: str) -> torch.Tensor:
+def _to_tensor(x: np.ndarray, where: str, split: str) -> torch.Tensor:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[:, None]
@@ -237,7 +244,13 @@ def _to_tensor(x: np.ndarray, where: str) -> torch.Tensor:
     if x.ndim != 4:
         raise DataError(f"{where}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
     t = torch.from_numpy(np.array(x, copy=True))
-    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    finite = torch.isfinite(t).flatten(1).all(1)
+    if not bool(finite.all()):  # found here, not 20 s into alignment as a "diverged" loss
+        bad = (~finite).nonzero().flatten()
+        raise DataError(f"{where}: non-finite values (NaN or Inf) in {bad.numel():,} of {t.shape[0]:,} images of {split}, the "
+                        f"first at index {int(bad[0])}")
+    return t
 
 
 def _labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
@@ -292,14 +305,14 @@ def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", g
     raw = _raw(cfg.source, cfg.path, cfg.image_size)
     gen = torch.Generator().manual_seed(seed)
     if len(raw) == 2:
-        x_all, y_all = _to_tensor(raw[0], where), None
+        x_all, y_all = _to_tensor(raw[0], where, "x"), None
         y_all = _labels(raw[1], x_all.shape[0], where)
         perm = torch.randperm(x_all.shape[0], generator=gen)
         n_test = max(1, int(round(cfg.test_fraction * x_all.shape[0])))
         test_idx, train_idx = perm[:n_test], perm[n_test:]
         x_tr, y_tr, x_te, y_te = x_all[train_idx], y_all[train_idx], x_all[test_idx], y_all[test_idx]
     else:
-        x_tr, x_te = _to_tensor(raw[0], where), _to_tensor(raw[2], where)
+        x_tr, x_te = _to_tensor(raw[0], where, "x_train"), _to_tensor(raw[2], where, "x_test")
         y_tr, y_te = _labels(raw[1], x_tr.shape[0], where), _labels(raw[3], x_te.shape[0], where)
     if x_tr.shape[0] == 0 or x_te.shape[0] == 0:
         raise DataError(f"{where}: empty train or test split")

@@ -24,8 +24,10 @@ from theseus_cli.similarity import normalise_rows
 
 
 def _logits(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """(n, ...) → (n, n) cosine similarities / τ, −inf on the diagonal (an anchor is not its own neighbour)."""
-    x = normalise_rows(x)
+    """(n, ...) → (n, n) cosine similarities / τ, −inf on the diagonal (an anchor is not its own neighbour).
+
+    Computed in float32, or float64 when the input is float64 (half precisions are promoted)."""
+    x = normalise_rows(x, torch.promote_types(x.dtype, torch.float32))
     s = (x @ x.T) / tau
     return s.masked_fill(torch.eye(s.shape[0], dtype=torch.bool, device=s.device), float("-inf"))
 
@@ -55,9 +57,11 @@ def dmnn_loss(target: torch.Tensor, guide: torch.Tensor, k: int = 10, tau: float
         mask_g = _topk_mask(sg, k)
         log_p = _masked_log_softmax(sg, mask_g)
         log_q = _masked_log_softmax(st, mask_g | _topk_mask(st, k))
-        p = log_p.exp()  # zero outside the guide's top-k
-        terms = torch.where(mask_g, p * (log_p - log_q), torch.zeros_like(p))
-        return terms.sum(1).mean()
+        # outside the guide's top-k, log P is −inf and P is 0: zero those entries before the product, not after,
+        # or 0·(−inf) puts NaN into the gradients (of the guide side too, when it requires grad)
+        log_p, log_q = (torch.where(mask_g, t, torch.zeros_like(t)) for t in (log_p, log_q))
+        p = torch.where(mask_g, log_p.exp(), torch.zeros_like(log_p))
+        return (p * (log_p - log_q)).sum(1).mean()
 
 
 def soft_mnn(a: torch.Tensor, b: torch.Tensor, k: int = 10, tau: float = 0.1) -> torch.Tensor:

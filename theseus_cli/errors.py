@@ -19,8 +19,20 @@ class TheseusError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __str__(self) -> str:  # keep it one line whatever the message holds
-        return " ".join(self.message.split())
+    def __str__(self) -> str:  # one line whatever the message holds, and a readable one however long it is
+        return one_line(self.message)
+
+
+MAX_MESSAGE = 2000  # characters of one error line; the rest is cut, saying how much there was
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters keeping the start and
+    saying how long it was: a message quoting a megabyte of user input must not become a megabyte of stderr."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… (cut: {len(text):,} characters in all)"
 
 
 class RecipeError(TheseusError):
@@ -48,13 +60,13 @@ class DataError(TheseusError):
 
 
 class DeviceError(TheseusError):
-    """The requested device is not available."""
+    """The requested device is not available, or has too little memory for what was asked."""
 
     exit_code = 7
 
 
 class OutputError(TheseusError):
-    """The output directory cannot be used (exists and is not a run, unwritable)."""
+    """The output directory cannot be used (exists and is not a run, in use by another run, unwritable, full)."""
 
     exit_code = 8
 
@@ -75,3 +87,22 @@ class ExportError(TheseusError):
     """A target could not be exported, or the exported file's outputs differ from PyTorch's."""
 
     exit_code = 11
+
+
+# Where the disk, not the program, is the problem: mapped to one line naming the path and the cause (exit 8).
+_DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+                "EROFS": "read-only file system", "EACCES": "permission denied", "EPERM": "operation not permitted",
+                "EFBIG": "file too large for this file system or process limit"}
+
+
+def disk_error(exc: BaseException, path: object | None = None) -> "OutputError | None":
+    """An :class:`OutputError` for an ``OSError`` caused by the disk (full, read-only, no permission), else None."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    name = errno.errorcode.get(exc.errno)
+    if name not in _DISK_ERRNOS:
+        return None
+    where = exc.filename or path or "output"
+    return OutputError(f"{where}: cannot write: {_DISK_ERRNOS[name]} ({name})")

@@ -77,17 +77,23 @@ def _guide_for_embeddings(recipe: Recipe, device: torch.device):
     return load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task).to(device).eval()
 
 
-def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device: torch.device):
-    """(model, recipe, kind, normalisation) for a converted target or a guide checkpoint."""
+def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device: torch.device, trust_code: bool = False):
+    """(model, recipe, kind, normalisation) for a converted target or a guide checkpoint.
+
+    A target's own metadata names its architecture and, without ``--recipe``, its recipe; what either names is
+    built only where this installation vouches for it, or with ``trust_code`` (``--trust-target``)."""
     from theseus_cli.arch import load_guide
-    from theseus_cli.artifacts import load_target
+    from theseus_cli.artifacts import check_vouched, load_target, unfinished
+    from theseus_cli.rundir import unfinished_run
 
     path = Path(model_path)
     if not path.exists():
         raise ModelError(f"{path}: model file or run directory not found")
+    if unfinished_run(path):
+        raise unfinished(path)
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     if _is_target(path):
-        model = load_target(path, str(device))
+        model = load_target(path, str(device), trust_code)
         meta = model.theseus_meta
         if recipe is None and meta.get("transport"):  # B′ of `theseus transport`: its data is the transport recipe's
             from theseus_cli.recipe import GuideConfig
@@ -98,6 +104,8 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
                                             data=tr.data, seed=tr.seed)
         elif recipe is None:
             recipe = parse_recipe(meta["recipe"], f"{path} (recorded recipe)")
+            if recipe.task == "sentence-embedding":  # the metric needs the guide the recorded recipe names
+                check_vouched(recipe.guide.arch, trust_code, path)
         return model, recipe, "target", meta.get("normalization")
     if recipe is None:
         raise RecipeError(f"{path}: not a converted target, so --recipe must give the guide's architecture and data")
@@ -105,18 +113,28 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
     return model.to(device).eval(), recipe, "guide", None
 
 
+def _check_batches(model, ds, cfg: DataConfig, latency_batches: tuple[int, ...], dev: torch.device) -> None:
+    """The evaluation batch and the largest latency batch fit the device (``--batch 100000000`` is refused here)."""
+    from theseus_cli import memory
+
+    memory.require_batches(model, ds.x_test[:1].to(dev), {
+        "data.eval_batch_size": min(cfg.eval_batch_size, ds.x_test.shape[0]), "--batch": max(latency_batches)}, dev)
+
+
 def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None, data: str | None = None,
-                   device: str = "auto", batches: tuple[int, ...] = (1, 64), latency: bool = True) -> dict[str, Any]:
-    """The task metric on the test split, params, FLOPs per example and latency of one model."""
+                   device: str = "auto", batches: tuple[int, ...] = (1, 64), latency: bool = True,
+                   trust_code: bool = False) -> dict[str, Any]:
+    """The task metric on the test split, params, FLOPs per example and latency of one model (``trust_code``: see
+    :func:`load_for_eval`)."""
     from theseus_cli.convert import versions
     from theseus_cli.data import load_dataset
     from theseus_cli.profile import profile_model
-    from theseus_cli.session import check_vocabulary, resolve_device
+    from theseus_cli.session import check_classes, check_vocabulary, resolve_device
     from theseus_cli.tasks import get_task
     from theseus_cli.training import embed, evaluate
 
     dev = resolve_device(device)
-    model, recipe, kind, normalization = load_for_eval(model_path, recipe_path, dev)
+    model, recipe, kind, normalization = load_for_eval(model_path, recipe_path, dev, trust_code)
     cfg = data_override(recipe.data, data) if data else recipe.data
     ds = load_dataset(cfg, recipe.seed, recipe.task, recipe.guide.arch,
                       normalization=normalization if normalization and cfg.source not in ("bible-kjv", "text") else None)
@@ -127,6 +145,8 @@ def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None
     if ds.kind == "image" and tuple(ds.input_shape) != tuple(getattr(model, "theseus_meta", {}).get("input_shape", ds.input_shape)):
         raise DataError(f"--data: images of shape {tuple(ds.input_shape)}, but the target was converted for "
                         f"{tuple(model.theseus_meta['input_shape'])} (set image_size / channels / canvas with --recipe)")
+    check_classes(model, ds, f"the {kind}")
+    _check_batches(model, ds, cfg, batches, dev)
     value = evaluate(model, task, ds.x_test, ds.y_test, cfg.eval_batch_size, dev)
     prof = profile_model(model, ds.x_test[:1], dev, batches, latency)
     return {"model": str(model_path), "kind": kind, "task": recipe.task,

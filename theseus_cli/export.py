@@ -186,9 +186,21 @@ def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str,
             torch.onnx.export(wrapper, example, str(tmp), dynamo=False, input_names=names, output_names=["output"],
                               dynamic_axes={**{n: axes for n in names}, "output": out_axes}, opset_version=opset)
     model = onnx.load(str(tmp))
+    written = onnx_opset(model)
+    if written != opset:  # the torch.export-based exporter writes the opset it supports and may ignore the one asked
+        try:
+            model = onnx.version_converter.convert_version(model, opset)
+        except Exception as exc:
+            raise ExportError(f"the {kind} exporter wrote opset {written}, and converting it to opset {opset} failed: "
+                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     entry = model.metadata_props.add()
     entry.key, entry.value = "theseus", json.dumps(_meta_summary(meta), sort_keys=True)
     onnx.save(model, str(tmp))
+
+
+def onnx_opset(model) -> int:
+    """The default-domain (``ai.onnx``) opset an ONNX model declares."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _run_onnx(path: Path, names: list[str]):
@@ -220,17 +232,24 @@ def export_onnx(wrapper, cases, out: Path, meta, atol, rtol, opset: int = 18, ex
                 result["tried"].append(f"{kind}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
                 continue
             try:
-                result["parity"] = _check(_run_onnx(tmp, _names(cases[0])), wrapper, cases, atol, rtol,
-                                          f"the ONNX file ({kind} exporter) under ONNX Runtime")
+                run = _run_onnx(tmp, _names(cases[0]))
+            except Exception as exc:  # e.g. a node the opset conversion left invalid
+                result["tried"].append(f"{kind}: ONNX Runtime does not load the file: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())[:200]}")
+                continue
+            try:
+                result["parity"] = _check(run, wrapper, cases, atol, rtol, f"the ONNX file ({kind} exporter) under ONNX Runtime")
             except ExportError as exc:
                 result["tried"].append(f"{kind}: {exc}")
                 continue
-            result["exporter"] = kind
+            import onnx
+
+            result["exporter"], result["opset"] = kind, onnx_opset(onnx.load(str(tmp)))  # what the file declares
             return
         raise ExportError("ONNX export failed — " + "; ".join(result["tried"]))
 
     atomic_write(out, write)
-    return {**result, "opset": opset, "runtime": "onnxruntime " + __import__("onnxruntime").__version__}
+    return {**result, "runtime": "onnxruntime " + __import__("onnxruntime").__version__}
 
 
 def export_torchscript(wrapper, cases, out: Path, meta, atol, rtol) -> dict[str, Any]:
@@ -329,12 +348,15 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 
 def export_target(path: str | Path, fmt: str = "onnx", out: str | Path | None = None, overwrite: bool = False,
-                  atol: float = 1e-4, rtol: float = 1e-3, opset: int = 18, exporter: str = "auto") -> dict[str, Any]:
-    """Export the target in ``path`` (a run directory or ``target.safetensors``); verify; return what was written."""
+                  atol: float = 1e-4, rtol: float = 1e-3, opset: int = 18, exporter: str = "auto",
+                  trust_code: bool = False) -> dict[str, Any]:
+    """Export the target in ``path`` (a run directory or ``target.safetensors``); verify; return what was written.
+    ``trust_code``: build an architecture the target's metadata names even if the installation does not vouch for
+    it (see :func:`theseus_cli.artifacts.load_target`)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    model = load_target(path, "cpu")
+    model = load_target(path, "cpu", trust_code)
     meta = model.theseus_meta
     run_dir = path if path.is_dir() else path.parent
     out = Path(out) if out is not None else run_dir / DEFAULT_NAME[fmt]

@@ -69,7 +69,8 @@ def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     folder = hf_directory(name)
     try:
         if folder is not None:
-            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                                             **kwargs)
         else:
             config = transformers.AutoConfig.for_model(name, **kwargs)
     except ValueError as exc:
@@ -77,9 +78,32 @@ def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     config.use_cache = False
     auto = getattr(transformers, _HEADS[task])
     try:
-        return auto.from_config(config)
+        return auto.from_config(config, trust_remote_code=False)
     except ValueError as exc:
         raise ModelError(f"{spec}: no {_HEADS[task]} for this config (task {task}): {' '.join(str(exc).split())[:200]}") from None
+
+
+_NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path")
+
+
+def portable_spec(spec: str, kwargs: dict[str, Any], tokenizer: str | None) -> tuple[str, dict[str, Any], str | None]:
+    """(spec, kwargs, tokenizer) to record in a saved target so that it rebuilds without the ``hf:`` directory.
+
+    A local model directory becomes ``hf:<model_type>`` with the directory's config as kwargs (a config-built
+    model, which a saved target may name without ``--trust-target``), and ``tokenizer: guide`` the directory's
+    path. Installed packages (``hf:pkg:``) and every other spec are kept as they are.
+    """
+    if not spec.startswith("hf:") or spec[3:].startswith("pkg:"):
+        return spec, kwargs, tokenizer
+    folder = hf_directory(spec[3:])
+    if folder is None:
+        return spec, kwargs, tokenizer
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                                     **kwargs)
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_CONFIG}
+    return f"hf:{config.model_type}", fields, (str(folder) if tokenizer == "guide" else tokenizer)
 
 
 def model_output(output) -> Any:

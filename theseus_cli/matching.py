@@ -1,6 +1,7 @@
 """Which modules a recipe's rules claim.
 
-Grammar: ``re:<regex>`` is ``re.fullmatch`` against the dotted module path; a
+Grammar: ``re:<regex>`` is a full match against the dotted module path (in bounded time, see
+:mod:`theseus_cli.patterns`); a
 bare string matches a module whose path equals it or whose class name equals
 it. ``ignore`` uses the same grammar. Unlike tools that only warn, a rule that
 matches nothing, a module claimed by two rules, and a claimed module nested in
@@ -11,18 +12,18 @@ than a failed one.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from theseus_cli.errors import MatchError
+from theseus_cli.patterns import regex_fullmatch
 from theseus_cli.recipe import RuleConfig
 
 
 def pattern_matches(pattern: str, path: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
+        return regex_fullmatch(pattern[3:], path) is not None
     return pattern == path or pattern == type(module).__name__
 
 

@@ -21,7 +21,7 @@ from theseus_cli.errors import RecipeError
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.recipe import Recipe
 from theseus_cli.runtime import resolve_runtime, using
-from theseus_cli.session import check_vocabulary, resolve_device
+from theseus_cli.session import check_classes, check_vocabulary, resolve_device
 from theseus_cli.tasks import get_task
 from theseus_cli.training import evaluate, train_task
 
@@ -40,6 +40,7 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
     model = build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed, recipe.task)
     check_vocabulary(model, data)
+    check_classes(model, data, "the guide")
     rt = resolve_runtime(recipe.runtime, dev, data)
     if rt.data_on_device:
         data.to(dev)

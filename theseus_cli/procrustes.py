@@ -8,7 +8,8 @@ default, optionally partially whitened: ``G_A^-p C G_B^-p``), the thin SVD ``C =
 gives ``T = U Vᵀ`` (a × b), the semi-orthogonal map closest to relating the two feature bases:
 ``T Tᵀ = I`` when a ≤ b (B wider: exact, norm-preserving) and ``Tᵀ T = I`` when a ≥ b
 (B narrower: a projection). A tiny ridge on the rectangular identity breaks ties in directions
-the data does not excite, so identical models get ``T = I`` exactly even with dead units.
+the data does not excite, so identical models get ``T = I`` exactly even with dead units; it is sized
+from the Grams the SVD sees (the whitened ones when ``whiten`` > 0), so it never outweighs the data.
 
 Map quality is ``Σ S / √(tr G_A · tr G_B)`` in [0, 1]: 1 when B's features are an exact
 rotation of A's on the calibration data.
@@ -76,10 +77,12 @@ class CrossStats:
         self.gram_b += xb.T @ xb
 
 
-def _inv_power(g: torch.Tensor, p: float) -> torch.Tensor:
+def _whitening(g: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G^-p, the mean diagonal of the whitened Gram G^-p G G^-p = G^(1-2p)): the scale the tie-breaking ridge
+    must be measured against once the cross-covariance is whitened."""
     vals, vecs = torch.linalg.eigh(g)
     vals = vals.clamp_min(vals.max().clamp_min(1e-30) * 1e-10)
-    return (vecs * vals.pow(-p)) @ vecs.T
+    return (vecs * vals.pow(-p)) @ vecs.T, vals.pow(1 - 2 * p).mean()
 
 
 @dataclass
@@ -119,14 +122,16 @@ def procrustes(s: CrossStats, center: bool = True, whiten: float = 0.0,
     for i in range(blocks):
         sa, sb = slice(i * ka, (i + 1) * ka), slice(i * kb, (i + 1) * kb)
         ci, gai, gbi = c[sa, sb], ga[sa, sa], gb[sb, sb]
-        if whiten > 0:
-            ci = _inv_power(gai, whiten) @ ci @ _inv_power(gbi, whiten)
+        scale = (torch.diagonal(gai).mean() + torch.diagonal(gbi).mean()) / 2
+        if whiten > 0:  # the ridge is sized from the Grams of what the SVD sees: the whitened ones
+            (wa, scale_a), (wb, scale_b) = _whitening(gai, whiten), _whitening(gbi, whiten)
+            ci, scale = wa @ ci @ wb, (scale_a + scale_b) / 2
         if prior is not None:
             pi = prior[sa, sb].to(ci.dtype)
             if float(pi.norm()) > 0:
                 ci = ci + PRIOR * float(ci.norm()) / float(pi.norm()) * pi
-        scale = (torch.diagonal(gai).mean() + torch.diagonal(gbi).mean()).clamp_min(1e-30) / 2
-        u, sv, vh = torch.linalg.svd(ci + RIDGE * scale * torch.eye(ka, kb, dtype=c.dtype, device=c.device), full_matrices=False)
+        ridge = RIDGE * scale.clamp_min(1e-30) * torch.eye(ka, kb, dtype=c.dtype, device=c.device)
+        u, sv, vh = torch.linalg.svd(ci + ridge, full_matrices=False)
         t[sa, sb] = u @ vh
         singular += float(torch.linalg.svdvals(c[sa, sb]).sum())
     denom = float(torch.sqrt(torch.trace(ga).clamp_min(0) * torch.trace(gb).clamp_min(0)))

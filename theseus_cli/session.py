@@ -78,6 +78,7 @@ def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: s
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
     guide = load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task)
     check_vocabulary(guide, data)
+    check_classes(guide, data, "the guide")
     return Session(recipe, data, guide.to(dev), ckpt, dev)
 
 
@@ -89,6 +90,27 @@ def check_vocabulary(model: nn.Module, data) -> None:
     if emb is not None and emb.num_embeddings < data.vocab_size:
         raise DataError(f"data.tokenizer: {data.tokenizer} has {data.vocab_size} tokens but the guide's input embedding "
                         f"has {emb.num_embeddings} rows (set the guide's vocab_size, or use the guide's tokenizer)")
+
+
+def check_classes(model: nn.Module, data, what: str) -> None:
+    """Classification: the model must give a logit for every class the data's labels name.
+
+    Otherwise the first task loss fails with an ``IndexError`` — after the whole alignment. One dry forward on
+    two training images (in eval mode, so no BatchNorm statistic moves) finds it before any work.
+    """
+    if data.kind != "image" or not data.num_classes:
+        return
+    from theseus_cli.hf_models import model_output
+
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model_output(model.eval()(data.x_train[:2].to(next(model.parameters(), torch.empty(0)).device)))
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] < data.num_classes:
+        raise DataError(f"data: labels go up to {data.num_classes - 1} ({data.num_classes} classes), but {what} outputs "
+                        f"{out.shape[1]} logits per example (set its num_classes in kwargs to {data.num_classes})")
 
 
 def attach_guide_embeddings(session: Session) -> None:

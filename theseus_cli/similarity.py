@@ -20,7 +20,10 @@ n²(d₁+d₂)) or in *feature form* (‖Bᵀ A‖²_F etc., cost n(d₁d₂+d�
 Inputs of any float dtype are computed in float32 (float64 on request), so
 bf16/fp16 activations do not destroy the reductions. Degenerate inputs
 (constant or all-zero activations) give similarity 0 and finite gradients,
-never NaN.
+never NaN; nearly degenerate ones (rows almost parallel) are rescaled before
+the reductions, so they are not mistaken for degenerate ones. CKA of two
+samples is identically 1 (two centred rows span one direction on both sides),
+so linear CKA needs at least 3 samples and unbiased CKA 4.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Callable
 import torch
 
 _EPS = 1e-12
+MIN_BATCH = {"cka": 3, "ucka": 4}  # CKA of 2 samples is identically 1: no signal to align on
 
 
 def normalise_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -58,9 +62,20 @@ def sequence_rows(a: torch.Tensor, mode: str = "flatten", mask: torch.Tensor | N
 
 
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n, ...) → (n, d): flattened, rows ℓ2-normalised, columns centred."""
+    """(n, ...) → (n, d): flattened, rows ℓ2-normalised, columns centred, then scaled to unit Frobenius norm.
+
+    CKA is invariant to that scale, and it is what keeps the HSIC terms of order 1. Nearly parallel rows
+    (a common offset in every feature, as after a late ReLU) centre to tiny values, and their self-HSIC
+    (fourth power of that size) would otherwise fall under any absolute floor, collapsing CKA towards 0
+    where the float64 reference gives e.g. 0.47. What is left after centring only counts when it is above
+    the rounding noise of centring itself (a few ulps of the unit-norm rows); below that the input is
+    constant and the similarity is 0, with finite gradients.
+    """
     x = normalise_rows(x, dtype)
-    return x - x.mean(dim=0, keepdim=True)
+    x = x - x.mean(dim=0, keepdim=True)
+    size = x.norm()
+    noise = 64 * torch.finfo(x.dtype).eps * x.shape[0] ** 0.5
+    return x * torch.where(size > noise, 1.0 / size.clamp_min(noise), torch.zeros_like(size))
 
 
 def gram_is_cheaper(n: int, d1: int, d2: int) -> bool:
@@ -71,8 +86,8 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.floa
     """Linear CKA between a (n, ...) and b (n, ...) → scalar in [0, 1]."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"CKA needs the same samples on both sides: {a.shape[0]} vs {b.shape[0]} rows")
-    if a.shape[0] < 2:
-        raise ValueError("CKA needs at least 2 samples")
+    if a.shape[0] < MIN_BATCH["cka"]:
+        raise ValueError(f"CKA needs at least {MIN_BATCH['cka']} samples (of 2 it is always 1), got {a.shape[0]}")
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = _prepare(a, dtype), _prepare(b, dtype)  # (n, d1), (n, d2)
         n, d1, d2 = a.shape[0], a.shape[1], b.shape[1]
@@ -120,7 +135,9 @@ def unbiased_cka(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.fl
     if a.shape[0] < 4:
         raise ValueError(f"unbiased CKA needs at least 4 samples per batch, got {a.shape[0]}")
     with torch.autocast(device_type=a.device.type, enabled=False):
-        a, b = _prepare(a, dtype), _prepare(b, dtype)  # HSIC_U is shift-invariant; centring helps precision
+        # HSIC_U is shift-invariant (centring helps precision); rows of mean norm 1 keep its terms far from the floor
+        n = a.shape[0]
+        a, b = _prepare(a, dtype) * n**0.5, _prepare(b, dtype) * n**0.5
         ab, aa, bb = _hsic_u_terms(a, b), _hsic_u_terms(a, a), _hsic_u_terms(b, b)
         return ab / (aa.clamp_min(_EPS) * bb.clamp_min(_EPS)).sqrt()
 
@@ -130,7 +147,6 @@ def ucka_loss(target: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MIN_BATCH = {"cka": 2, "ucka": 4}
 
 
 def min_batch(kind: str, k: int = 10) -> int:
@@ -155,7 +171,7 @@ def all_similarities(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str,
     """Every metric at once, in float64 where it matters: linear CKA, unbiased CKA, hard mutual-kNN overlap."""
     from theseus_cli.dmnn import mutual_knn  # see make_loss
 
-    out = {"cka": float(linear_cka(a, b, dtype=torch.float64))}
+    out = {"cka": float(linear_cka(a, b, dtype=torch.float64))} if a.shape[0] >= MIN_BATCH["cka"] else {}
     if a.shape[0] >= 4:
         out["ucka"] = float(unbiased_cka(a, b, dtype=torch.float64))
     if a.shape[0] > k:

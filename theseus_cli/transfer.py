@@ -23,7 +23,6 @@ lists all three.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 
 from theseus_cli.errors import MatchError
 from theseus_cli.matching import pattern_matches
+from theseus_cli.patterns import regex_fullmatch
 from theseus_cli.plan import dry_trace
 from theseus_cli.profile import count_flops
 from theseus_cli.recipe import Recipe, TargetConfig
@@ -98,7 +98,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
 
 def _key(pattern: str, path: str) -> str | None:
     if pattern.startswith("re:"):
-        m = re.fullmatch(pattern[3:], path)
+        m = regex_fullmatch(pattern[3:], path)
         if m and m.groups():
             return m.group(1)
     return None

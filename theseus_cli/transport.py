@@ -37,7 +37,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from theseus_cli.errors import MatchError, RecipeError
 from theseus_cli.procrustes import PointStats, centered_cross, match_rows, procrustes, rows
-from theseus_cli.recipe import DataConfig, GuideConfig, _Strict, format_validation_error, read_yaml
+from theseus_cli.recipe import MAX_SEED, DataConfig, GuideConfig, _Strict, format_validation_error
+from theseus_cli.recipe_yaml import read_yaml
 
 FUSED = ("qkv", "c_attn", "in_proj")  # module names whose outputs are q, k, v side by side
 
@@ -65,7 +66,7 @@ class TransportRecipe(_Strict):
     model_b: GuideConfig = Field(description="architecture of B, the other width")
     data: DataConfig = Field(description="the fine-tuning task's data: calibration and validation from its training split")
     transport: TransportConfig = Field(default_factory=TransportConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 def alpha_values(spec: str) -> list[float]:

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 from theseus_cli.arch import load_guide
-from theseus_cli.artifacts import REPORT_FILE, TARGET_FILE, prepare_out_dir, save_target, write_json
+from theseus_cli.artifacts import REPORT_FILE, TARGET_FILE, save_target, write_json
 from theseus_cli.batch import run_model
 from theseus_cli.data import load_dataset
 from theseus_cli.errors import DataError
 from theseus_cli.evaluation import data_override
+from theseus_cli.hf_models import portable_spec
+from theseus_cli.rundir import run_directory
 from theseus_cli.session import check_vocabulary, resolve_device
 from theseus_cli.tasks import get_task
 from theseus_cli.training import evaluate, recalibrate_batchnorm
@@ -46,9 +48,13 @@ def _other(recipe: TransportRecipe, source: str, normalization):
 def run_transport(recipe: TransportRecipe, base_a: str | Path, tuned_a: str | Path, base_b: str | Path, out: str | Path,
                   calib: str | None = None, val: str | None = None, alpha: float | None = None,
                   alpha_grid: str | None = None, device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    with run_directory(out, overwrite) as out:
+        return _transport(recipe, base_a, tuned_a, base_b, out, calib, val, alpha, alpha_grid, device)
+
+
+def _transport(recipe: TransportRecipe, base_a, tuned_a, base_b, out: Path, calib, val, alpha, alpha_grid,
+               device: str) -> dict[str, Any]:
     started = time.perf_counter()
-    out = Path(out)
-    prepare_out_dir(out, overwrite)
     cfg, seed = recipe.transport, recipe.seed
     dev = resolve_device(device)
     data = load_dataset(recipe.data, seed, recipe.task)
@@ -93,9 +99,10 @@ def run_transport(recipe: TransportRecipe, base_a: str | Path, tuned_a: str | Pa
     test = {name: evaluate(m, task, data.x_test, data.y_test, ebs, dev)
             for name, m in (("A", a), ("A_tuned", a2), ("B", b), ("B_transported", b2))}
 
-    meta = {"guide": {"arch": recipe.model_b.arch, "kwargs": recipe.model_b.kwargs}, "task": recipe.task, "target": None,
+    arch, kwargs, tokenizer = portable_spec(recipe.model_b.arch, recipe.model_b.kwargs, data.tokenizer)
+    meta = {"guide": {"arch": arch, "kwargs": kwargs}, "task": recipe.task, "target": None,
             "entries": [], "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "normalization": norm, "tokenizer": data.tokenizer, "recipe": None,
+            "normalization": norm, "tokenizer": tokenizer, "recipe": None,
             "transport": {"recipe": recipe.model_dump(mode="json"), "alpha": chosen}}
     save_target(out / TARGET_FILE, b2.cpu(), meta)
     moved = sum(d.numel() for d in deltas.values())

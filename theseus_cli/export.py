@@ -166,7 +166,8 @@ def _quiet():
                 os.close(copy)
 
 
-def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str, meta: dict) -> None:
+def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str, meta: dict) -> int:
+    """Write ``tmp`` with the ``kind`` exporter at ``opset``; returns the opset the written file declares."""
     import onnx
 
     names = _names(example)
@@ -196,6 +197,7 @@ def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str,
     entry = model.metadata_props.add()
     entry.key, entry.value = "theseus", json.dumps(_meta_summary(meta), sort_keys=True)
     onnx.save(model, str(tmp))
+    return onnx_opset(model)
 
 
 def onnx_opset(model) -> int:
@@ -227,7 +229,7 @@ def export_onnx(wrapper, cases, out: Path, meta, atol, rtol, opset: int = 18, ex
     def write(tmp: Path):
         for kind in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
             try:
-                _onnx_export(wrapper, cases[0], tmp, opset, kind, meta)
+                declared = _onnx_export(wrapper, cases[0], tmp, opset, kind, meta)
             except Exception as exc:
                 result["tried"].append(f"{kind}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
                 continue
@@ -242,9 +244,7 @@ def export_onnx(wrapper, cases, out: Path, meta, atol, rtol, opset: int = 18, ex
             except ExportError as exc:
                 result["tried"].append(f"{kind}: {exc}")
                 continue
-            import onnx
-
-            result["exporter"], result["opset"] = kind, onnx_opset(onnx.load(str(tmp)))  # what the file declares
+            result["exporter"], result["opset"] = kind, declared
             return
         raise ExportError("ONNX export failed — " + "; ".join(result["tried"]))
 

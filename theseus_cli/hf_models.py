@@ -62,6 +62,13 @@ def default_checkpoint(spec: str) -> Path | None:
     return next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
 
 
+def _directory_config(folder: Path, kwargs: dict[str, Any]):
+    """A model directory's config, read from its files only; its ``auto_map`` code is never imported."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
+
+
 def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     import transformers
 
@@ -69,8 +76,7 @@ def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     folder = hf_directory(name)
     try:
         if folder is not None:
-            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                                             **kwargs)
+            config = _directory_config(folder, kwargs)
         else:
             config = transformers.AutoConfig.for_model(name, **kwargs)
     except ValueError as exc:
@@ -98,10 +104,7 @@ def portable_spec(spec: str, kwargs: dict[str, Any], tokenizer: str | None) -> t
     folder = hf_directory(spec[3:])
     if folder is None:
         return spec, kwargs, tokenizer
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                                     **kwargs)
+    config = _directory_config(folder, kwargs)
     fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_CONFIG}
     return f"hf:{config.model_type}", fields, (str(folder) if tokenizer == "guide" else tokenizer)
 

@@ -1,5 +1,6 @@
 # make demo  — create .venv, install, train (or reuse) a small CNN guide on Fashion-MNIST, convert it to an all-Linear target
-# make test  — create .venv, install, run the test suite
+# make test  — create .venv, install, run the test suite (2 processes)
+# make test-fast — the unit tests only (tests/unit), for the edit loop
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ BIBLE      := /usr/bin/bible
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_GUIDE = .cache/demo-guide-$(shell sha256sum recipes/demo.yaml | cut -c1-12).safetensors
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -43,7 +44,10 @@ demo: $(STAMP) $(FMNIST_DIR) $(DEMO_GUIDE)
 	$(BIN)/theseus convert $(DEMO_GUIDE) --recipe recipes/demo.yaml --out runs/demo --baseline --overwrite
 
 test: $(STAMP) $(FMNIST_DIR) $(BIBLE)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-fast: $(STAMP) $(FMNIST_DIR) $(BIBLE)
+	$(BIN)/python -m pytest -q -n 2 tests/unit
 
 bench: $(STAMP) $(FMNIST_DIR) $(BIBLE)
 	$(BIN)/python bench/fmnist_conv_to_mlp.py

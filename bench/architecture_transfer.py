@@ -22,8 +22,8 @@ from pathlib import Path
 
 from common import ROOT, cached_guide, run_settings, settings_parser
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.recipe import load_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.config.recipe import load_recipe
 
 RESNET = "bench/recipes/fmnist_resnet50_to_resnet18_small.yaml"
 GPT2 = "bench/recipes/kjv_gpt2_deep_to_shallow_small.yaml"
@@ -39,7 +39,7 @@ def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
     checkpoint, guide = None, None
     if "guide_epochs" in spec:
         checkpoint, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, checkpoint=checkpoint, device=device, baseline=True, overwrite=True)
+    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
     m, plan = report["metric"], report["plan"]
     better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
     return {

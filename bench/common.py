@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from theseus_cli.pretrain import train_guide  # noqa: E402
-from theseus_cli.recipe import Recipe  # noqa: E402
+from theseus_cli.pipelines.train_guide import train_guide  # noqa: E402
+from theseus_cli.config.recipe import Recipe  # noqa: E402
 
 
 def device_name(device: str) -> str:

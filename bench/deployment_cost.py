@@ -4,7 +4,7 @@ Params, FLOPs and latency depend on the architecture, not on the trained values 
 weights (every layer here is dense), so each pair is rebuilt from its recipe exactly as
 ``convert`` builds it — the guide, and the target after the recipe's replacements or the
 target architecture of a transfer — with seeded weights, and measured with the same code as
-``theseus eval`` and ``convert``'s report (:mod:`theseus_cli.profile`): FLOPs counted by
+``theseus eval`` and ``convert``'s report (:mod:`theseus_cli.deploy.profile`): FLOPs counted by
 ``torch.utils.flop_counter`` (plus recurrent layers), latency the median wall time of a
 forward in PyTorch eager at batch 1 and batch 64, on one device, guide and target in the same
 run. Quality figures for these pairs are in docs/BENCHMARKS.md's earlier sections.
@@ -21,12 +21,12 @@ import time
 import torch
 from common import ROOT, run_settings, settings_parser
 
-from theseus_cli.arch import build_model
-from theseus_cli.plan import apply_entries, build_plan
-from theseus_cli.profile import compare, profile_model
-from theseus_cli.recipe import load_recipe
-from theseus_cli.session import open_session
-from theseus_cli.transfer import build_transfer_plan
+from theseus_cli.models.build import build_model
+from theseus_cli.surgery.plan import apply_entries, build_plan
+from theseus_cli.deploy.profile import compare, profile_model
+from theseus_cli.config.recipe import load_recipe
+from theseus_cli.training.session import open_session
+from theseus_cli.surgery.transfer import build_transfer_plan
 
 SETTINGS = {
     "fmnist-resnet-to-mlp": {"recipe": "bench/recipes/fmnist_standard.yaml", "what": "ResNet-style CNN → MLP (low-rank Linear), 28×28"},

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from common import ROOT, cached_guide, run_settings, settings_parser
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.recipe import load_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.config.recipe import load_recipe
 
 SETTINGS = {
     "standard": {"recipe": "bench/recipes/fmnist_standard.yaml", "guide_epochs": 6, "guide_lr": 2e-3},
@@ -38,7 +38,7 @@ SETTINGS = {
 def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
     recipe = load_recipe(ROOT / spec["recipe"])
     cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, checkpoint=cache, device=device, baseline=True, overwrite=True)
+    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=cache, device=device, baseline=True, overwrite=True))
     acc = report["metric"]
     return {
         "setting": name,

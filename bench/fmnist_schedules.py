@@ -20,8 +20,8 @@ from pathlib import Path
 
 from common import ROOT, cached_guide, device_name
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.recipe import load_recipe, parse_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.config.recipe import load_recipe, parse_recipe
 
 RECIPE = "bench/recipes/fmnist_small_canvas.yaml"
 N_STAGES = 9  # convs of the guide: one stage each under progressive / sequential / independent
@@ -57,8 +57,8 @@ def main() -> None:
     rows, naive = [], None
     for i, (name, changes, untrained, with_baseline) in enumerate(VARIANTS):
         recipe = parse_recipe(merged(base.resolved(), changes), f"{RECIPE} + {changes}")
-        report = run_conversion(recipe, out / f"v{i}", checkpoint=None if untrained else guide, device=args.device,
-                                baseline=with_baseline, overwrite=True)
+        report = run_conversion(recipe, out / f"v{i}", ConvertOptions(checkpoint=None if untrained else guide, device=args.device,
+                                baseline=with_baseline, overwrite=True))
         acc = report["metric"]
         if with_baseline:
             naive = {"accuracy": acc["baseline"], "steps": report["steps"]["baseline"]}

@@ -3,9 +3,9 @@
 The model is recipes/resnet18_to_mlp.yaml's target at its last progressive stage: torchvision ResNet-18
 (3×32×32 inputs) with all 20 convolutions replaced by low-rank Linear layers. Measured, per batch size:
 
-* alignment: ``theseus_cli.training.align_stage`` on that stage — guide forward (no grad), hybrid forward,
+* alignment: ``theseus_cli.training.loops.align_stage`` on that stage — guide forward (no grad), hybrid forward,
   linear CKA at all 20 alignment points, backward, gradient clipping, AdamW — in samples/s;
-* plain: ``theseus_cli.training.train_task`` on the same hybrid — forward, cross-entropy, backward,
+* plain: ``theseus_cli.training.loops.train_task`` on the same hybrid — forward, cross-entropy, backward,
   clipping, AdamW — in samples/s;
 * ratio = alignment / plain (the issue's goal: ≥ 0.7).
 
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 from common import ROOT, device_name
 
-from theseus_cli.arch import build_model
-from theseus_cli.plan import apply_entries, build_plan
-from theseus_cli.profile import synchronize
-from theseus_cli.recipe import load_recipe
-from theseus_cli.runtime import resolve_runtime, using
-from theseus_cli.session import resolve_device
+from theseus_cli.models.build import build_model
+from theseus_cli.surgery.plan import apply_entries, build_plan
+from theseus_cli.deploy.profile import synchronize
+from theseus_cli.config.recipe import load_recipe
+from theseus_cli.training.runtime import resolve_runtime, using
+from theseus_cli.training.session import resolve_device
 from theseus_cli.similarity import make_loss
 from theseus_cli.tasks import get_task
-from theseus_cli.training import align_stage, train_task
+from theseus_cli.training import AlignJob, TaskJob, align_stage, train_task
 
 RECIPE = "recipes/resnet18_to_mlp.yaml"
 
@@ -59,10 +59,10 @@ def measure(batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
     out = {"batch": batch, "steps": steps, "runtime": rt.summary(), "aligned_points": len(stage.aligned)}
     with using(rt):
         for label, run in (
-            ("alignment", lambda n: align_stage(0, guide, target, stage, x[: batch * n], recipe.align.model_copy(
-                update={"epochs": 1, "max_steps_per_epoch": n}), loss_fn, batch, torch.Generator().manual_seed(0), dev)),
-            ("plain", lambda n: train_task(target, get_task("classification"), x[: batch * n], y[: batch * n], n, 1e-3, 0.0,
-                                           0, 1.0, 0.0, batch, torch.Generator().manual_seed(0), dev, "plain")),
+            ("alignment", lambda n: align_stage(0, guide, target, stage, x[: batch * n], AlignJob(recipe.align.model_copy(
+                update={"epochs": 1, "max_steps_per_epoch": n}), loss_fn, batch, torch.Generator().manual_seed(0), dev))),
+            ("plain", lambda n: train_task(target, get_task("classification"), x[: batch * n], y[: batch * n], TaskJob(n, 1e-3, 0.0,
+                                           0, 1.0, 0.0, batch, torch.Generator().manual_seed(0), dev, "plain"))),
         ):
             run(warmup)
             synchronize(dev)

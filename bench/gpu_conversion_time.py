@@ -26,8 +26,8 @@ from pathlib import Path
 
 from common import ROOT, cached_guide, device_name
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.recipe import load_recipe, parse_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.config.recipe import load_recipe, parse_recipe
 
 RECIPE = "recipes/resnet18_to_mlp.yaml"
 SMALL = {"data": {"train_limit": 256, "test_limit": 128, "batch_size": 32},
@@ -45,7 +45,7 @@ def _recipe(changes: dict, small: bool):
 def full(device: str, out: Path, small: bool) -> dict:
     recipe = _recipe({}, small)
     guide, info = cached_guide("resnet18-fmnist32", recipe, 1 if small else 8, 1e-3, device)
-    report = run_conversion(recipe, out / "full", checkpoint=guide, device=device, overwrite=True)
+    report = run_conversion(recipe, out / "full", ConvertOptions(checkpoint=guide, device=device, overwrite=True))
     m = report["metric"]
     return {"guide_training": info, "guide": m["guide"], "target": m["target"], "retention": m["retention"],
             "stages": len(report["stages"]), "steps": report["steps"], "wall_time": report["wall_time"],
@@ -60,7 +60,7 @@ def scaling(device: str, out: Path, small: bool, steps: int, batches: list[int])
             recipe = _recipe({"schedule": schedule, "data": {"batch_size": batch},
                               "align": {"epochs": 1, "max_steps_per_epoch": steps, "batch_size": batch},
                               "finetune": {"epochs": 0}}, small)
-            report = run_conversion(recipe, out / "scaling", device=device, overwrite=True)
+            report = run_conversion(recipe, out / "scaling", ConvertOptions(device=device, overwrite=True))
             rows.append({"schedule": label, "batch": batch, "stages": len(report["stages"]),
                          "steps": report["steps"]["alignment"], "alignment_seconds": report["wall_time"]["alignment"]})
             print(f"{label}, batch {batch}: {rows[-1]['alignment_seconds']:.1f}s", file=sys.stderr, flush=True)

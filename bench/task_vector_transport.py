@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from common import run_settings, settings_parser
 
-from theseus_cli.arch import build_model
-from theseus_cli.data import load_dataset
-from theseus_cli.recipe import DataConfig, GuideConfig
+from theseus_cli.models.build import build_model
+from theseus_cli.data.dataset import load_dataset
+from theseus_cli.config.recipe import DataConfig, GuideConfig
 from theseus_cli.tasks import get_task
-from theseus_cli.training import evaluate, train_task
-from theseus_cli.transport import TransportConfig, TransportRecipe
-from theseus_cli.transport_run import run_transport
+from theseus_cli.training import TaskJob, evaluate, train_task
+from theseus_cli.config.transport import TransportConfig, TransportRecipe
+from theseus_cli.transport.run import TransportOptions, run_transport
 
 WIDTHS = {"w": [8, 16, 32], "1.5w": [12, 24, 48]}
 BASE = DataConfig(source="fashion-mnist", train_limit=20000, test_limit=2000, batch_size=128)
@@ -62,8 +62,8 @@ def spec(width: str) -> GuideConfig:
 
 def _train(model, data, epochs: int, seed: int, device: str):
     steps = epochs * (len(data.x_train) // data_batch(data))
-    train_task(model, get_task("classification"), data.x_train, data.y_train, steps, LR, 1e-4, steps // 10, 1.0, 0.0,
-               data_batch(data), torch.Generator().manual_seed(seed), torch.device(device), "train")
+    train_task(model, get_task("classification"), data.x_train, data.y_train, TaskJob(steps, LR, 1e-4, steps // 10, 1.0, 0.0,
+               data_batch(data), torch.Generator().manual_seed(seed), torch.device(device), "train"))
     return model.eval()
 
 
@@ -93,7 +93,7 @@ def _data(which: str):
 
 
 def _load(width: str, path: Path, device: str):
-    from theseus_cli.arch import load_guide
+    from theseus_cli.models.build import load_guide
 
     return load_guide(spec(width).arch, spec(width).kwargs, path, 0).to(device).eval()
 
@@ -149,14 +149,15 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     save_file({k: v.detach().cpu().contiguous() for k, v in a2.state_dict().items()}, str(tuned))
     recipe = TransportRecipe(model_a=spec(a_w), model_b=spec(b_w), data=NEW,
                              transport=TransportConfig(calib_samples=setting["calib"], val_samples=VAL, alpha_grid="0:3:0.1"))
-    report = run_transport(recipe, paths[a_w], tuned, paths[b_w], out_root / f"transport-{name}", device=device,
-                           overwrite=True)
+    report = run_transport(recipe, out_root / f"transport-{name}", TransportOptions(
+        base_a=paths[a_w], tuned_a=tuned, base_b=paths[b_w], device=device, overwrite=True))
     b = _load(b_w, paths[b_w], device)
 
     # weight selection of τ, α on the same validation digits transport used
-    from theseus_cli.transport_run import _split
+    from theseus_cli.seeds import Seeds
+    from theseus_cli.transport.run import calibration_split
 
-    _, val_idx = _split(len(new.x_train), setting["calib"], VAL, 0)
+    _, val_idx = calibration_split(len(new.x_train), setting["calib"], VAL, Seeds(0))
     x_val, y_val = new.x_train[val_idx], new.y_train[val_idx]
     a_params, t_params = dict(a.named_parameters()), dict(a2.named_parameters())
     sel = {n: weight_selection((t_params[n] - a_params[n]).detach(), p.shape) for n, p in b.named_parameters() if n in a_params}

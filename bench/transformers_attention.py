@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 from common import ROOT, cached_guide, run_settings, settings_parser
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.recipe import parse_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.config.recipe import parse_recipe
 
 FEW_SEQUENCES = 1000
 FEW_SENTENCES = 2000
@@ -82,7 +82,7 @@ def run_setting(name: str, spec: dict, device: str, out_root: Path, small: bool)
     if "guide_epochs" in spec:  # trained here on the full training split, reused by every setting
         epochs = 1 if small else spec["guide_epochs"]
         checkpoint, guide = cached_guide("gpt2-kjv", guide_recipe, epochs, spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, checkpoint=checkpoint, device=device, baseline=True, overwrite=True)
+    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
     m = report["metric"]
     better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
     return {

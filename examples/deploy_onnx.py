@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from theseus_cli.convert import run_conversion
-from theseus_cli.data import load_dataset
-from theseus_cli.export import export_target
-from theseus_cli.pretrain import train_guide
-from theseus_cli.recipe import parse_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.data.dataset import load_dataset
+from theseus_cli.deploy.export import ExportOptions, export_target
+from theseus_cli.pipelines.train_guide import train_guide
+from theseus_cli.config.recipe import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library_conversion import RECIPE  # noqa: E402  (the same conversion as the library example, then deployed)
@@ -39,8 +39,8 @@ def main(out: Path) -> dict:
 
     recipe = parse_recipe(RECIPE, "examples/deploy_onnx.py")
     train_guide(recipe, out / "guide.safetensors", epochs=30, lr=3e-3, device="cpu")
-    report = run_conversion(recipe, out / "run", checkpoint=out / "guide.safetensors", device="cpu", overwrite=True)
-    exported = export_target(out / "run", "onnx", overwrite=True)
+    report = run_conversion(recipe, out / "run", ConvertOptions(checkpoint=out / "guide.safetensors", device="cpu", overwrite=True))
+    exported = export_target(out / "run", "onnx", ExportOptions(overwrite=True))
 
     session = ort.InferenceSession(exported["out"], providers=["CPUExecutionProvider"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["theseus"])

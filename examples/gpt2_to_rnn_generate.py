@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import theseus_cli
-from theseus_cli.convert import run_conversion
-from theseus_cli.pretrain import train_guide
-from theseus_cli.recipe import parse_recipe
-from theseus_cli.text_data import load_tokenizer
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.pipelines.train_guide import train_guide
+from theseus_cli.config.recipe import parse_recipe
+from theseus_cli.data.text import load_tokenizer
 
 RECIPE = {
     "task": "causal-lm",
@@ -37,10 +37,10 @@ RECIPE = {
 def main(out: Path, prompt: str = "And God said") -> dict:
     recipe = parse_recipe(RECIPE, "examples/gpt2_to_rnn_generate.py")
     guide = train_guide(recipe, out / "guide.safetensors", epochs=3, lr=3e-3, device="cpu")
-    report = run_conversion(recipe, out / "run", checkpoint=out / "guide.safetensors", device="cpu", baseline=True, overwrite=True)
+    report = run_conversion(recipe, out / "run", ConvertOptions(checkpoint=out / "guide.safetensors", device="cpu", baseline=True, overwrite=True))
 
     target = theseus_cli.load_target(out / "run")  # rebuilt from target.safetensors alone
-    tok = load_tokenizer(target.theseus_meta["tokenizer"])
+    tok = load_tokenizer(target.theseus_meta.tokenizer)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         generated = target.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=tok.eos_token_id)

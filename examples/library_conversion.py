@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 import theseus_cli
-from theseus_cli.convert import run_conversion
-from theseus_cli.data import load_dataset
-from theseus_cli.pretrain import train_guide
-from theseus_cli.recipe import parse_recipe
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.data.dataset import load_dataset
+from theseus_cli.pipelines.train_guide import train_guide
+from theseus_cli.config.recipe import parse_recipe
 
 RECIPE = {
     "guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 8}},
@@ -32,7 +32,7 @@ RECIPE = {
 def main(out: Path) -> dict:
     recipe = parse_recipe(RECIPE, "examples/library_conversion.py")
     guide = train_guide(recipe, out / "guide.safetensors", epochs=15, lr=5e-3, device="cpu")
-    report = run_conversion(recipe, out / "run", checkpoint=out / "guide.safetensors", device="cpu", baseline=True, overwrite=True)
+    report = run_conversion(recipe, out / "run", ConvertOptions(checkpoint=out / "guide.safetensors", device="cpu", baseline=True, overwrite=True))
 
     target = theseus_cli.load_target(out / "run")  # rebuilt from target.safetensors alone
     data = load_dataset(recipe.data, recipe.seed)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs two workers on two cores: one intra-op thread each (subprocesses inherit it through the
+    # environment), or the workers oversubscribe the CPU and every test runs several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in tests/unit/<subpackage> and tests/e2e)
 
 TINY = {
     "guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}},
@@ -52,7 +61,7 @@ def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *ar
 
     from typer.testing import CliRunner
 
-    from theseus_cli.cli import app
+    from theseus_cli.cli.app import app
 
     runner = CliRunner()
     path = tmp / "recipe.yaml"

@@ -17,15 +17,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from theseus_cli.arch import build_model
+from theseus_cli.models import MODEL_SOURCES, build_model
 from theseus_cli.errors import ModelError, OutputError, TheseusError, disk_error
-from theseus_cli.plan import PlanEntry, apply_entries
+from theseus_cli.surgery.plan import PlanEntry, apply_entries
+from theseus_cli.target_meta import META_VERSION, TargetMeta
 
 FORMAT = "theseus-target/1"
 TARGET_FILE = "target.safetensors"
@@ -105,14 +105,30 @@ def write_error(exc: BaseException, path: Path, cause: int | None) -> OutputErro
     return err
 
 
+def versions() -> dict[str, str]:
+    """The versions a report records (what produced it)."""
+    import platform
+
+    import torchvision
+
+    from theseus_cli import __version__
+
+    return {"theseus": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
-def save_target(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+def save_target(path: Path, model: nn.Module, meta: TargetMeta | dict[str, Any]) -> None:
+    """Write ``model``'s weights with ``meta`` (a plain dict is checked against :class:`TargetMeta` first)."""
     from safetensors.torch import save_model
 
-    metadata = {"format": FORMAT, "theseus": json.dumps(meta, sort_keys=True)}
+    if not isinstance(meta, TargetMeta):
+        meta = TargetMeta.checked(meta, path)
+    meta = meta.model_copy(update={"meta_version": META_VERSION})
+    metadata = {"format": FORMAT, "theseus": meta.to_json()}
     model = model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors (runtime.channels_last)
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
 
@@ -122,26 +138,10 @@ def _target_path(path: str | Path) -> Path:
     return path / TARGET_FILE if path.is_dir() else path
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    arch: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class _Meta(BaseModel):
-    """The fields of a target's metadata that rebuilding it relies on (the rest is a record, read with ``.get``)."""
-
-    model_config = ConfigDict(extra="allow")
-    task: Literal["classification", "causal-lm", "sentence-embedding"] = "classification"
-    guide: _Spec
-    target: Optional[_Spec] = None
-    entries: list[dict[str, Any]] = Field(default_factory=list)
-    input_shape: list[int]
-
-
-def read_target_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``theseus`` metadata of a saved target (a run directory or the file), checked to have what
-    :func:`load_target` needs: a file that is not JSON or lacks a field is a one-line :class:`ModelError`."""
+def read_target_metadata(path: str | Path) -> TargetMeta:
+    """The typed metadata of a saved target (a run directory or the file), checked to have what
+    :func:`load_target` needs: a file that is not JSON, lacks a field or has a newer version is a one-line
+    :class:`ModelError`."""
     from safetensors import safe_open
 
     file = _target_path(path)
@@ -154,17 +154,7 @@ def read_target_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{file}: not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT or "theseus" not in metadata:
         raise ModelError(f"{file}: not a theseus target (metadata format {metadata.get('format')!r})")
-    try:
-        meta = json.loads(metadata["theseus"])
-    except ValueError as exc:
-        raise ModelError(f"{file}: the target's metadata is not JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{file}: the target's metadata is a {type(meta).__name__}, not a mapping")
-    try:
-        _Meta.model_validate(meta)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ModelError(f"{file}: the target's metadata lacks what rebuilding it needs: {problems}") from None
+    meta = TargetMeta.from_json(metadata["theseus"], file)
     if Path(path).is_dir() and not (Path(path) / REPORT_FILE).is_file():
         raise unfinished(path, f", or name {file} itself to use that file anyway")
     return meta
@@ -176,8 +166,7 @@ def unfinished(path: object, more: str = "") -> ModelError:
 
 
 # What a saved target may name without the user's say-so: architectures this installation itself provides.
-VOUCHED_PREFIXES = ("torchvision", "timm")
-VOUCHED_MODULES = ("theseus_cli.zoo",)
+VOUCHED_MODULES = ("theseus_cli.zoo", "theseus_cli.models.zoo")
 
 
 def unvouched(spec: str) -> str | None:
@@ -186,10 +175,11 @@ def unvouched(spec: str) -> str | None:
     this project's zoo. A ``module:function`` imports and runs whatever the file chose; an ``hf:`` directory
     reads whatever folder on this machine the file chose."""
     prefix, _, name = spec.partition(":")
-    if prefix in VOUCHED_PREFIXES or prefix in VOUCHED_MODULES:
-        return None
     if prefix == "hf":
         return f"the model directory {name!r}" if name.startswith((".", "/")) else None
+    source = MODEL_SOURCES.get(prefix)
+    if (source is not None and source.vouched) or prefix in VOUCHED_MODULES:
+        return None
     return f"code ({spec!r}: importing {prefix!r} and calling {name!r})"
 
 
@@ -205,7 +195,7 @@ def check_vouched(spec: str, trust_code: bool, source: object) -> None:
 def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False) -> nn.Module:
     """Rebuild a converted target from ``target.safetensors`` (or its finished run directory).
 
-    Returns the model in eval mode; ``model.theseus_meta`` holds the metadata (input shape, normalisation,
+    Returns the model in eval mode; ``model.theseus_meta`` holds the :class:`TargetMeta` (input shape, normalisation,
     plan, recipe). The architecture the metadata names is built only if this installation vouches for it
     (see :func:`unvouched`), or with ``trust_code``: a downloaded target must not run code of its choosing.
     """
@@ -213,11 +203,11 @@ def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False)
 
     file = _target_path(path)
     meta = read_target_metadata(path)
-    spec = meta.get("target") or meta["guide"]  # architecture transfer: the target is its own architecture
-    check_vouched(spec["arch"], trust_code, file)
+    spec = meta.architecture
+    check_vouched(spec.arch, trust_code, file)
     try:
-        model = build_model(spec["arch"], spec.get("kwargs") or {}, seed=0, task=meta.get("task", "classification"))
-        apply_entries(model, [PlanEntry.from_dict(e) for e in meta.get("entries") or []])
+        model = build_model(spec.arch, spec.kwargs, seed=0, task=meta.task)
+        apply_entries(model, [PlanEntry.from_dict(e) for e in meta.entries])
     except TheseusError:
         raise
     except Exception as exc:

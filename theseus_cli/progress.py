@@ -9,19 +9,19 @@ from __future__ import annotations
 from typing import Protocol
 
 
-class Task(Protocol):
+class Bar(Protocol):
     def advance(self, n: int = 1, **info: float) -> None: ...
 
     def done(self) -> None: ...
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: int) -> Task: ...
+    def task(self, description: str, total: int) -> Bar: ...
 
     def log(self, message: str) -> None: ...
 
 
-class _NullTask:
+class _NullBar:
     def advance(self, n: int = 1, **info: float) -> None:
         pass
 
@@ -32,8 +32,8 @@ class _NullTask:
 class NullProgress:
     """Reports nothing."""
 
-    def task(self, description: str, total: int) -> Task:
-        return _NullTask()
+    def task(self, description: str, total: int) -> Bar:
+        return _NullBar()
 
     def log(self, message: str) -> None:
         pass

@@ -11,7 +11,7 @@ A run directory is *finished* when it holds ``report.json``, which every run wri
   removes the old ``report.json`` before anything else, then the old target, plot and exports, so a
   killed or failed overwrite can never look like a finished run of the other recipe; ``--resume``
   keeps the stage checkpoints it resumes from, and a finished run whole (resuming it is a no-op
-  that returns its report, see :func:`theseus_cli.convert.run_conversion`).
+  that returns its report, see :func:`theseus_cli.pipelines.convert.run_conversion`).
 * **No empty leftovers.** A run that fails before writing anything removes the directory it created.
 
 Writes inside the run are atomic (:func:`theseus_cli.artifacts.atomic_write`), and a disk that fills up

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from theseus_cli.hf_models import model_output
+from theseus_cli.models.hf import model_output
 from theseus_cli.batch import token_mask
 
 

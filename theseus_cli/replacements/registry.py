@@ -24,6 +24,8 @@ from typing import Callable
 import torch.nn as nn
 from pydantic import BaseModel
 
+from theseus_cli.shapes import ShapeRecord
+
 
 @dataclass(frozen=True)
 class IOShapes:
@@ -53,20 +55,20 @@ class Replacement:
             return f"{self.name} replaces {names}, not {type(module).__name__}"
         return None
 
-    def check_call(self, rec: dict) -> str | None:
+    def check_call(self, rec: ShapeRecord) -> str | None:
         """Why the call observed in the dry forward (``hooks.trace_shapes`` record) does not fit, or None."""
-        if rec["input"] is None or rec["output"] is None:
+        if rec.input is None or rec.output is None:
             return "takes or returns no tensor"
         if self.interface == "tensor":
-            if rec["n_inputs"] != 1 or rec["output_arity"] is not None:
+            if rec.n_inputs != 1 or rec.output_arity is not None:
                 return "does not map one tensor to one tensor"
             return None
-        if len(rec["input"]) != 2 or len(rec["output"]) != 2:
+        if len(rec.input) != 2 or len(rec.output) != 2:
             return (f"{self.name} needs sequence activations (batch, tokens, features) in and out; "
-                    f"saw input {rec['input']} and output {rec['output']} per sample")
-        if rec["input"][0] != rec["output"][0]:
-            return f"changes the number of tokens ({rec['input'][0]} → {rec['output'][0]})"
-        if rec["output_arity"] == -1:
+                    f"saw input {rec.input} and output {rec.output} per sample")
+        if rec.input[0] != rec.output[0]:
+            return f"changes the number of tokens ({rec.input[0]} → {rec.output[0]})"
+        if rec.returns_other:
             return "returns neither a tensor nor a tuple"
         return None
 

@@ -1,0 +1,110 @@
+"""Hostile files: nothing a checkpoint, recipe or model directory holds runs unless the user opts in."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from theseus_cli.models.build import build_model, read_state_dict, trusting_pickles
+from theseus_cli.errors import ModelError
+from theseus_cli.models.zoo import cnn_small
+from tests.conftest import REPO, HANG_S, tiny_recipe_dict
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "theseus_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "CI": "true"}, timeout=HANG_S)
+
+
+def test_a_pickle_that_would_run_code_is_refused_through_the_real_cli(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"0.weight": _Payload(marker)}, fh)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict()))
+    for verb in (["inspect", "evil.pt", "--recipe", "r.yaml"],
+                 ["convert", "evil.pt", "--recipe", "r.yaml", "--out", "o", "--device", "cpu"],
+                 ["eval", "evil.pt", "--recipe", "r.yaml", "--device", "cpu"]):
+        res = _cli(*verb, cwd=tmp_path)
+        assert res.returncode == 4 and res.stdout == ""
+        assert res.stderr.count("\n") == 1 and "refused to unpickle" in res.stderr and "--trust-checkpoint" in res.stderr
+    assert not marker.exists()  # the payload never ran
+    assert not (tmp_path / "o" / "target.safetensors").exists()
+
+
+def test_trust_checkpoint_reads_a_whole_pickled_module_and_nothing_else_does(tmp_path):
+    model = cnn_small(num_classes=10, in_chans=1, width=4)
+    torch.save(model, tmp_path / "whole.pt")  # a full nn.Module, not a state dict
+    with pytest.raises(ModelError, match="refused to unpickle"):
+        read_state_dict(tmp_path / "whole.pt")
+    with trusting_pickles():
+        state = read_state_dict(tmp_path / "whole.pt")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ModelError):  # the opt-in does not outlive its block
+        read_state_dict(tmp_path / "whole.pt")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(finetune={"epochs": 0})))
+    res = _cli("convert", "whole.pt", "--recipe", "r.yaml", "--out", "o", "--device", "cpu", "--trust-checkpoint",
+               "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["guide"]["trained"] and report["guide"]["unpickled_in_full"] is True
+    assert _cli("inspect", "whole.pt", "--recipe", "r.yaml", cwd=tmp_path).returncode == 4
+
+
+def test_a_model_directory_with_remote_code_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "evil_model"
+    folder.mkdir()
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 8, "vocab_size": 50,
+              "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    try:
+        model = build_model(f"hf:{folder}", {}, 0, "causal-lm")
+    except ModelError:
+        model = None  # refusing is as good as ignoring the code
+    assert not marker.exists()
+    if model is not None:
+        assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("guide: !!python/object/apply:os.system ['touch pwned']\nreplace: []\n")
+    res = _cli("inspect", "--recipe", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 3 and not (tmp_path / "pwned").exists()
+
+
+def test_the_only_code_a_recipe_names_is_its_module_function_spec(tmp_path):
+    """``module:function`` imports and calls what it names (documented); no other field imports anything."""
+    (tmp_path / "mymodels.py").write_text("import torch.nn as nn\n"
+                                          "def tiny(num_classes=10):\n"
+                                          "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        model = build_model("mymodels:tiny", {"num_classes": 3}, 0)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert model[1].out_features == 3
+    with pytest.raises(ModelError, match="cannot import"):
+        build_model("no_such_module_xyz:f", {}, 0)
+    readme = (REPO / "README.md").read_text()
+    assert "module:function" in readme and "--trust-checkpoint" in readme

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import theseus_cli.pipelines.convert as convert_module
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.errors import OutputError
+from theseus_cli.config.recipe import parse_recipe
+from tests.conftest import tiny_recipe_dict
+
+
+def _recipe(**kw):
+    return parse_recipe(tiny_recipe_dict(guide={"kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}},
+                                         align={"epochs": 2, "max_steps_per_epoch": 3}, **kw))
+
+
+def _kill_at(monkeypatch, stage_index):
+    real = convert_module.align_stage
+
+    def align_or_die(index, *args, **kwargs):
+        if index == stage_index:
+            raise KeyboardInterrupt  # what SIGINT does mid-stage
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "align_stage", align_or_die)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    recipe = _recipe()
+    full = run_conversion(recipe, tmp_path / "full", ConvertOptions(device="cpu"))
+
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu"))
+    assert (tmp_path / "killed" / ".resume" / "stages.pt").is_file()
+    assert not (tmp_path / "killed" / "report.json").exists()
+
+    calls = []
+    real = convert_module.align_stage
+    monkeypatch.setattr(convert_module, "align_stage", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
+    resumed = run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu", resume=True))
+    assert calls == [1]  # stage 0 was not redone
+    strip = lambda stages: [{k: v for k, v in s.items() if k != "seconds"} for s in stages]  # noqa: E731
+    assert strip(resumed["stages"]) == strip(full["stages"])
+    assert resumed["metric"] == full["metric"]
+    a, b = load_file(str(tmp_path / "full" / "target.safetensors")), load_file(str(tmp_path / "killed" / "target.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (tmp_path / "killed" / ".resume").exists()  # cleared once finished
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(_recipe(), tmp_path / "o", ConvertOptions(device="cpu"))
+    with pytest.raises(OutputError, match="made for a different recipe or guide checkpoint"):
+        run_conversion(_recipe(seed=5), tmp_path / "o", ConvertOptions(device="cpu", resume=True))
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    report = run_conversion(_recipe(), tmp_path / "o", ConvertOptions(device="cpu", resume=True))
+    assert len(report["stages"]) == 2
+
+
+def test_killed_transfer_resumes_to_the_same_result(tmp_path, monkeypatch):
+    data = tiny_recipe_dict(align={"epochs": 1, "max_steps_per_epoch": 2})
+    del data["replace"]
+    data["guide"] = {"arch": "theseus_cli.zoo:resnet_small",
+                     "kwargs": {"in_chans": 1, "widths": [4, 8], "blocks": [2, 2], "block": "bottleneck"}}
+    data["target"] = {"arch": "theseus_cli.zoo:resnet_small", "kwargs": {"in_chans": 1, "widths": [4, 8], "blocks": [1, 1]},
+                      "blocks": {"guide": "Bottleneck", "target": "BasicBlock"}}
+    recipe = parse_recipe(data)
+    full = run_conversion(recipe, tmp_path / "full", ConvertOptions(device="cpu"))
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu"))
+    resumed = run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu", resume=True))
+    assert resumed["metric"] == full["metric"]
+    a, b = load_file(str(tmp_path / "full" / "target.safetensors")), load_file(str(tmp_path / "killed" / "target.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -1,0 +1,401 @@
+"""The ``theseus`` command line: thin Typer verbs over library functions.
+
+Each verb parses options, calls one library function that returns data, and
+formats it with rich (or prints JSON with ``--json``). Errors of the tool's own
+types become one line on stderr and their exit code; anything else is exit 1
+with a one-line summary (the traceback only under ``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from theseus_cli.errors import TheseusError, disk_error, one_line
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
+out_console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+RecipeOpt = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
+DebugOpt = typer.Option(False, "--debug", help="show tracebacks of unexpected errors")
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="unpickle .pt/.pth/.bin/.ckpt checkpoints in full (e.g. a whole saved nn.Module); this runs "
+                             "code from the file: only for files you trust (default: weights only, no code runs)")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
+TrustTargetOpt = typer.Option(False, "--trust-target",
+                              help="build the architecture a saved target's metadata names even when it is code "
+                                   "(module:function) or an hf: directory; only for files you trust (default: only "
+                                   "torchvision:, timm:, hf: model types or packages and theseus_cli.zoo)")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
+
+
+def _quiet(flag: bool) -> bool:
+    return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
+
+
+def _run(debug: bool, fn: Callable[[], Any], trust: bool = False) -> Any:
+    """``fn()``, with the tool's errors turned into one line and an exit code; ``trust`` is ``--trust-checkpoint``."""
+    from theseus_cli.models.build import trusting_pickles
+
+    try:
+        with trusting_pickles(trust):
+            return fn()
+    except TheseusError as exc:
+        _error(exc)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130)
+    except Exception as exc:
+        disk = disk_error(exc)
+        if disk is not None:  # a full or read-only disk anywhere in the run is the disk's problem, not a bug
+            _error(disk)
+        if debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(one_line(str(exc)))} "
+                          "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _error(exc: TheseusError) -> None:
+    """One line on stderr, the message escaped (paths and patterns hold '[…]', which is not rich markup), and the exit."""
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _progress(quiet: bool):
+    if _quiet(quiet):
+        from theseus_cli.progress import NullProgress
+
+        return NullProgress()
+    from theseus_cli.cli.progress import RichProgress
+
+    return RichProgress(err_console)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _e(value: Any) -> str:
+    """User-derived text (paths, module names, specs) for rich: escaped, so '[…]' in it is printed, not parsed."""
+    return escape(str(value))
+
+
+def _count(paths: list[str]) -> str:
+    return _e(paths[0]) if len(paths) == 1 else f"{len(paths)} modules ({_e(paths[0])} … {_e(paths[-1])})"
+
+
+def _shape(shape) -> str:
+    return "×".join(map(str, shape)) if shape else "-"
+
+
+@app.command()
+def inspect(
+    guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
+    recipe: Path = RecipeOpt,
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Show which modules the recipe replaces, their shapes, and what they become."""
+
+    def work():
+        from theseus_cli.pipelines.inspect import inspect_guide
+        from theseus_cli.config.recipe import load_recipe
+
+        return inspect_guide(load_recipe(recipe), guide)
+
+    plan = _run(debug, work, trust)
+    if as_json:
+        _emit_json(plan)
+        return
+    if plan["kind"] == "transfer":
+        _print_transfer(plan)
+        return
+    table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
+    for col in ("path", "type", "output", "params", "rule", "becomes", "target params"):
+        table.add_column(col, justify="right" if "params" in col else "left")
+    for row in plan["rows"]:
+        becomes = None
+        if row["becomes"]:
+            args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items())
+            becomes = f"[green]{_e(row['becomes'])}[/]({_e(args)})"
+        table.add_row(_e(row["path"]), _e(row["module_type"]), _shape(row["output_shape"]), f"{row['params']:,}",
+                      f"replace[{row['rule']}]" if row["rule"] is not None else "",
+                      becomes or "[dim]kept[/]",
+                      f"{row['target_params']:,}" if row["target_params"] is not None else f"{row['params']:,}")
+    out_console.print(table)
+    stages = Table(title=f"stages: {plan['schedule']['kind']}, {plan['schedule']['order']}"
+                   + (f", grouped by the first {plan['schedule']['group_depth']} path components" if plan["schedule"]["group_depth"] else ""))
+    for col in ("stage", "introduces", "trains", "aligns", "fed by"):
+        stages.add_column(col)
+    for i, st in enumerate(plan["stages"]):
+        stages.add_row(str(i + 1), _e(", ".join(st["introduced"])), _count(st["trained"]), _count(st["aligned"]), st["feed"])
+    out_console.print(stages)
+    g = plan["guide"]
+    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
+                      f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
+    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
+                      f"(×{plan['param_ratio']:.2f})")
+
+
+def _print_transfer(plan: dict) -> None:
+    """``inspect`` for architecture transfer: the map with shapes on both sides, what else is trained, the ratios."""
+    t = plan["target"]
+    table = Table(title=f"{_e(plan['guide']['arch'])} → {_e(t['arch'])} on input {_shape(plan['input_shape'])}")
+    for col in ("stage", "target block", "target output", "guide group", "guide output", "also trained from here"):
+        table.add_column(col)
+    for i, pair in enumerate(plan["pairs"]):
+        group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
+        table.add_row(str(i + 1), _e(pair["target"]), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
+                      _e(", ".join(plan["stem"].get(pair["target"], []))))
+    out_console.print(table)
+    g = plan["guide"]
+    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
+    out_console.print(f"schedule: {plan['schedule']['kind']}, similarity {plan['similarity']}; head (fine-tuning only): "
+                      f"{_e(', '.join(plan['head'])) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
+                      + (f" ({_e(', '.join(sorted({k.rpartition('.')[0] for k in plan['inherited']})))})" if plan["inherited"] else ""))
+    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} (×{plan['param_ratio']:.2f}); "
+                      f"FLOPs per example: {plan['guide_flops']:,} → {plan['target_flops']:,} (×{plan['flop_ratio']:.2f})")
+
+
+@app.command()
+def convert(
+    guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
+    recipe: Path = RecipeOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    baseline: bool = typer.Option(False, "--baseline", help="also train the naive target from scratch for the same steps"),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out after its last finished stage"),
+    min_retention: Optional[float] = typer.Option(None, "--min-retention", min=0.0,
+                                                  help="gate: exit 10 unless the target keeps this share of the guide's metric"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0,
+                                                   help="gate: exit 10 unless the target's batch-1 latency on the device is at most this"),
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert the guide into the recipe's target: align, recalibrate, fine-tune, save; then check the gates."""
+    from theseus_cli.deploy.gates import Gates, raise_if_failed
+
+    def work():
+        from theseus_cli.config.recipe import load_recipe
+        from theseus_cli.pipelines.convert import ConvertOptions, run_conversion
+
+        return run_conversion(load_recipe(recipe), out, ConvertOptions(
+            checkpoint=guide, device=device, baseline=baseline or None, overwrite=overwrite,
+            progress=_progress(quiet or as_json), resume=resume, gates=Gates(min_retention, max_latency_ms)))
+
+    report = _run(debug, work, trust)
+    if report is None:  # a non-main rank of a torchrun job: rank 0 prints
+        return
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_conversion(report, out)
+    _run(debug, lambda: raise_if_failed(report, str(out)))
+
+
+def _print_conversion(report: dict, out: Path) -> None:
+    m = report["metric"]
+    table = Table(title=f"{_e(report['guide']['arch'])} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
+    for col in ("model", "params", f"test {m['name'].replace('_', ' ')}"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
+    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}", fmt.format(m["guide"]))
+    table.add_row("NoT target, aligned only", f"{report['params']['target']:,}", fmt.format(m["target_after_alignment"]))
+    table.add_row("NoT target", f"{report['params']['target']:,}", fmt.format(m["target"]))
+    if m["baseline"] is not None:
+        table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", fmt.format(m["baseline"]))
+    out_console.print(table)
+    d = report["deployment"]
+    cost = Table(title=f"deployment cost on {d['target'].get('latency_device', report['device'])}")
+    for col in ("model", "params", "FLOPs", "latency b=1", f"latency b={_big(d['target'])}"):
+        cost.add_column(col, justify="right" if col != "model" else "left")
+    for name in ("guide", "target"):
+        p = d[name]
+        cost.add_row(name, f"{p['params']:,}", f"{p['flops_per_example']:,}", *_latencies(p))
+    out_console.print(cost)
+    for name, r in report.get("gates", {}).get("checks", {}).items():
+        verdict = "[green]passed[/]" if r["passed"] else "[bold red]FAILED[/]"
+        value = "none" if r["value"] is None else f"{r['value']:.4g}"
+        out_console.print(f"gate {name.replace('_', '-')} {r['threshold']:g}: {value} {verdict}")
+    out_console.print(f"wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}, {_e(out / report['files']['plot'])}")
+
+
+def _big(profile: dict) -> str:
+    sizes = [b for b in profile.get("latency", {}) if b != "1"]
+    return sizes[-1] if sizes else "-"
+
+
+def _latencies(profile: dict) -> list[str]:
+    lat = profile.get("latency", {})
+    return [f"{lat[b]['median_ms']:.3g} ms" if b in lat else "-" for b in ("1", _big(profile))]
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="a converted target (run directory or target.safetensors) or a guide checkpoint"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="architecture and data (required for a guide checkpoint)"),
+    data: Optional[str] = typer.Option(None, "--data", help="data source name (fashion-mnist, mnist-5k, digits, bible-kjv) or path; "
+                                                           "other data settings stay the model's"),
+    device: str = DeviceOpt,
+    batch: int = typer.Option(64, "--batch", min=2, help="the larger batch size latency is measured at (besides 1)"),
+    trust: bool = TrustOpt,
+    trust_target: bool = TrustTargetOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Metric on the test split, params, FLOPs and latency of a guide checkpoint or a converted target."""
+
+    def work():
+        from theseus_cli.deploy.evaluate import evaluate_model
+
+        return evaluate_model(model, recipe, data, device, (1, batch), trust_code=trust_target)
+
+    result = _run(debug, work, trust)
+    if as_json:
+        _emit_json(result)
+        return
+    m = result["metric"]
+    table = Table(title=f"{result['kind']} {_e(result['arch'])} on {_e(result['data']['name'])} ({result['data']['test']:,} test examples)")
+    for col in ("test " + m["name"].replace("_", " "), "params", "FLOPs / example", "latency b=1", f"latency b={batch}"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{m['value']:.4f}", f"{result['params']:,}", f"{result['flops_per_example']:,}", *_latencies(result))
+    out_console.print(table)
+    out_console.print(f"latency: median of repeated forwards on {result['latency_device']}, PyTorch eager")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a converted target: run directory or target.safetensors"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or hf (transformers directory)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file (onnx, torchscript) or directory (hf); default inside RUN"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing export"),
+    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="parity check: absolute tolerance"),
+    rtol: float = typer.Option(1e-3, "--rtol", min=0.0, help="parity check: tolerance relative to PyTorch's output"),
+    opset: int = typer.Option(18, "--opset", min=9, help="ONNX opset"),
+    exporter: str = typer.Option("auto", "--exporter", help="ONNX exporter: auto (torch.export, then TorchScript), dynamo, torchscript"),
+    trust_target: bool = TrustTargetOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Write a deployable target (ONNX, TorchScript, transformers directory), checked against PyTorch's outputs."""
+
+    def work():
+        from theseus_cli.errors import ExportError
+        from theseus_cli.deploy.export import ExportOptions, export_target
+
+        if exporter not in ("auto", "dynamo", "torchscript"):
+            raise ExportError(f"--exporter {exporter!r}: choose one of auto, dynamo, torchscript")
+        return export_target(run, fmt, ExportOptions(out=out, overwrite=overwrite, atol=atol, rtol=rtol, opset=opset,
+                                                     exporter=exporter, trust_code=trust_target))
+
+    result = _run(debug, work)
+    if as_json:
+        _emit_json(result)
+        return
+    p = result["parity"]
+    how = f" ({result['exporter']} exporter, opset {result['opset']})" if "exporter" in result else ""
+    out_console.print(f"wrote {_e(result['out'])} ({result['size_bytes']:,} bytes){how}")
+    out_console.print(f"parity with PyTorch on inputs {', '.join('×'.join(map(str, s)) for s in p['inputs'])}: "
+                      f"max |Δ| {p['max_abs_diff']:.2g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
+    if "load_with" in result:
+        out_console.print(f"load with {_e(result['load_with'])}")
+
+
+@app.command()
+def transport(
+    recipe: Path = RecipeOpt,
+    base_a: Path = typer.Option(..., "--base-a", help="state dict of base model A"),
+    tuned_a: Path = typer.Option(..., "--tuned-a", help="state dict of A fine-tuned on the task (A′)"),
+    base_b: Path = typer.Option(..., "--base-b", help="state dict of base model B (another width)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: a data source or path (default: the task's training inputs)"),
+    val: Optional[str] = typer.Option(None, "--val", help="validation examples for α: a data source or path (default: held out from the task's training split)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="fixed α (no search)"),
+    alpha_grid: Optional[str] = typer.Option(None, "--alpha-grid", help="start:stop:step searched on the validation split (default: the recipe's)"),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Move the fine-tuning delta A′ − A to model B of another width, with Procrustes maps, no training."""
+
+    def work():
+        from theseus_cli.errors import RecipeError
+        from theseus_cli.config.transport import alpha_values, load_transport_recipe
+        from theseus_cli.transport.run import TransportOptions, run_transport
+
+        if alpha is not None and alpha_grid is not None:
+            raise RecipeError("give --alpha or --alpha-grid, not both")
+        if alpha_grid is not None:
+            try:
+                alpha_values(alpha_grid)
+            except ValueError as exc:
+                raise RecipeError(f"--alpha-grid: {exc}") from None
+        return run_transport(load_transport_recipe(recipe), out, TransportOptions(
+            base_a=base_a, tuned_a=tuned_a, base_b=base_b, calib=calib, val=val, alpha=alpha, alpha_grid=alpha_grid,
+            device=device, overwrite=overwrite))
+
+    report = _run(debug, work, trust)
+    if as_json:
+        _emit_json(report)
+        return
+    m = report["metric"]
+    table = Table(title=f"task vector A′ − A → B (α = {report['alpha']['chosen']:g}, chosen on "
+                        f"{report['validation']['samples']} validation examples)")
+    for col in ("model", f"test {m['name']}"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for key, label in (("A", "A (base)"), ("A_tuned", "A′ (fine-tuned)"), ("B", "B (base)"), ("B_transported", "B′ = B + α·T(τ)")):
+        table.add_row(label, f"{m[key]:.4f}")
+    out_console.print(table)
+    out_console.print(f"moved {len(report['transported'])} tensors ({report['parameters_moved']:,} of B's "
+                      f"{report['parameters_in_b']:,} parameters); zero delta: {len(report['zero_delta'])} tensors "
+                      f"(see report.json); wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}")
+
+
+@app.command("train-guide")
+def train_guide_cmd(
+    recipe: Path = RecipeOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="checkpoint file to write (.safetensors)"),
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Train the recipe's guide architecture from scratch on the recipe's data."""
+
+    def work():
+        from theseus_cli.pipelines.train_guide import train_guide
+        from theseus_cli.config.recipe import load_recipe
+
+        return train_guide(load_recipe(recipe), out, epochs, lr, device=device, progress=_progress(quiet or as_json))
+
+    result = _run(debug, work)
+    if as_json:
+        _emit_json(result)
+        return
+    out_console.print(f"guide {_e(result['arch'])}: test {result['metric']} {result[result['metric']]:.4f} after {result['epochs']} epochs "
+                      f"({result['seconds']:.0f}s on {result['device']}) → {_e(result['checkpoint'])}")
+
+
+def main() -> None:
+    app()

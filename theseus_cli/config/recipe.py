@@ -1,0 +1,476 @@
+"""Recipe: the YAML file that says what to convert and how.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` so a typo is an
+error, and closed option sets are ``Literal`` so the error lists the valid
+choices. :func:`load_recipe` reports *all* problems of a file at once, each with
+its location (``replace[0].params.rank: ...``), before any model is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from theseus_cli.data.sources import DATA_SOURCES, text_sources
+from theseus_cli.errors import RecipeError
+from theseus_cli.models.sources import MODEL_SOURCES
+from theseus_cli.patterns import compile_regex
+from theseus_cli.config.reader import read_yaml
+from theseus_cli.replacements import get_replacement
+from theseus_cli.similarity import SIMILARITIES, min_batch
+
+# Closed option sets generated from the registries (theseus_cli.data, .models, .similarity), so a recipe error
+# lists exactly what this installation offers
+DataSourceName = Literal[tuple(DATA_SOURCES)]  # type: ignore[valid-type]
+SimilarityName = Literal[tuple(SIMILARITIES)]  # type: ignore[valid-type]
+_MODULE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_SEED = 2**31 - 1  # numpy and torch both take it, with room for the offsets the run's random streams add
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def check_arch_spec(spec: str) -> str:
+    """``torchvision:<name>``, ``timm:<name>``, ``hf:<model type or directory>`` or ``package.module:function``."""
+    if ":" not in spec:
+        raise ValueError(f"arch {spec!r} must be 'torchvision:<name>', 'timm:<name>', 'hf:<model type or dir>' or 'module:function'")
+    prefix, name = spec.split(":", 1)
+    if prefix in MODEL_SOURCES:
+        if not name:
+            raise ValueError(f"arch {spec!r} names no model after '{prefix}:'")
+    elif not _MODULE_FN.match(spec):
+        raise ValueError(f"arch {spec!r} is not 'torchvision:<name>', 'timm:<name>', 'hf:<model type or dir>' or 'module:function'")
+    return spec
+
+
+class GuideConfig(StrictModel):
+    arch: str = Field(description="torchvision:<name>, timm:<name>, hf:<model type | dir | pkg:package/subdir> or package.module:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the constructor")
+    checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file; none = untrained guide")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return check_arch_spec(v)
+
+
+class DataConfig(StrictModel):
+    source: DataSourceName = "fashion-mnist"
+    path: Optional[str] = Field(None, description="folder or file, for idx / npz / imagefolder / text")
+    tokenizer: str = Field("gpt2", description="text: 'gpt2' (offline GPT-2 BPE), 'guide' (the hf: guide directory's tokenizer) or a tokenizer directory")
+    sequence_length: int = Field(128, ge=2, description="text: tokens per sequence (causal-lm: chunk length; sentences: truncation)")
+    image_size: Optional[int] = Field(None, ge=4, description="resize images to this square size")
+    channels: Optional[Literal[1, 3]] = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
+    canvas: Optional[int] = Field(None, ge=4, description="paste each image into a larger square canvas")
+    placement: Literal["center", "random"] = Field("center", description="where on the canvas (random: fixed per image)")
+    train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training split")
+    label_limit: Optional[int] = Field(None, ge=1, description="labelled examples for fine-tuning and baseline; alignment still sees all training inputs")
+    test_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the test split")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share where the source has no test split")
+    batch_size: int = Field(256, ge=2)
+    eval_batch_size: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        needs_path = DATA_SOURCES[self.source].needs_path
+        if needs_path and not self.path:
+            raise ValueError(f"path: source {self.source!r} needs a path")
+        if not needs_path and self.path:
+            raise ValueError(f"path: source {self.source!r} is built in and takes no path")
+        if self.canvas is not None and self.image_size is not None and self.canvas < self.image_size:
+            raise ValueError(f"canvas: {self.canvas} is smaller than image_size {self.image_size}")
+        return self
+
+
+class RuleConfig(StrictModel):
+    """One replacement rule: which modules, what they become."""
+
+    match: Union[str, list[str]] = Field(description="'re:<regex>' (fullmatch on the dotted path), an exact path or a class name")
+    ignore: list[str] = Field(default_factory=list, description="patterns of the same grammar to leave alone")
+    with_: str = Field(alias="with", description="replacement name")
+    params: dict[str, Any] = Field(default_factory=dict)
+    align_up: int = Field(0, ge=0, description="align the output of the module this many path levels above the "
+                          "replaced one (0: the replaced module itself; 1 on a transformer's attention: its block)")
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: Union[str, list[str]]) -> list[str]:
+        patterns = [v] if isinstance(v, str) else list(v)
+        if not patterns:
+            raise ValueError("match is empty")
+        for p in patterns:
+            check_pattern(p)
+        return patterns
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        for p in v:
+            check_pattern(p)
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "RuleConfig":
+        replacement = get_replacement(self.with_)  # ValueError lists valid names
+        try:
+            self.params = replacement.params_model.model_validate(self.params).model_dump()
+        except ValidationError as exc:
+            raise ValueError("; ".join(_problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
+        return self
+
+
+def check_pattern(pattern: str) -> str:
+    if not pattern:
+        raise ValueError("empty pattern")
+    if pattern.startswith("re:"):
+        try:
+            compile_regex(pattern[3:])
+        except ValueError as exc:
+            raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
+    return pattern
+
+
+class MapEntry(StrictModel):
+    """One alignment pair of an architecture transfer: a target module and the guide module(s) whose output it matches."""
+
+    target: str = Field(description="a target module: exact path, class name or 're:' pattern matching exactly one module")
+    guide: Union[str, list[str]] = Field(description="guide module(s), same grammar; their group's output is the output of "
+                                                     "the last of them to run")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return check_pattern(v)
+
+    @field_validator("guide")
+    @classmethod
+    def _guide(cls, v: Union[str, list[str]]) -> list[str]:
+        patterns = [v] if isinstance(v, str) else list(v)
+        if not patterns:
+            raise ValueError("guide is empty")
+        for p in patterns:
+            check_pattern(p)
+        return patterns
+
+
+class BlockLists(StrictModel):
+    """Two block lists, split automatically: consecutive guide blocks are shared out evenly over the target blocks."""
+
+    target: str = Field(description="pattern listing the target's blocks (e.g. BasicBlock)")
+    guide: str = Field(description="pattern listing the guide's blocks (e.g. Bottleneck); with a 're:' capture group, "
+                                   "blocks are split within each captured value (e.g. per ResNet stage)")
+
+    @field_validator("target", "guide")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return check_pattern(v)
+
+
+class TargetConfig(StrictModel):
+    """A separate target network rebuilt block by block (architecture transfer, the paper's Appendix E.2)."""
+
+    arch: str = Field(description="same spec forms as guide.arch")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    map: list[MapEntry] = Field(default_factory=list, description="explicit alignment pairs, in order")
+    blocks: Optional[BlockLists] = Field(None, description="or: two block lists split evenly")
+    inherit: bool = Field(True, description="copy guide weights of the same name and shape outside the mapped blocks "
+                                            "(stem, embeddings, head) into the target before alignment")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return check_arch_spec(v)
+
+    @model_validator(mode="after")
+    def _one_map(self) -> "TargetConfig":
+        if bool(self.map) == (self.blocks is not None):
+            raise ValueError("give exactly one of map (explicit pairs) or blocks (automatic even split)")
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    kind: Literal["progressive", "sequential", "independent", "joint"] = "progressive"
+    order: Literal["forward", "reverse"] = "forward"
+    group_depth: Optional[int] = Field(None, ge=1, description="introduce modules sharing the first N path components in one stage")
+
+
+class SimilarityConfig(StrictModel):
+    kind: SimilarityName = Field("cka", description="linear CKA, unbiased CKA, or differentiable mutual nearest neighbours")
+    tokens: Literal["flatten", "per-token"] = Field(
+        "flatten", description="sequence activations (B, T, D): one row per sample of T·D features (the paper), or one row per token")
+    k: int = Field(10, ge=1, description="dmnn: neighbours per anchor (also used for the mutual-kNN score in reports)")
+    tau: float = Field(0.1, gt=0, description="dmnn: softmax temperature on cosine similarities")
+
+
+class AutoStageConfig(StrictModel):
+    """Hands-off stages (the paper's Appendix K): EMA of the loss drives LR decay and stopping."""
+
+    enabled: bool = False
+    max_epochs: int = Field(100, ge=1, description="hard cap on epochs per stage")
+    stop_loss: float = Field(0.01, gt=0, description="stop the stage once the loss EMA falls below this")
+    ema_steps: int = Field(500, ge=1, description="EMA window in steps (alpha = 2 / (window + 1))")
+    patience: int = Field(4, ge=0, description="epochs without EMA improvement before the LR is reduced")
+    factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau")
+    min_lr: float = Field(1e-7, ge=0)
+    check_every: int = Field(50, ge=1, description="steps between stop checks (each check reads the EMA back from the device)")
+
+
+class StageOverride(StrictModel):
+    """Settings for some stages: ``stage`` (1-based, as ``inspect`` numbers them) or ``match`` (a module pattern
+    matching any module the stage introduces)."""
+
+    stage: Optional[int] = Field(None, ge=1)
+    match: Optional[str] = None
+    lr: Optional[float] = Field(None, gt=0)
+    epochs: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "StageOverride":
+        if (self.stage is None) == (self.match is None):
+            raise ValueError("give exactly one of stage or match")
+        if self.match is not None:
+            check_pattern(self.match)
+        if self.lr is None and self.epochs is None:
+            raise ValueError("an override sets lr, epochs or both")
+        return self
+
+
+class AlignConfig(StrictModel):
+    epochs: int = Field(2, ge=0, description="passes over the training inputs per stage (max_epochs under auto)")
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=2, description="alignment batch; default data.batch_size on the CPU and "
+                                      "at least 1024 on CUDA (similarity estimates improve with batch size)")
+    micro_batch_size: Optional[int] = Field(None, ge=2, description="run each alignment batch in slices of this many "
+                                            "samples with the exact full-batch gradient (large batches in little memory)")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
+    cache_guide: bool = Field(False, description="compute the guide's output at each alignment point once per sample "
+                              "and reuse it across epochs and stages (memory permitting)")
+    auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
+    overrides: list[StageOverride] = Field(default_factory=list, description="per-stage lr/epochs; later entries win")
+
+    def for_stage(self, number: int, introduced: list[str], matches) -> "AlignConfig":
+        """This config with the overrides that select stage ``number`` (1-based) applied.
+
+        ``matches(pattern, path)`` is the module-pattern predicate; it is passed in because the
+        class-name form of a pattern needs the guide's module at ``path``.
+        """
+        cfg = self.model_copy(deep=True)
+        for o in self.overrides:
+            if o.stage == number or (o.match is not None and any(matches(o.match, p) for p in introduced)):
+                cfg.lr = o.lr if o.lr is not None else cfg.lr
+                cfg.epochs = o.epochs if o.epochs is not None else cfg.epochs
+        return cfg
+
+
+class RuntimeConfig(StrictModel):
+    """How the run executes on its device (see :mod:`theseus_cli.training.runtime`); ``auto`` decides per device."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA for images")
+    data_on_device: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA when the data fits easily")
+    compile: bool = Field(False, description="torch.compile the model for task training; falls back to eager on failure")
+
+
+class BNRecalConfig(StrictModel):
+    enabled: bool = True
+    batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm statistics")
+
+
+class FinetuneConfig(StrictModel):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to zero")
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class BaselineConfig(StrictModel):
+    enabled: bool = Field(False, description="also train the naive target from scratch (CLI: --baseline)")
+    lr: Optional[float] = Field(None, gt=0, description="defaults to finetune.lr")
+    init: Literal["scratch", "guide"] = Field(
+        "scratch", description="scratch: every weight fresh (the paper's naive target); guide: the guide's weights "
+        "everywhere except the replaced modules, which start fresh — conversion without alignment (an ablation)")
+
+
+class Recipe(StrictModel):
+    task: Literal["classification", "causal-lm", "sentence-embedding"] = Field(
+        "classification", description="what the model does: image classification (accuracy), next-token prediction "
+        "(perplexity), or sentence embeddings (cosine similarity to the guide's)")
+    guide: GuideConfig
+    target: Optional[TargetConfig] = Field(None, description="architecture transfer: a separate target network (instead of replace)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    replace: list[RuleConfig] = Field(default_factory=list)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    bn_recalibration: BNRecalConfig = Field(default_factory=BNRecalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="every random stream of the run derives from it")
+
+    @model_validator(mode="after")
+    def _replace_or_transfer(self) -> "Recipe":
+        if self.target is None and not self.replace:
+            raise ValueError("replace: give replacement rules, or a target section for architecture transfer")
+        if self.target is not None and self.replace:
+            raise ValueError("target: a recipe either replaces modules in place (replace) or rebuilds a target network "
+                             "(target), not both")
+        if self.align.micro_batch_size and self.schedule.kind == "independent":
+            raise ValueError("align.micro_batch_size: not available for the independent schedule (each module is fed "
+                             "the guide's input)")
+        if self.target is not None and (self.schedule.kind == "independent" or self.schedule.order == "reverse"):
+            raise ValueError("schedule: architecture transfer builds the target front to back; use progressive, "
+                             "sequential or joint in forward order")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_data(self) -> "Recipe":
+        text = self.data.source in text_sources()
+        if self.task == "classification" and text:
+            raise ValueError(f"data.source: {self.data.source!r} is text; task classification takes images ({', '.join(n for n, s in DATA_SOURCES.items() if s.kind == 'images')})")
+        if self.task != "classification" and not text:
+            raise ValueError(f"data.source: task {self.task} needs text ({', '.join(text_sources())}), not {self.data.source!r}")
+        if self.data.tokenizer == "guide" and text and not self.guide.arch.startswith("hf:"):
+            raise ValueError("data.tokenizer: 'guide' needs an hf: guide whose directory holds a tokenizer")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits_similarity(self) -> "Recipe":
+
+        sim = self.similarity
+        batch = min(self.data.batch_size, self.align.batch_size or self.data.batch_size)
+        if batch < min_batch(sim.kind, sim.k):
+            if sim.kind == "dmnn":
+                raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
+            raise ValueError(f"similarity.kind: {sim.kind} needs data.batch_size ≥ {min_batch(sim.kind)}, got {batch}")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field with defaults filled in, as plain JSON data."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        return recipe_hash(self.resolved())
+
+
+def recipe_hash(resolved: dict[str, Any]) -> str:
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``Optional[X]``, ``list[X]``, ``Union[...]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(loc: tuple, root: type[BaseModel]) -> list[str]:
+    """The keys the schema ``root`` allows in the mapping at ``loc`` (a pydantic error location)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = _model_in(field.annotation) if field is not None else None
+    return [f.alias or n for n, f in model.model_fields.items()] if model is not None else []
+
+
+def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
+    key = loc[-1] if loc else ""
+    valid = _keys_at(loc[:-1], root)
+    near = difflib.get_close_matches(str(key), valid, n=1)
+    if near:
+        return f"unknown key (did you mean {near[0]!r}?)"
+    return f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
+
+
+def _problem(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
+    """One pydantic error as 'location: message'; an unknown key comes with the closest valid one."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    msg = _unknown_key(loc, root) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    return f"{_loc(prefix + loc)}: {msg}"
+
+
+MAX_PROBLEMS = 8  # listed in one message; the count says how many there are
+
+
+def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None,
+                            root: type[BaseModel] | None = None) -> str:
+    problems = [_problem(err, root or Recipe) for err in exc.errors()] + list(extra or [])
+    noun = "problem" if len(problems) == 1 else "problems"
+    shown = "; ".join(problems[:MAX_PROBLEMS])
+    more = f"; … and {len(problems) - MAX_PROBLEMS:,} more" if len(problems) > MAX_PROBLEMS else ""
+    return f"{source}: {len(problems):,} {noun}: {shown}{more}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    # checked here as well as in Recipe, so it is reported together with field errors (after-validators
+    # only run once every field is valid)
+    extra = [] if "replace" in data or "target" in data else [
+        "replace: Field required (or a target section for architecture transfer)"]
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(source, exc, extra)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; raise :class:`RecipeError` naming every problem."""
+    path = Path(path)
+    recipe = parse_recipe(read_yaml(path), str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def _resolve_hf_dir(arch: str, base: Path) -> str:
+    """``hf:./dir`` relative to the recipe's folder; other specs unchanged."""
+    if arch.startswith("hf:") and arch[3:].startswith((".", "/")) and not Path(arch[3:]).is_absolute():
+        return "hf:" + str(base / arch[3:])
+    return arch
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative file paths in a recipe are relative to the recipe's own folder, made absolute: a recipe read as
+    ``r.yaml`` has the folder ``.``, and ``Path('.') / './dir'`` is ``dir``, which would no longer read as a
+    directory (``hf:dir`` is a model type; a tokenizer folder named ``gpt2`` would be the built-in one)."""
+    base = base.absolute()
+    recipe.guide.arch = _resolve_hf_dir(recipe.guide.arch, base)
+    if recipe.target is not None:
+        recipe.target.arch = _resolve_hf_dir(recipe.target.arch, base)
+    if recipe.guide.checkpoint and not Path(recipe.guide.checkpoint).is_absolute():
+        recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
+    if recipe.data.path and not Path(recipe.data.path).is_absolute():
+        recipe.data.path = str(base / recipe.data.path)
+    tok = recipe.data.tokenizer
+    if tok not in ("gpt2", "guide") and not Path(tok).is_absolute():
+        recipe.data.tokenizer = str(base / tok)
+    return recipe

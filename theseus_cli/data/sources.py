@@ -1,0 +1,47 @@
+"""The registry of data sources (``data.source`` in a recipe): adding one is one function and one decorator.
+
+An ``images`` source's loader takes ``(path, size_hint)`` and returns numpy arrays ``(x_train, y_train,
+x_test, y_test)`` or ``(x, y)`` (split here); a ``text`` source's loader takes ``(path)`` and returns the
+corpus lines. This module depends on nothing else in the package, so the recipe schema can list the names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from theseus_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
+    kind: Literal["images", "text"]
+    load: Callable
+    needs_path: bool = False  # the recipe's data.path says where the files are
+    description: str = ""
+
+
+DATA_SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(name: str, *, kind: Literal["images", "text"], needs_path: bool = False,
+                    description: str = "") -> Callable[[Callable], Callable]:
+    def decorator(load: Callable) -> Callable:
+        if name in DATA_SOURCES:
+            raise ValueError(f"data source {name!r} registered twice")
+        DATA_SOURCES[name] = DataSource(name, kind, load, needs_path, description)
+        return load
+
+    return decorator
+
+
+def get_source(name: str) -> DataSource:
+    try:
+        return DATA_SOURCES[name]
+    except KeyError:
+        raise DataError(f"unknown data source {name!r} (valid: {', '.join(DATA_SOURCES)})") from None
+
+
+def text_sources() -> tuple[str, ...]:
+    return tuple(n for n, s in DATA_SOURCES.items() if s.kind == "text")

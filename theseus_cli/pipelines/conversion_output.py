@@ -1,0 +1,80 @@
+"""What a finished :class:`~theseus_cli.pipelines.convert.Conversion` writes: the target with its typed metadata,
+the alignment plot, and the report (last: its presence marks a finished run)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from theseus_cli import __version__
+from theseus_cli.artifacts import PLOT_FILE, REPORT_FILE, TARGET_FILE, save_target, versions, write_json
+from theseus_cli.deploy.gates import evaluate_gates
+from theseus_cli.models.hf import portable_spec
+from theseus_cli.pipelines.checks import plan_report, retention
+from theseus_cli.pipelines.plots import plot_alignment
+from theseus_cli.target_meta import ArchSpec, Normalization, TargetMeta
+from theseus_cli.training.distributed import current_dist
+from theseus_cli.training.runtime import align_batch_size
+
+if TYPE_CHECKING:
+    from theseus_cli.pipelines.convert import Conversion
+
+
+def target_meta(conv: "Conversion") -> TargetMeta:
+    """The metadata that rebuilds the target from its file alone. ``hf:`` directories are recorded as the
+    config-built models they hold, so the file rebuilds without them."""
+    recipe, data, plan = conv.recipe, conv.session.data, conv.plan_
+    guide_arch, guide_kwargs, tokenizer = portable_spec(recipe.guide.arch, recipe.guide.kwargs, data.tokenizer)
+    target = None
+    if recipe.target is not None:
+        arch, kwargs, _ = portable_spec(recipe.target.arch, recipe.target.kwargs, None)
+        target = ArchSpec(arch=arch, kwargs=kwargs)
+    return TargetMeta(guide=ArchSpec(arch=guide_arch, kwargs=guide_kwargs), task=recipe.task, target=target,
+                      entries=[asdict(e) for e in plan.entries], input_shape=list(plan.input_shape),
+                      num_classes=data.num_classes,
+                      normalization=Normalization(mean=data.mean, std=data.std) if data.mean else None,
+                      tokenizer=tokenizer, recipe=recipe.resolved(), recipe_hash=recipe.digest(),
+                      theseus_version=__version__)
+
+
+def conversion_report(conv: "Conversion") -> dict[str, Any]:
+    recipe, session, r, task, dist = conv.recipe, conv.session, conv.results, conv.task, current_dist()
+    sim, base, dev = recipe.similarity, conv.baseline, session.device
+    return {
+        "versions": versions(), "seed": recipe.seed, "device": str(dev),
+        "runtime": {**conv.rt.summary(), "align_batch_size": align_batch_size(recipe, dev)},
+        "distributed": {"world_size": dist.world, "backend": torch.distributed.get_backend() if dist.enabled else None},
+        "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "guide": session.guide_info,
+        "data": session.data.summary(), "plan": plan_report(conv.plan_, recipe),
+        "params": {"guide": conv.plan_.guide_params, "target": conv.plan_.target_params}, "stages": r.stages,
+        "similarity": {"optimised": sim.kind, "heldout_samples": int(conv.heldout.shape[0]), "mknn_k": sim.k,
+                       "after_alignment": r.sim_after_align, "after_finetune": r.sim_after_ft},
+        "guide_cache": conv.cache.summary() if conv.cache is not None else None,
+        "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": r.bn_layers},
+        "task": recipe.task,
+        "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": r.m_guide,
+                   "target_after_alignment": r.m_aligned, "target": r.m_target,
+                   "baseline": base[task.metric] if base else None, "retention": retention(task, r.m_guide, r.m_target)},
+        "steps": {"alignment": conv.align_steps, "finetune": conv.task_steps()[0],
+                  "baseline": base["steps"] if base else None},
+        "finetune": r.finetune, "baseline": base, "deployment": conv.deployment,
+        "wall_time": {"alignment": r.align_seconds, "total": time.perf_counter() - conv.started},
+        "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
+    }
+
+
+def write_outputs(conv: "Conversion") -> dict[str, Any]:
+    out, recipe = conv.out, conv.recipe
+    save_target(out / TARGET_FILE, conv.target.cpu(), target_meta(conv))
+    report = conversion_report(conv)
+    replaced = recipe.target.arch if recipe.target else ", ".join(sorted({e.replacement for e in conv.plan_.entries}))
+    plot_alignment(out / PLOT_FILE, conv.results.stages, conv.results.sim_after_align, recipe.similarity.kind,
+                   f"{recipe.guide.arch} → {replaced}")
+    if conv.options.gates.any:
+        report["gates"] = evaluate_gates(conv.options.gates, report)
+    report["wall_time"]["total"] = time.perf_counter() - conv.started
+    write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
+    return report

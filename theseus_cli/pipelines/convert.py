@@ -1,0 +1,355 @@
+"""``theseus convert``: the whole Network-of-Theseus pipeline as one library call.
+
+:func:`run_conversion` runs a :class:`Conversion`, whose named phases are the pipeline:
+plan → align (Algorithm 1 of the paper) → recalibrate (BatchNorm) → finetune (end to end) →
+baselines (optionally) → profile → write. Its state lives on the object; it returns the report it writes.
+
+Stage t of the progressive schedule swaps in the replacement for the t-th claimed module (execution order)
+and trains replacements 1..t jointly on the mean of (1 − CKA) between each replaced module's output and the
+guide's output at the same path; all other weights stay frozen and every BatchNorm keeps the guide's
+statistics. The naive baseline is the same target architecture, every weight freshly initialised, trained on
+the task for as many gradient steps as the conversion took in all (alignment + fine-tuning), as in the paper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from theseus_cli.artifacts import REPORT_FILE
+from theseus_cli.config.recipe import Recipe
+from theseus_cli.data.dataset import batches_per_epoch
+from theseus_cli.deploy.gates import Gates, evaluate_gates
+from theseus_cli.errors import DataError, OutputError
+from theseus_cli.models.build import build_model
+from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
+from theseus_cli.pipelines.conversion_output import write_outputs
+from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.rundir import check_out_path, finished, run_directory
+from theseus_cli.seeds import Seeds
+from theseus_cli.similarity import make_loss, min_batch
+from theseus_cli.surgery.matching import pattern_matches
+from theseus_cli.surgery.plan import apply_entries, build_plan
+from theseus_cli.surgery.transfer import build_transfer_plan, inherit_weights
+from theseus_cli.tasks import get_task
+from theseus_cli.training import (AlignJob, TaskJob, align_stage, evaluate, layer_similarity, recalibrate_batchnorm,
+                                  train_task)
+from theseus_cli.training import resume as resume_stages
+from theseus_cli.training.distributed import current_dist, process_group
+from theseus_cli.training.faults import Interrupted, graceful_stop
+from theseus_cli.training.guide_cache import GuideCache
+from theseus_cli.training.runtime import Runtime, align_batch_size, current_runtime, resolve_runtime, using
+from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
+
+HELDOUT_FOR_SIMILARITY = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    """How to run a conversion, besides the recipe (the CLI's flags)."""
+
+    checkpoint: Optional[str | Path] = None  # guide weights; default: the recipe's guide.checkpoint, else untrained
+    device: str = "auto"
+    baseline: Optional[bool] = None  # None: the recipe's baseline.enabled
+    overwrite: bool = False
+    resume: bool = False  # continue a killed run after its last finished stage (theseus_cli.training.resume)
+    gates: Gates = field(default_factory=Gates)
+    progress: Progress = field(default_factory=NullProgress)
+
+
+def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | None = None) -> dict[str, Any] | None:
+    """Convert the recipe's guide into its target; write files into ``out``; return the report.
+
+    ``options.gates`` are checked once the files are written; the verdict is ``report["gates"]`` (the CLI
+    turns a failure into exit code 10, see :mod:`theseus_cli.deploy.gates`). With ``options.resume``, a run
+    killed during alignment continues after its last finished stage; without a stage checkpoint it starts afresh.
+    Under ``torchrun`` (more than one process) the run is data-parallel (:mod:`theseus_cli.training.distributed`):
+    rank 0 writes the files and returns the report, the other ranks return None.
+    """
+    options = options or ConvertOptions()
+    started = time.perf_counter()
+    out = Path(out)
+    with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
+        progress = options.progress if dist.main else NullProgress()
+        session = open_session(recipe, options.checkpoint, device)
+        if options.resume and finished(out):
+            return finished_run(out, session, options.gates) if dist.main else None
+        check_world(session, dist)
+        rt = resolve_runtime(recipe.runtime, session.device, session.data)
+        if rt.data_on_device:
+            session.data.to(session.device)
+        rt.prepare(session.guide)
+        conversion = Conversion(session, rt, out, options, progress, started)
+        try:
+            with using(rt), graceful_stop():
+                report = conversion.run()
+        except Interrupted as stop:
+            raise Interrupted(f"{stop.message}; rerun the same command with --resume to continue "
+                              f"{resume_stages.describe(out)}", stop.exit_code - 128) from None
+        dist.barrier()  # the other ranks wait until rank 0 has written every file
+        return report if dist.main else None
+
+
+@dataclass
+class Results:
+    """What the phases measured; saved with the phase checkpoints, so a resumed run reports what it skipped."""
+
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    align_seconds: float = 0.0
+    sim_after_align: Optional[dict] = None
+    bn_layers: int = 0
+    m_aligned: Optional[float] = None
+    finetune: Optional[dict] = None
+    m_target: Optional[float] = None
+    sim_after_ft: Optional[dict] = None
+    m_guide: Optional[float] = None
+
+
+class Conversion:
+    """One conversion, phase by phase: :meth:`plan`, :meth:`align`, :meth:`recalibrate`, :meth:`finetune`,
+    :meth:`baselines`, :meth:`profile`, :meth:`write`. :meth:`run` chains them and skips what a resumed run
+    had finished."""
+
+    def __init__(self, session: Session, rt: Runtime, out: Path, options: ConvertOptions, progress: Progress,
+                 started: float):
+        self.session, self.recipe, self.rt, self.out, self.options = session, session.recipe, rt, out, options
+        self.progress, self.started = progress, started
+        self.seeds = Seeds(self.recipe.seed)
+        self.task = get_task(self.recipe.task)
+        self.main = current_dist().main
+        self.fingerprint = {"recipe_hash": self.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
+        self.results = Results()
+        self.cache: GuideCache | None = None
+        self.baseline: dict[str, Any] | None = None
+        self.deployment: dict[str, Any] | None = None
+
+    def run(self) -> dict[str, Any] | None:
+        self.plan()
+        done = resume_stages.load_phase(self.out, self.fingerprint) if self.options.resume else None
+        if done is None:
+            self.align()
+            self.recalibrate()
+            self._checkpoint("aligned")
+        else:  # a resumed run whose alignment (and maybe fine-tuning) had finished
+            self._restore_phase(done)
+        if done is None or done["phase"] == "aligned":
+            self.finetune()
+            self._checkpoint("finetuned")
+        baseline = self.recipe.baseline.enabled if self.options.baseline is None else self.options.baseline
+        if baseline:
+            self.baselines()
+        if not self.main:  # every file and measurement below is rank 0's
+            return None
+        self.profile()
+        return self.write()
+
+    # ------------------------------------------------------------------ phases
+
+    def plan(self) -> None:
+        """The plan, the model alignment starts from, and how a stage introduces its modules (either recipe kind)."""
+        recipe, session, dev = self.recipe, self.session, self.session.device
+        self.guide = session.guide.eval()
+        for p in self.guide.parameters():
+            p.requires_grad_(False)
+        if recipe.task == "sentence-embedding":
+            attach_guide_embeddings(session)
+        sample = session.data.x_train[:2].to(dev)
+        if recipe.target is None:
+            self.plan_ = build_plan(self.guide, recipe, sample)
+            by_path = {e.path: e for e in self.plan_.entries}
+            self.target = copy.deepcopy(self.guide)
+            self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced])
+        else:
+            self.target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs,
+                                                                   self.seeds.target_init, recipe.task).to(dev))
+            check_classes(self.target, session.data, f"the target {recipe.target.arch}")
+            self.plan_ = build_transfer_plan(self.guide, self.target, recipe, sample)  # also copies inherited weights
+            self.introduce = lambda target, stage: None
+        check_fits(session, self.guide, self.plan_)
+        plan = self.plan_
+        what = f"{len(plan.entries)} modules to replace" if recipe.target is None else f"{len(plan.pairs)} target blocks to align"
+        self.progress.log(f"plan: {what}, {plan.guide_params:,} → {plan.target_params:,} params")
+        self.heldout = session.data.x_test[:HELDOUT_FOR_SIMILARITY]
+
+    def align(self) -> None:
+        """Align the target stage by stage as the schedule says; checkpoint after each stage. With ``resume``,
+        stages already checkpointed are rebuilt (same seeds) and their trained weights restored, not retrained."""
+        started = time.perf_counter()
+        job = self._align_job()
+        saved = resume_stages.load_stages(self.out, self.fingerprint) if self.options.resume else None
+        if saved is None and self.main:
+            resume_stages.clear(self.out)
+        stages: list[dict[str, Any]] = []
+        for index, stage in enumerate(self.plan_.stages):
+            torch.manual_seed(self.seeds.stage(index))
+            self.introduce(self.target, stage)
+            if saved is not None and index < len(saved["stages"]):
+                if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
+                    self.target.load_state_dict(saved["state"])
+                    job.generator.set_state(saved["generator"])
+                    stages = saved["stages"]
+                    self.progress.log(f"resumed after stage {index + 1} of {len(self.plan_.stages)}")
+                continue
+            cfg = self.recipe.align.for_stage(index + 1, stage.introduced, self._matches)
+            result = align_stage(index, self.guide, self.target, stage, self.session.data.x_train,
+                                 AlignJob(cfg, job.loss_fn, job.batch_size, job.generator, job.device, self.progress,
+                                          job.tokens, job.cache))
+            stages.append(asdict(result))
+            if self.main:
+                resume_stages.save_stages(self.out, self.target, stages, job.generator, self.fingerprint)
+        self.results.stages, self.results.align_seconds = stages, time.perf_counter() - started
+        self.results.sim_after_align = self._similarity()
+
+    def recalibrate(self) -> None:
+        """BatchNorm statistics re-estimated on training inputs; then the aligned target's metric."""
+        bn, recipe = self.recipe.bn_recalibration, self.recipe
+        if bn.enabled:
+            self.results.bn_layers = recalibrate_batchnorm(self.target, self.session.data.x_train, bn.batches,
+                                                           recipe.data.batch_size, self.seeds.generator("recalibrate"),
+                                                           self.session.device)
+        self.results.m_aligned = self._evaluate(self.target)
+
+    def finetune(self) -> None:
+        """End-to-end fine-tuning on the task; then the metrics and similarities after it."""
+        ft_steps, warmup = self.task_steps()
+        torch.manual_seed(self.seeds.finetune)  # dropout draws the same masks whether or not the run was resumed
+        ft = self._train_on_task(self.target, ft_steps, warmup, self.recipe.finetune.lr, "finetune", "fine-tune target")
+        self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile}
+        self.results.m_target = self._evaluate(self.target)
+        self.results.sim_after_ft = self._similarity()
+        self.results.m_guide = self._evaluate(self.guide)
+
+    def baselines(self) -> None:
+        """The naive baseline: the same target architecture without alignment, for the same total gradient steps."""
+        recipe = self.recipe
+        naive = self._naive()
+        total = self.align_steps + self.task_steps()[0]
+        per_epoch = batches_per_epoch(self.session.data.labelled.numel(), recipe.data.batch_size)
+        warm = int(round(recipe.finetune.warmup_epochs * per_epoch))
+        lr = recipe.baseline.lr or recipe.finetune.lr
+        res = self._train_on_task(naive, total, warm, lr, "baseline", "naive baseline")
+        self.baseline = {self.task.metric: self._evaluate(naive), "init": recipe.baseline.init,
+                         "steps": total, "lr": lr, "epoch_losses": res.epoch_losses, "seconds": res.seconds}
+
+    def profile(self) -> None:
+        """What guide and target cost to deploy, on this device."""
+        from theseus_cli.deploy.profile import compare, profile_model
+
+        sample, dev = self.session.data.x_test[:1], self.session.device
+        self.deployment = {"guide": profile_model(self.guide, sample, dev), "target": profile_model(self.target, sample, dev)}
+        self.deployment["ratios"] = compare(self.deployment["guide"], self.deployment["target"])
+
+    def write(self) -> dict[str, Any]:
+        """The target file, the plot, the gates' verdict and, last (its presence marks a finished run), the report."""
+        report = write_outputs(self)
+        resume_stages.clear(self.out)
+        return report
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def align_steps(self) -> int:
+        return sum(s["steps"] for s in self.results.stages)
+
+    def _matches(self, pattern: str, path: str) -> bool:
+        named = self.guide if self.recipe.target is None else self.target  # the model whose paths stages introduce
+        return pattern_matches(pattern, path, named.get_submodule(path))
+
+    def _align_job(self) -> AlignJob:
+        recipe, data, dev, sim = self.recipe, self.session.data, self.session.device, self.recipe.similarity
+        needed, batch = min_batch(sim.kind, sim.k), align_batch_size(recipe, dev)
+        if min(batch, data.x_train.shape[0]) < needed:
+            raise DataError(f"similarity {sim.kind} needs batches of ≥ {needed} samples; the training split has "
+                            f"{data.x_train.shape[0]}")
+        check_overrides(recipe.align.overrides, self.plan_.stages, self._matches)
+        if recipe.align.cache_guide and recipe.schedule.kind != "independent":
+            self.cache = GuideCache(data.x_train.shape[0], dev)
+        return AlignJob(recipe.align, make_loss(sim.kind, sim.k, sim.tau), batch, self.seeds.generator("align"), dev,
+                        self.progress, sim.tokens, self.cache)
+
+    def _similarity(self) -> dict | None:
+        """Every similarity metric at every aligned point on held-out inputs (rank 0 only)."""
+        if not self.main:
+            return None
+        sim, plan = self.recipe.similarity, self.plan_
+        guide_points = plan.guide_points if self.recipe.target is not None else None
+        return layer_similarity(self.guide, self.target, plan.align_points, self.heldout, self.session.device, sim.k,
+                                sim.tokens, guide_points)
+
+    def task_steps(self) -> tuple[int, int]:
+        """(fine-tuning steps, warm-up steps) from the recipe's epochs over the labelled set."""
+        ft = self.recipe.finetune
+        per_epoch = batches_per_epoch(self.session.data.labelled.numel(), self.recipe.data.batch_size)
+        return ft.epochs * per_epoch, int(round(ft.warmup_epochs * per_epoch))
+
+    def _train_on_task(self, model, steps: int, warmup: int, lr: float, stream: str, label: str):
+        ft, data = self.recipe.finetune, self.session.data
+        x = data.x_train[data.labelled]
+        y = data.y_train[data.labelled] if data.y_train is not None else None
+        return train_task(model, self.task, x, y, TaskJob(steps, lr, ft.weight_decay, warmup, ft.grad_clip,
+                                                          ft.label_smoothing, self.recipe.data.batch_size,
+                                                          self.seeds.generator(stream), self.session.device, label,
+                                                          self.progress))
+
+    def _evaluate(self, model) -> float:
+        data = self.session.data
+        return evaluate(model, self.task, data.x_test, data.y_test, self.recipe.data.eval_batch_size, self.session.device)
+
+    def _naive(self) -> torch.nn.Module:
+        """The baseline model: the target architecture from scratch, or (``baseline.init: guide``) with every guide
+        weight it can inherit — the kept modules in place, the stem/embeddings/head in a transfer."""
+        recipe, dev, seed = self.recipe, self.session.device, self.seeds.baseline_init
+        torch.manual_seed(seed)
+        if recipe.target is not None:
+            naive = self.rt.prepare(build_model(recipe.target.arch, recipe.target.kwargs, seed, recipe.task).to(dev))
+            if recipe.baseline.init == "guide":
+                inherit_weights(self.guide, naive, self.plan_.align_points)
+            return naive
+        if recipe.baseline.init == "guide":
+            naive = copy.deepcopy(self.guide)
+        else:
+            naive = self.rt.prepare(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task).to(dev))
+        apply_entries(naive, self.plan_.entries)
+        return naive
+
+    def _checkpoint(self, phase: str) -> None:
+        if self.main:
+            resume_stages.save_phase(self.out, phase, self.target, asdict(self.results), self.fingerprint)
+
+    def _restore_phase(self, done: dict[str, Any]) -> None:
+        for stage in self.plan_.stages:
+            self.introduce(self.target, stage)
+        self.target.load_state_dict(done["state"])
+        self.results = Results(**done["results"])
+        self.progress.log(f"resumed {resume_stages.describe_phase(done['phase'])}")
+
+
+def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:
+    """``--resume`` of a run that had finished (killed after its report, or rerun by a CI step): nothing is redone,
+    its report is returned, with the gates checked against it — if the same recipe and guide made it."""
+    try:
+        report = json.loads((out / REPORT_FILE).read_text())
+        made_by = report["recipe_hash"], report["guide"].get("checkpoint_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OutputError(f"{out / REPORT_FILE}: unreadable report of a finished run ({exc}); use --overwrite") from None
+    if made_by != (session.recipe.digest(), session.guide_info.get("checkpoint_sha256")):
+        raise OutputError(f"{out}: holds a finished run of a different recipe or guide checkpoint; use another --out, "
+                          "or --overwrite")
+    if gates.any:
+        report["gates"] = evaluate_gates(gates, report)
+    return report
+
+
+def _hold(out: Path, options: ConvertOptions, main: bool):
+    """Rank 0 locks and prepares the run directory (:mod:`theseus_cli.rundir`); other ranks only check it."""
+    if main:
+        return run_directory(out, options.overwrite, options.resume)
+    check_out_path(out, options.overwrite, options.resume)
+    return contextlib.nullcontext(out)

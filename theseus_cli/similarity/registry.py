@@ -1,0 +1,52 @@
+"""The registry of similarity losses (``similarity.kind`` in a recipe): one factory and one decorator each.
+
+A factory takes the recipe's ``k`` and ``tau`` and returns ``loss(target_rows, guide_rows)``, the dissimilarity
+alignment minimises; ``min_batch(k)`` is the smallest batch the metric is defined on (checked before any work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Similarity:
+    name: str
+    make: Callable[[int, float], LossFn]
+    min_batch: Callable[[int], int]
+    description: str
+
+
+SIMILARITIES: dict[str, Similarity] = {}
+
+
+def register_similarity(name: str, *, min_batch: Callable[[int], int], description: str):
+    def decorator(make: Callable[[int, float], LossFn]) -> Callable[[int, float], LossFn]:
+        if name in SIMILARITIES:
+            raise ValueError(f"similarity {name!r} registered twice")
+        SIMILARITIES[name] = Similarity(name, make, min_batch, description)
+        return make
+
+    return decorator
+
+
+def get_similarity(kind: str) -> Similarity:
+    try:
+        return SIMILARITIES[kind]
+    except KeyError:
+        raise ValueError(f"unknown similarity {kind!r} (valid: {', '.join(SIMILARITIES)})") from None
+
+
+def make_loss(kind: str, k: int = 10, tau: float = 0.1) -> LossFn:
+    """The dissimilarity ``loss(target, guide)`` a recipe's ``similarity`` section selects."""
+    return get_similarity(kind).make(k, tau)
+
+
+def min_batch(kind: str, k: int = 10) -> int:
+    """Smallest batch a similarity is defined on."""
+    return get_similarity(kind).min_batch(k)

@@ -1,0 +1,11 @@
+"""Training: alignment stages (Algorithm 1), task training, evaluation, BatchNorm recalibration, and what a long
+run needs around them — the runtime (precision, compile), torchrun, the guide-activation cache, faults, resume."""
+
+from theseus_cli.training.alignment import (MAX_TOKEN_ROWS, AlignJob, StageResult, StageTrainer, align_stage,
+                                            micro_batched_step, set_trainable, stage_losses)
+from theseus_cli.training.loops import (TaskJob, TaskTrainer, TaskTrainResult, embed, evaluate, layer_similarity,
+                                        lr_factor, recalibrate_batchnorm, train_task)
+
+__all__ = ["MAX_TOKEN_ROWS", "AlignJob", "StageResult", "StageTrainer", "align_stage", "micro_batched_step",
+           "set_trainable", "stage_losses", "TaskJob", "TaskTrainer", "TaskTrainResult", "embed", "evaluate",
+           "layer_similarity", "lr_factor", "recalibrate_batchnorm", "train_task"]

@@ -30,7 +30,7 @@ from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe, parse_recipe
 
 RECIPE = "recipes/resnet18_to_mlp.yaml"
-SMALL = {"data": {"train_limit": 256, "test_limit": 128, "batch_size": 32},
+SMALL = {"data": {"train_limit": 96, "test_limit": 48, "batch_size": 16},
          "align": {"max_steps_per_epoch": 1, "epochs": 1}, "finetune": {"epochs": 1}, "bn_recalibration": {"batches": 2}}
 
 

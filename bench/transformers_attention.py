@@ -52,11 +52,11 @@ SETTINGS = {  # align_up: 0 aligns each replacement's own output, >0 the block a
     "minilm-mlp-block-fewsentences": {"recipe": MINILM, "align_up": 2, "override": {"data": {"train_limit": FEW_SENTENCES}}},
 }
 SMALL = {  # CPU smoke run: same code path, toy sizes
-    GPT2: {"guide": {"kwargs": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32}},
-           "data": {"sequence_length": 32, "train_limit": 128, "test_limit": 32, "batch_size": 16},
-           "align": {"epochs": 1, "max_steps_per_epoch": 4}, "finetune": {"epochs": 1}},
-    MINILM: {"data": {"sequence_length": 32, "train_limit": 96, "test_limit": 32, "batch_size": 16},
-             "align": {"epochs": 1, "max_steps_per_epoch": 2}, "finetune": {"epochs": 1}},
+    GPT2: {"guide": {"kwargs": {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 16}},
+           "data": {"sequence_length": 16, "train_limit": 64, "test_limit": 16, "batch_size": 16},
+           "align": {"epochs": 1, "max_steps_per_epoch": 2}, "finetune": {"epochs": 1}},
+    MINILM: {"data": {"sequence_length": 16, "train_limit": 48, "test_limit": 16, "batch_size": 16},
+             "align": {"epochs": 1, "max_steps_per_epoch": 1}, "finetune": {"epochs": 1}},
 }
 
 

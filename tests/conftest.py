@@ -80,3 +80,16 @@ def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *ar
 # Subprocess time limits catch hangs only: a loaded 2-core machine may run any step many times slower than an idle
 # one, so no test may fail because a healthy run was slow (progress, not the clock, decides when tests act).
 HANG_S = 3600
+
+
+# Tests that run for tens of seconds (smoke runs of examples and benchmarks, multi-process runs). `make test` runs two
+# workers; starting these first, alternately on each, lets both finish together instead of one waiting on the last.
+HEAVY = ("test_gpt2_to_rnn_example", "test_gpu_conversion_time_benchmark", "test_transformers_benchmark_runs_small",
+         "test_minilm_attention_to_token_mlp", "test_transport_benchmark_runs_small", "test_two_gloo_processes",
+         "test_killed_at_random_moments", "test_trust_checkpoint_reads_a_whole_pickled_module",
+         "test_deployment_cost_benchmark", "test_a_pickle_that_would_run_code_is_refused",
+         "test_gpu_throughput_benchmark", "test_deploy_onnx_example", "test_library_conversion_example")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.name.startswith(HEAVY))  # stable: the rest keep their order

@@ -167,6 +167,13 @@ def tokenize_stream(lines: tuple[str, ...], tok) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+@lru_cache(maxsize=2)
+def corpus_stream(source: str, path: str | None, tokenizer: str, guide_arch: str | None) -> torch.Tensor:
+    """The whole corpus as one token stream, tokenised once per process (a conversion loads its data more than
+    once: train-guide, convert, eval). Callers index it into copies and never write to it."""
+    return tokenize_stream(corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch))
+
+
 def tokenize_sentences(lines: tuple[str, ...], tok, max_length: int) -> TokenBatch:
     enc = tok(list(lines), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     return TokenBatch(enc["input_ids"].long(), enc["attention_mask"].long())
@@ -179,7 +186,7 @@ def load_text_dataset(cfg, seed: int, task: str, guide_arch: str | None):
     gen = torch.Generator().manual_seed(seed)
     where = cfg.source if cfg.path is None else f"{cfg.source} {cfg.path}"
     if task == "causal-lm":
-        stream = tokenize_stream(lines, tok)
+        stream = corpus_stream(cfg.source, cfg.path, cfg.tokenizer, guide_arch)
         n = stream.numel() // cfg.sequence_length
         if n < 2:
             raise DataError(f"{where}: {stream.numel()} tokens make fewer than 2 sequences of {cfg.sequence_length}")

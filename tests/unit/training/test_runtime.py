@@ -7,7 +7,7 @@ from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.pipelines.train_guide import train_guide
 from theseus_cli.config.recipe import RuntimeConfig, parse_recipe
 from theseus_cli.training.runtime import Runtime, current_runtime as current, resolve_runtime, using
-from tests.conftest import REPO, HANG_S, tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 
 def test_auto_is_plain_fp32_on_cpu():
@@ -42,21 +42,6 @@ def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
     assert sum(p.numel() for p in theseus_cli.load_target(tmp_path / "out").parameters()) == report["params"]["target"]
 
 
-def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = REPO / "bench" / "gpu_alignment_throughput.py"
-    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S)
-    assert run.returncode == 0, run.stderr[-2000:]
-    row = json.loads((tmp_path / "gpu_alignment_throughput.json").read_text())["rows"][0]
-    assert row["aligned_points"] == 20 and row["alignment"] > 0 and row["plain"] > 0
-    assert row["ratio"] == row["alignment"] / row["plain"]
-
-
 def test_conversion_with_micro_batched_alignment_matches_the_plain_one(tmp_path):
     plain = run_conversion(parse_recipe(tiny_recipe_dict()), tmp_path / "a", ConvertOptions(device="cpu"))
     sliced = run_conversion(parse_recipe(tiny_recipe_dict(align={"micro_batch_size": 16})), tmp_path / "b", ConvertOptions(device="cpu"))
@@ -77,21 +62,6 @@ def test_compile_falls_back_to_eager_when_compilation_fails(tmp_path, monkeypatc
     off = run_conversion(parse_recipe(tiny_recipe_dict()), tmp_path / "p", ConvertOptions(device="cpu"))
     assert off["finetune"]["compile"] == "off"
     assert off["metric"] == report["metric"]  # the eager fallback trains exactly as a run without compile
-
-
-def test_gpu_conversion_time_benchmark_runs_small_on_cpu(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = REPO / "bench" / "gpu_conversion_time.py"
-    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S)
-    assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_conversion_time.json").read_text())
-    assert result["full"]["stages"] == 20 and 0 <= result["full"]["target"] <= 1
-    assert [r["stages"] for r in result["scaling"]] == [1, 1, 5, 5, 20, 20]
 
 
 def test_alignment_batch_is_larger_by_default_on_cuda_only():

@@ -31,6 +31,7 @@ from theseus_cli.config.recipe import load_recipe, parse_recipe
 
 RECIPE = "recipes/resnet18_to_mlp.yaml"
 SMALL = {"data": {"train_limit": 96, "test_limit": 48, "batch_size": 16},
+         "replace": [{"match": "Conv2d", "with": "lowrank_linear", "params": {"rank": 8}}],
          "align": {"max_steps_per_epoch": 1, "epochs": 1}, "finetune": {"epochs": 1}, "bn_recalibration": {"batches": 2}}
 
 
@@ -45,7 +46,8 @@ def _recipe(changes: dict, small: bool):
 def full(device: str, out: Path, small: bool) -> dict:
     recipe = _recipe({}, small)
     guide, info = cached_guide("resnet18-fmnist32", recipe, 1 if small else 8, 1e-3, device)
-    report = run_conversion(recipe, out / "full", ConvertOptions(checkpoint=guide, device=device, overwrite=True))
+    report = run_conversion(recipe, out / "full", ConvertOptions(checkpoint=guide, device=device, overwrite=True,
+                                                                 latency=not small))
     m = report["metric"]
     return {"guide_training": info, "guide": m["guide"], "target": m["target"], "retention": m["retention"],
             "stages": len(report["stages"]), "steps": report["steps"], "wall_time": report["wall_time"],
@@ -60,7 +62,8 @@ def scaling(device: str, out: Path, small: bool, steps: int, batches: list[int])
             recipe = _recipe({"schedule": schedule, "data": {"batch_size": batch},
                               "align": {"epochs": 1, "max_steps_per_epoch": steps, "batch_size": batch},
                               "finetune": {"epochs": 0}}, small)
-            report = run_conversion(recipe, out / "scaling", ConvertOptions(device=device, overwrite=True))
+            report = run_conversion(recipe, out / "scaling", ConvertOptions(device=device, overwrite=True,
+                                                                            latency=False))  # alignment time only
             rows.append({"schedule": label, "batch": batch, "stages": len(report["stages"]),
                          "steps": report["steps"]["alignment"], "alignment_seconds": report["wall_time"]["alignment"]})
             print(f"{label}, batch {batch}: {rows[-1]['alignment_seconds']:.1f}s", file=sys.stderr, flush=True)

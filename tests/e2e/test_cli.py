@@ -187,3 +187,16 @@ def test_stage_results_record_overrides_in_the_report(write_recipe, tmp_path):
     res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
     report = json.loads(res.stdout)
     assert [(s["lr"], s["epochs"], s["steps"]) for s in report["stages"]] == [(1e-3, 1, 3), (2e-4, 2, 6)]
+
+
+def test_no_latency_reports_size_only_and_refuses_a_latency_gate(write_recipe, tmp_path):
+    path = write_recipe(tiny_recipe_dict())
+    res = runner.invoke(app, ["convert", "--recipe", str(path), "--out", str(tmp_path / "o"), "--device", "cpu", "--json",
+                              "--no-latency"])
+    assert res.exit_code == 0, res.output
+    deployment = json.loads(res.stdout)["deployment"]
+    assert deployment["target"]["params"] > 0 and "latency" not in deployment["target"]
+    assert not any(key.startswith("latency") for key in deployment["ratios"])
+    res = runner.invoke(app, ["convert", "--recipe", str(path), "--out", str(tmp_path / "p"), "--device", "cpu",
+                              "--no-latency", "--max-latency-ms", "5"])
+    assert res.exit_code == 3 and "--max-latency-ms" in res.output and not (tmp_path / "p" / "report.json").exists()

@@ -184,6 +184,8 @@ def convert(
                                                   help="gate: exit 10 unless the target keeps this share of the guide's metric"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0,
                                                    help="gate: exit 10 unless the target's batch-1 latency on the device is at most this"),
+    latency: bool = typer.Option(True, "--latency/--no-latency",
+                                 help="time guide and target on the device (off: params and FLOPs only)"),
     trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -198,7 +200,8 @@ def convert(
 
         return run_conversion(load_recipe(recipe), out, ConvertOptions(
             checkpoint=guide, device=device, baseline=baseline or None, overwrite=overwrite,
-            progress=_progress(quiet or as_json), resume=resume, gates=Gates(min_retention, max_latency_ms)))
+            progress=_progress(quiet or as_json), resume=resume, gates=Gates(min_retention, max_latency_ms),
+            latency=latency))
 
     report = _run(debug, work, trust)
     if report is None:  # a non-main rank of a torchrun job: rank 0 prints

@@ -8,16 +8,16 @@ its location (``replace[0].params.rank: ...``), before any model is built.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from theseus_cli.data.sources import DATA_SOURCES, text_sources
+from theseus_cli.config.errors import format_validation_error, problem
 from theseus_cli.errors import RecipeError
 from theseus_cli.models.sources import MODEL_SOURCES
 from theseus_cli.patterns import compile_regex
@@ -122,7 +122,7 @@ class RuleConfig(StrictModel):
         try:
             self.params = replacement.params_model.model_validate(self.params).model_dump()
         except ValidationError as exc:
-            raise ValueError("; ".join(_problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
+            raise ValueError("; ".join(problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
         return self
 
 
@@ -371,66 +371,6 @@ def recipe_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (``Optional[X]``, ``list[X]``, ``Union[...]``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _keys_at(loc: tuple, root: type[BaseModel]) -> list[str]:
-    """The keys the schema ``root`` allows in the mapping at ``loc`` (a pydantic error location)."""
-    model: type[BaseModel] | None = root
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
-        model = _model_in(field.annotation) if field is not None else None
-    return [f.alias or n for n, f in model.model_fields.items()] if model is not None else []
-
-
-def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
-    key = loc[-1] if loc else ""
-    valid = _keys_at(loc[:-1], root)
-    near = difflib.get_close_matches(str(key), valid, n=1)
-    if near:
-        return f"unknown key (did you mean {near[0]!r}?)"
-    return f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
-
-
-def _problem(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
-    """One pydantic error as 'location: message'; an unknown key comes with the closest valid one."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    msg = _unknown_key(loc, root) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-    return f"{_loc(prefix + loc)}: {msg}"
-
-
-MAX_PROBLEMS = 8  # listed in one message; the count says how many there are
-
-
-def format_validation_error(source: str, exc: ValidationError, extra: list[str] | None = None,
-                            root: type[BaseModel] | None = None) -> str:
-    problems = [_problem(err, root or Recipe) for err in exc.errors()] + list(extra or [])
-    noun = "problem" if len(problems) == 1 else "problems"
-    shown = "; ".join(problems[:MAX_PROBLEMS])
-    more = f"; … and {len(problems) - MAX_PROBLEMS:,} more" if len(problems) > MAX_PROBLEMS else ""
-    return f"{source}: {len(problems):,} {noun}: {shown}{more}"
-
-
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
@@ -441,7 +381,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(source, exc, extra)) from None
+        raise RecipeError(format_validation_error(source, exc, Recipe, extra)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

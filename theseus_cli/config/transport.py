@@ -8,7 +8,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator
 
-from theseus_cli.config.recipe import MAX_SEED, DataConfig, GuideConfig, StrictModel, format_validation_error
+from theseus_cli.config.errors import format_validation_error
+from theseus_cli.config.recipe import MAX_SEED, DataConfig, GuideConfig, StrictModel
 from theseus_cli.config.reader import read_yaml
 from theseus_cli.errors import RecipeError
 
@@ -59,6 +60,6 @@ def load_transport_recipe(path: str | Path) -> TransportRecipe:
     try:
         return TransportRecipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(str(path), exc, root=TransportRecipe)) from None
+        raise RecipeError(format_validation_error(str(path), exc, TransportRecipe)) from None
 
 

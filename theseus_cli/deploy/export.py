@@ -52,7 +52,6 @@ from theseus_cli.target_meta import TargetMeta
 UNKNOWN_VOCAB = 1000  # token ids drawn below this when a model has no input embedding to read the vocabulary from
 
 FORMATS = ("onnx", "torchscript", "hf")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "hf": ""}
 DEFAULT_NAME = {"onnx": "target.onnx", "torchscript": "target.torchscript.pt", "hf": "hf"}
 ONNX_LIMIT = 2 * 1024**3  # protobuf's file limit: larger models would need external data files
 

@@ -14,6 +14,7 @@ Runtime or TensorRT timings differ and are not claimed.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.batch import TokenBatch, run_model
+from theseus_cli.errors import DeviceError
 from theseus_cli.models.cost import count_flops, count_params  # noqa: F401  (public here too)
 from theseus_cli.training.runtime import current_runtime
 
@@ -31,6 +33,21 @@ SLOW_CALL_S = 0.05
 MIN_REPEATS = 3
 MAX_REPEATS = 200
 TIME_BUDGET_S = 0.3  # per (model, batch size): repeats stop once this much time was spent, after MIN_REPEATS
+BUDGET_ENV = "THESEUS_LATENCY_BUDGET_S"  # overrides TIME_BUDGET_S (the test suite times briefly)
+
+
+def latency_budget() -> float:
+    """Seconds to spend timing one (model, batch size): ``$THESEUS_LATENCY_BUDGET_S``, else 0.3."""
+    raw = os.environ.get(BUDGET_ENV)
+    if raw is None:
+        return TIME_BUDGET_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise DeviceError(f"{BUDGET_ENV}={raw!r}: not a number of seconds ≥ 0")
+    return value
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,8 +64,10 @@ def _repeat(sample, batch: int):
 
 @torch.inference_mode()
 def measure_latency(model: nn.Module, sample, batch: int, device: torch.device,
-                    budget_s: float = TIME_BUDGET_S) -> dict[str, float]:
-    """Median / p90 milliseconds of one forward on ``batch`` copies of ``sample``, and samples per second."""
+                    budget_s: float | None = None) -> dict[str, float]:
+    """Median / p90 milliseconds of one forward on ``batch`` copies of ``sample``, and samples per second
+    (``budget_s``: seconds to spend, default :func:`latency_budget`)."""
+    budget_s = latency_budget() if budget_s is None else budget_s
     rt = current_runtime(device)  # a conversion's precision and memory format, fp32 otherwise
     model.eval()
     x = rt.batch(_repeat(sample, batch))

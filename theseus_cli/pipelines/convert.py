@@ -27,7 +27,7 @@ from theseus_cli.artifacts import REPORT_FILE
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.data.dataset import batches_per_epoch
 from theseus_cli.deploy.gates import Gates, evaluate_gates
-from theseus_cli.errors import DataError, OutputError
+from theseus_cli.errors import DataError, OutputError, RecipeError
 from theseus_cli.models.build import build_model
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
@@ -62,6 +62,7 @@ class ConvertOptions:
     resume: bool = False  # continue a killed run after its last finished stage (theseus_cli.training.resume)
     gates: Gates = field(default_factory=Gates)
     progress: Progress = field(default_factory=NullProgress)
+    latency: bool = True  # time guide and target; off: the report's deployment has params and FLOPs only (faster)
 
 
 def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | None = None) -> dict[str, Any] | None:
@@ -74,6 +75,8 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
     rank 0 writes the files and returns the report, the other ranks return None.
     """
     options = options or ConvertOptions()
+    if options.gates.max_latency_ms is not None and not options.latency:
+        raise RecipeError("--max-latency-ms gates on the measured latency; it cannot be combined with --no-latency")
     started = time.perf_counter()
     out = Path(out)
     with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
@@ -243,7 +246,9 @@ class Conversion:
         from theseus_cli.deploy.profile import compare, profile_model
 
         sample, dev = self.session.data.x_test[:1], self.session.device
-        self.deployment = {"guide": profile_model(self.guide, sample, dev), "target": profile_model(self.target, sample, dev)}
+        timed = self.options.latency
+        self.deployment = {"guide": profile_model(self.guide, sample, dev, latency=timed),
+                           "target": profile_model(self.target, sample, dev, latency=timed)}
         self.deployment["ratios"] = compare(self.deployment["guide"], self.deployment["target"])
 
     def write(self) -> dict[str, Any]:

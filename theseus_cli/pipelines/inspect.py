@@ -8,6 +8,7 @@ from typing import Any
 from theseus_cli.models.build import build_model
 from theseus_cli.surgery.plan import build_plan
 from theseus_cli.config.recipe import Recipe
+from theseus_cli.seeds import Seeds
 from theseus_cli.training.session import open_session
 from theseus_cli.surgery.transfer import build_transfer_plan
 
@@ -17,7 +18,7 @@ def inspect_guide(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[
     session = open_session(recipe, checkpoint, "cpu")
     sample = session.data.x_train[:2]
     if recipe.target is not None:
-        target = build_model(recipe.target.arch, recipe.target.kwargs, recipe.seed + 1000, recipe.task)
+        target = build_model(recipe.target.arch, recipe.target.kwargs, Seeds(recipe.seed).target_init, recipe.task)
         plan = build_transfer_plan(session.guide, target, recipe, sample)
         out = plan.to_dict()
         out["kind"] = "transfer"

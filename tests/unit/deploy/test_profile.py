@@ -82,3 +82,18 @@ def test_attention_flops_are_counted_on_the_cpu_too():
 
     b, h, t, d = 1, 2, 30, 16
     assert count_flops(Attend(), torch.randn(b, h, t, d)) == 2 * (2 * b * h * t * t * d)  # scores, then values
+
+
+def test_the_latency_budget_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch):
+    from theseus_cli.deploy.profile import MIN_REPEATS, latency_budget
+    from theseus_cli.errors import DeviceError
+
+    monkeypatch.setenv("THESEUS_LATENCY_BUDGET_S", "0")
+    assert latency_budget() == 0.0
+    assert measure_latency(nn.Linear(4, 2), torch.randn(1, 4), 2, torch.device("cpu"))["repeats"] == MIN_REPEATS
+    monkeypatch.delenv("THESEUS_LATENCY_BUDGET_S")
+    assert latency_budget() == 0.3
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv("THESEUS_LATENCY_BUDGET_S", bad)
+        with pytest.raises(DeviceError, match="THESEUS_LATENCY_BUDGET_S"):
+            latency_budget()

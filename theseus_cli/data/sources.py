@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from theseus_cli.errors import DataError
+from theseus_cli.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -22,25 +23,20 @@ class DataSource:
     description: str = ""
 
 
-DATA_SOURCES: dict[str, DataSource] = {}
+DATA_SOURCES: Registry[DataSource] = Registry("data source")
 
 
 def register_source(name: str, *, kind: Literal["images", "text"], needs_path: bool = False,
                     description: str = "") -> Callable[[Callable], Callable]:
     def decorator(load: Callable) -> Callable:
-        if name in DATA_SOURCES:
-            raise ValueError(f"data source {name!r} registered twice")
-        DATA_SOURCES[name] = DataSource(name, kind, load, needs_path, description)
+        DATA_SOURCES.add(name, DataSource(name, kind, load, needs_path, description))
         return load
 
     return decorator
 
 
 def get_source(name: str) -> DataSource:
-    try:
-        return DATA_SOURCES[name]
-    except KeyError:
-        raise DataError(f"unknown data source {name!r} (valid: {', '.join(DATA_SOURCES)})") from None
+    return DATA_SOURCES.lookup(name, DataError)
 
 
 def text_sources() -> tuple[str, ...]:

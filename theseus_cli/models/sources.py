@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from theseus_cli.registry import Registry
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -21,14 +23,12 @@ class ModelSource:
     description: str
 
 
-MODEL_SOURCES: dict[str, ModelSource] = {}
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
 
 
 def register_model_source(prefix: str, *, vouched: bool, description: str):
     def decorator(build: Callable[[str, dict[str, Any], str], Any]) -> Callable:
-        if prefix in MODEL_SOURCES:
-            raise ValueError(f"model source {prefix!r} registered twice")
-        MODEL_SOURCES[prefix] = ModelSource(prefix, build, vouched, description)
+        MODEL_SOURCES.add(prefix, ModelSource(prefix, build, vouched, description))
         return build
 
     return decorator

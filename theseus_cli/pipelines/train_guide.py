@@ -47,9 +47,9 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
         data.to(dev)
     model = rt.prepare(model.to(dev))
     with using(rt):
-        job = TaskJob(epochs * batches_per_epoch(data.labelled.numel(), recipe.data.batch_size), lr, weight_decay,
-                      batches_per_epoch(data.labelled.numel(), recipe.data.batch_size) // 2, 1.0, 0.0,
-                      recipe.data.batch_size, Seeds(recipe.seed).generator("train_guide"), dev, "train guide", progress)
+        per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
+        job = TaskJob(epochs * per_epoch, lr, weight_decay, per_epoch // 2, 1.0, 0.0, recipe.data.batch_size,
+                      Seeds(recipe.seed).generator("train_guide"), dev, "train guide", progress)
         result, score = _train(model, task, data, recipe, job)
     out = Path(out)
     model = model.cpu().to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors

@@ -24,6 +24,7 @@ from typing import Callable
 import torch.nn as nn
 from pydantic import BaseModel
 
+from theseus_cli.registry import Registry
 from theseus_cli.shapes import ShapeRecord
 
 
@@ -73,26 +74,20 @@ class Replacement:
         return None
 
 
-REPLACEMENTS: dict[str, Replacement] = {}
+REPLACEMENTS: Registry[Replacement] = Registry("replacement")
 
 
 def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor"):
     """Decorator: register ``build`` under ``name``."""
 
     def decorate(build: Builder) -> Builder:
-        if name in REPLACEMENTS:
-            raise ValueError(f"replacement {name!r} registered twice")
         if interface not in ("tensor", "sequence"):
             raise ValueError(f"replacement {name!r}: interface must be tensor or sequence")
-        REPLACEMENTS[name] = Replacement(name, params, build, accepts, summary, interface)
+        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface))
         return build
 
     return decorate
 
 
 def get_replacement(name: str) -> Replacement:
-    try:
-        return REPLACEMENTS[name]
-    except KeyError:
-        valid = ", ".join(sorted(REPLACEMENTS))
-        raise ValueError(f"unknown replacement {name!r} (valid: {valid})") from None
+    return REPLACEMENTS.lookup(name, sort=True)

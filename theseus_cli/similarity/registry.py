@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from theseus_cli.registry import Registry
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -22,24 +24,19 @@ class Similarity:
     description: str
 
 
-SIMILARITIES: dict[str, Similarity] = {}
+SIMILARITIES: Registry[Similarity] = Registry("similarity")
 
 
 def register_similarity(name: str, *, min_batch: Callable[[int], int], description: str):
     def decorator(make: Callable[[int, float], LossFn]) -> Callable[[int, float], LossFn]:
-        if name in SIMILARITIES:
-            raise ValueError(f"similarity {name!r} registered twice")
-        SIMILARITIES[name] = Similarity(name, make, min_batch, description)
+        SIMILARITIES.add(name, Similarity(name, make, min_batch, description))
         return make
 
     return decorator
 
 
 def get_similarity(kind: str) -> Similarity:
-    try:
-        return SIMILARITIES[kind]
-    except KeyError:
-        raise ValueError(f"unknown similarity {kind!r} (valid: {', '.join(SIMILARITIES)})") from None
+    return SIMILARITIES.lookup(kind)
 
 
 def make_loss(kind: str, k: int = 10, tau: float = 0.1) -> LossFn:

@@ -182,15 +182,8 @@ TRANSPORT = {
 
 
 def test_cli_transport_end_to_end_and_b_prime_is_a_usable_target(tmp_path):
-    from theseus_cli.models.zoo import cnn_small
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
-    files = {}
-    for name, width, seed in (("a", 4, 0), ("a2", 4, 1), ("b", 6, 2)):
-        torch.manual_seed(seed)
-        files[name] = tmp_path / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in cnn_small(10, 1, width).state_dict().items()}, str(files[name]))
+    files = _checkpoints(tmp_path)
     recipe = tmp_path / "t.yaml"
     recipe.write_text(yaml.safe_dump(TRANSPORT))
     args = ["transport", "--recipe", str(recipe), "--base-a", str(files["a"]), "--tuned-a", str(files["a2"]),
@@ -230,7 +223,6 @@ def test_cli_transport_end_to_end_and_b_prime_is_a_usable_target(tmp_path):
 
 
 def test_shipped_transport_recipes_validate():
-    from pathlib import Path
 
     from theseus_cli.config.transport import load_transport_recipe
 
@@ -280,15 +272,7 @@ def test_into_a_permuted_wider_copy_the_transported_model_computes_what_a_tuned_
 
 
 def test_calibration_and_validation_can_come_from_another_source(tmp_path):
-    from safetensors.torch import save_file
-
-    from theseus_cli.models.zoo import cnn_small
-
-    files = {}
-    for name, width, seed in (("a", 4, 0), ("a2", 4, 1), ("b", 6, 2)):
-        torch.manual_seed(seed)
-        files[name] = tmp_path / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in cnn_small(10, 1, width).state_dict().items()}, str(files[name]))
+    files = _checkpoints(tmp_path)
     recipe = tmp_path / "t.yaml"
     recipe.write_text(yaml.safe_dump(TRANSPORT))
     npz = tmp_path / "calib.npz"
@@ -318,3 +302,17 @@ def test_whitened_procrustes_recovers_the_rotation_at_any_activation_scale():
         stats.add(xa, xa @ r)
     for whiten in (0.0, 0.5, 1.0):
         assert float((procrustes(stats, whiten=whiten).t - r).abs().max()) < 1e-6
+
+
+def _checkpoints(tmp_path) -> dict:
+    """A, A′ (width 4) and B (width 6): seeded zoo CNNs saved as safetensors."""
+    from safetensors.torch import save_file
+
+    from theseus_cli.models.zoo import cnn_small
+
+    files = {}
+    for name, width, seed in (("a", 4, 0), ("a2", 4, 1), ("b", 6, 2)):
+        torch.manual_seed(seed)
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in cnn_small(10, 1, width).state_dict().items()}, str(files[name]))
+    return files

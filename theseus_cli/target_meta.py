@@ -62,6 +62,10 @@ class TargetMeta(BaseModel):
         """What rebuilding the file builds before the plan entries are applied."""
         return self.target or self.guide
 
+    def normalization_dict(self) -> Optional[dict[str, list[float]]]:
+        """``{"mean": [...], "std": [...]}`` as data loading and export reports take it, or None (text)."""
+        return self.normalization.model_dump() if self.normalization is not None else None
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 

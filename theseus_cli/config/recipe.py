@@ -102,12 +102,7 @@ class RuleConfig(StrictModel):
     @field_validator("match")
     @classmethod
     def _match(cls, v: Union[str, list[str]]) -> list[str]:
-        patterns = [v] if isinstance(v, str) else list(v)
-        if not patterns:
-            raise ValueError("match is empty")
-        for p in patterns:
-            check_pattern(p)
-        return patterns
+        return check_patterns(v, "match")
 
     @field_validator("ignore")
     @classmethod
@@ -124,6 +119,16 @@ class RuleConfig(StrictModel):
         except ValidationError as exc:
             raise ValueError("; ".join(problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
         return self
+
+
+def check_patterns(value: Union[str, list[str]], field: str) -> list[str]:
+    """One pattern or a non-empty list of them, each checked (:func:`check_pattern`), as a list."""
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not patterns:
+        raise ValueError(f"{field} is empty")
+    for p in patterns:
+        check_pattern(p)
+    return patterns
 
 
 def check_pattern(pattern: str) -> str:
@@ -152,12 +157,7 @@ class MapEntry(StrictModel):
     @field_validator("guide")
     @classmethod
     def _guide(cls, v: Union[str, list[str]]) -> list[str]:
-        patterns = [v] if isinstance(v, str) else list(v)
-        if not patterns:
-            raise ValueError("guide is empty")
-        for p in patterns:
-            check_pattern(p)
-        return patterns
+        return check_patterns(v, "guide")
 
 
 class BlockLists(StrictModel):

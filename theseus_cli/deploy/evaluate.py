@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -120,20 +120,17 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
 
             tr = TransportRecipe.model_validate(meta.transport.recipe)
             guide = GuideConfig(arch=meta.guide.arch, kwargs=meta.guide.kwargs)
-            return model, EvalSetup(tr.task, tr.data, tr.seed, guide, meta.guide.arch), "target", _norm(meta)
+            return model, EvalSetup(tr.task, tr.data, tr.seed, guide, meta.guide.arch), "target", meta.normalization_dict()
         if recipe is None:
             recipe = parse_recipe(meta.recipe, f"{path} (recorded recipe)")
             if recipe.task == "sentence-embedding":  # the metric needs the guide the recorded recipe names
                 check_vouched(recipe.guide.arch, trust_code, path)
-        return model, EvalSetup.of(recipe, "target"), "target", _norm(meta)
+        return model, EvalSetup.of(recipe, "target"), "target", meta.normalization_dict()
     if recipe is None:
         raise RecipeError(f"{path}: not a converted target, so --recipe must give the guide's architecture and data")
     model = load_guide(recipe.guide.arch, recipe.guide.kwargs, path, recipe.seed, recipe.task)
     return model.to(device).eval(), EvalSetup.of(recipe, "guide"), "guide", None
 
-
-def _norm(meta) -> Optional[dict]:
-    return meta.normalization.model_dump() if meta.normalization is not None else None
 
 
 def _check_batches(model, ds, cfg: DataConfig, latency_batches: tuple[int, ...], dev: torch.device) -> None:

@@ -80,7 +80,7 @@ class Deployable(nn.Module):
 
 def _meta_summary(meta: TargetMeta) -> dict[str, Any]:
     return {"task": meta.task, "input_shape": meta.input_shape,
-            "normalization": meta.normalization.model_dump() if meta.normalization else None,
+            "normalization": meta.normalization_dict(),
             "tokenizer": meta.tokenizer, "num_classes": meta.num_classes, "recipe_hash": meta.recipe_hash,
             "theseus_version": meta.theseus_version}
 

@@ -233,9 +233,8 @@ class Conversion:
         """The naive baseline: the same target architecture without alignment, for the same total gradient steps."""
         recipe = self.recipe
         naive = self._naive()
-        total = self.align_steps + self.task_steps()[0]
-        per_epoch = batches_per_epoch(self.session.data.labelled.numel(), recipe.data.batch_size)
-        warm = int(round(recipe.finetune.warmup_epochs * per_epoch))
+        ft_steps, warm = self.task_steps()  # the same warm-up as fine-tuning, over all its steps
+        total = self.align_steps + ft_steps
         lr = recipe.baseline.lr or recipe.finetune.lr
         res = self._train_on_task(naive, total, warm, lr, "baseline", "naive baseline")
         self.baseline = {self.task.metric: self._evaluate(naive), "init": recipe.baseline.init,

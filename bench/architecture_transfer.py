@@ -12,7 +12,8 @@ Settings:
 * ``gpt2-deep-shallow`` — an 8-block GPT-2 trained here on the King James Bible → a 4-block GPT-2
   (bench/recipes/kjv_gpt2_deep_to_shallow_small.yaml); held-out perplexity.
 
-Usage: python bench/architecture_transfer.py [--settings resnet-trained,resnet-untrained,gpt2-deep-shallow] [--device auto]
+Usage: python bench/architecture_transfer.py [--settings resnet-trained,resnet-untrained,gpt2-deep-shallow] [--seeds 0,1,2]
+       [--device auto]
 Writes runs/bench-transfer/architecture_transfer.{json,md} and prints the markdown table.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import ROOT, cached_guide, run_settings, settings_parser
+from common import ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, untrained_guide, with_seed
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe
@@ -34,16 +35,18 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
-    recipe = load_recipe(ROOT / spec["recipe"])
+def run_setting(name: str, spec: dict, device: str, out_root: Path, seed: int | None = None) -> dict:
+    recipe = only_baseline(load_recipe(ROOT / spec["recipe"]))
     checkpoint, guide = None, None
     if "guide_epochs" in spec:
         checkpoint, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
+    elif seed is not None:  # the same untrained guide for every seed
+        checkpoint = untrained_guide(name, recipe)
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
     m, plan = report["metric"], report["plan"]
     better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
     return {
-        "setting": name, "recipe": spec["recipe"], "metric": m["name"], "guide_trained": checkpoint is not None,
+        "setting": name, "recipe": spec["recipe"], "metric": m["name"], "guide_trained": "guide_epochs" in spec,
         "guide": m["guide"], "not_aligned_only": m["target_after_alignment"], "not": m["target"], "naive": m["baseline"],
         "retention": m["retention"], "not_better_by": better, "pairs": [(p["target"], p["guide"]) for p in plan["pairs"]],
         "inherited": plan["inherited"], "params": report["params"], "flops": plan["flops"], "steps": report["steps"],
@@ -61,8 +64,8 @@ def markdown(rows: list[dict], device: str) -> str:
         f = "{:.2f}" if r["metric"] == "perplexity" else "{:.4f}"
         guide = f.format(r["guide"]) + ("" if r["guide_trained"] else " (untrained)")
         lines.append(
-            f"| {r['setting']} | {r['metric']} | {guide} | {f.format(r['not_aligned_only'])} | {f.format(r['not'])} | "
-            f"{f.format(r['naive'])} | {f.format(r['not_better_by'])} | {r['params']['guide']:,} → {r['params']['target']:,} | "
+            f"| {r['setting']} | {r['metric']} | {guide} | {pm(r, 'not_aligned_only', f)} | {pm(r, 'not', f)} | "
+            f"{pm(r, 'naive', f)} | {pm(r, 'not_better_by', f)} | {r['params']['guide']:,} → {r['params']['target']:,} | "
             f"{r['flops']['guide']:,} → {r['flops']['target']:,} | {r['steps']['alignment']} + {r['steps']['finetune']} | "
             f"{r['wall_time']['total'] - r['baseline_seconds']:.0f}, {r['baseline_seconds']:.0f} |")
     return "\n".join(lines) + f"\n\nDevice: {device}.\n"
@@ -70,9 +73,10 @@ def markdown(rows: list[dict], device: str) -> str:
 
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench-transfer")
+    add_seeds_option(parser)
     args = parser.parse_args()
     run_settings(parser, args, SETTINGS, "architecture_transfer",
-                 lambda name, spec, out: run_setting(name, spec, args.device, out), markdown)
+                 lambda name, spec, out, seed: run_setting(name, spec, args.device, out, seed), markdown)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str)
     return cache, {"cached": False, "epochs": epochs, "seconds": time.perf_counter() - started, info["metric"]: info[info["metric"]]}
 
 
+def untrained_guide(name: str, recipe: Recipe) -> Path:
+    """A fixed untrained guide (the recipe's seeded initialisation, saved once), so that varying the conversion's
+    seed does not also vary the guide."""
+    from safetensors.torch import save_model
+
+    from theseus_cli.models.build import build_model
+
+    path = ROOT / ".cache" / "bench" / f"{name}-{recipe.digest()[:12]}-untrained.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed, recipe.task), str(path))
+    return path
+
+
 def settings_parser(doc: str, settings: dict, default_out: str) -> argparse.ArgumentParser:
     """--settings (those without ``"default": False`` by default), --device, --out."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -53,18 +67,26 @@ def settings_parser(doc: str, settings: dict, default_out: str) -> argparse.Argu
 
 
 def run_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict, name: str,
-                 run_one: Callable[[str, dict, Path], dict], markdown: Callable[[list, str], str]) -> None:
+                 run_one: Callable[..., dict], markdown: Callable[[list, str], str]) -> None:
     """Run each chosen setting (``run_one(setting, spec, out_root)`` returns its row), then write
-    ``<out>/<name>.json`` (date, device, command, rows) and ``<out>/<name>.md`` and print the table."""
+    ``<out>/<name>.json`` (date, device, command, rows) and ``<out>/<name>.md`` and print the table.
+
+    Scripts with a ``--seeds`` option (:func:`add_seeds_option`) get ``run_one(setting, spec, out_root, seed)`` once
+    per seed, and one row per setting: :func:`aggregate_seeds` of the seeds' rows."""
     names = [s for s in args.settings.split(",") if s]
     unknown = [s for s in names if s not in settings]
     if unknown:
         parser.error(f"unknown settings {unknown} (valid: {', '.join(settings)})")
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
+    seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
     rows = []
     for setting in names:
-        rows.append(run_one(setting, settings[setting], out_root))
+        if seeds is None:
+            rows.append(run_one(setting, settings[setting], out_root))
+        else:
+            rows.append(aggregate_seeds([run_one(setting, settings[setting], out_root / f"seed{s}", s) for s in seeds],
+                                        seeds))
         print(f"{setting}: done ({rows[-1]['wall_time']['total']:.0f}s)", file=sys.stderr, flush=True)
     dev = device_name(args.device)
     result = {"date": datetime.date.today().isoformat(), "device": dev, "command": " ".join(sys.argv), "rows": rows}
@@ -72,3 +94,74 @@ def run_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, sett
     table = markdown(rows, dev)
     (out_root / f"{name}.md").write_text(table)
     print(table)
+
+
+def aggregate_seeds(rows: list[dict], seeds: list[int]) -> dict:
+    """One row for several seeds: every number (top level, and in ``wall_time``) becomes its mean, with its sample
+    standard deviation under ``std``; the seeds' own rows stay under ``per_seed``."""
+    out = dict(rows[0])
+    out["std"], out["seeds"], out["per_seed"] = {}, seeds, rows
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key], out["std"][key] = mean_std([r[key] for r in rows])
+    if isinstance(rows[0].get("wall_time"), dict):
+        out["wall_time"] = {k: mean_std([r["wall_time"][k] for r in rows])[0] for k in rows[0]["wall_time"]}
+    return out
+
+
+def pm(row: dict, key: str, fmt: str = "{:.4f}") -> str:
+    """``row[key]`` for a table: ``mean ± std`` over the row's seeds, or the value marked as one seed."""
+    value = fmt.format(row[key])
+    if len(row.get("seeds", [])) > 1:
+        return f"{value} ± {fmt.format(row['std'][key])}"
+    return f"{value} (1 seed)"
+
+
+def with_seed(recipe: Recipe, seed: int | None) -> Recipe:
+    """The recipe converting with ``seed``, its data subsets kept at the recipe's own seed (the guide's)."""
+    if seed is None:
+        return recipe
+    data = recipe.data.model_copy(update={"seed": recipe.data.seed if recipe.data.seed is not None else recipe.seed})
+    return recipe.model_copy(update={"seed": seed, "data": data})
+
+
+def only_baseline(recipe: Recipe, run: str = "scratch") -> Recipe:
+    """The recipe with one baseline run (default: from scratch): the scripts that compare NoT with the naive target
+    only; bench/distillation.py runs the distilled one beside it."""
+    return recipe.model_copy(update={"baseline": recipe.baseline.model_copy(update={"runs": [run]})})
+
+
+def the_baseline(report: dict) -> tuple[str, dict]:
+    """(run name, its report entry) of a report with one baseline run."""
+    (run, entry), = report["baselines"].items()
+    return run, {**entry, "metric": entry[report["metric"]["name"]]}
+
+
+def add_seeds_option(parser: argparse.ArgumentParser, default: str = "0,1,2") -> None:
+    parser.add_argument("--seeds", default=default, help="comma-separated conversion seeds (the guide stays fixed: "
+                        "trained with seed 0; the data subsets keep seed 0 too)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed")
+    return seeds
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, std
+
+
+def fmt_mean_std(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1 seed)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

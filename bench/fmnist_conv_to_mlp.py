@@ -13,7 +13,7 @@ same number of gradient steps) in the same run.
   training inputs without labels). The naive MLP has no translation prior and
   few labels, so it is measurably weak: NoT − naive is the figure that tells.
 
-Usage: python bench/fmnist_conv_to_mlp.py [--settings standard,canvas-fewlabels] [--device auto]
+Usage: python bench/fmnist_conv_to_mlp.py [--settings standard,canvas-fewlabels] [--seeds 0,1,2] [--device auto]
 Writes runs/bench/fmnist_conv_to_mlp.{json,md} and prints the markdown table.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import ROOT, cached_guide, run_settings, settings_parser
+from common import ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, with_seed
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe
@@ -35,10 +35,10 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, spec: dict, device: str, out_root: Path) -> dict:
-    recipe = load_recipe(ROOT / spec["recipe"])
-    cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=cache, device=device, baseline=True, overwrite=True))
+def run_setting(name: str, spec: dict, device: str, out_root: Path, seed: int | None = None) -> dict:
+    recipe = only_baseline(load_recipe(ROOT / spec["recipe"]))
+    cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)  # the recipe's seed
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=cache, device=device, baseline=True, overwrite=True))
     acc = report["metric"]
     return {
         "setting": name,
@@ -68,8 +68,8 @@ def markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         d = r["data"]
         lines.append(
-            f"| {r['setting']} | {d['train']} / {d['labelled']} | {r['guide']:.4f} | {r['not_aligned_only']:.4f} | {r['not']:.4f} | "
-            f"{r['naive']:.4f} | {r['retention']:.3f} | {r['not_minus_naive']:+.4f} | {r['params']['guide']:,} → {r['params']['target']:,} | "
+            f"| {r['setting']} | {d['train']} / {d['labelled']} | {r['guide']:.4f} | {pm(r, 'not_aligned_only')} | {pm(r, 'not')} | "
+            f"{pm(r, 'naive')} | {pm(r, 'retention', '{:.3f}')} | {pm(r, 'not_minus_naive', '{:+.4f}')} | {r['params']['guide']:,} → {r['params']['target']:,} | "
             f"{r['steps']['alignment']} + {r['steps']['finetune']} | {r['wall_time']['total'] - r['baseline_seconds']:.0f}, {r['baseline_seconds']:.0f} |"
         )
     return "\n".join(lines) + f"\n\nDevice: {device}.\n"
@@ -77,9 +77,10 @@ def markdown(rows: list[dict], device: str) -> str:
 
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench")
+    add_seeds_option(parser)
     args = parser.parse_args()
-    run_settings(parser, args, SETTINGS, "fmnist_conv_to_mlp", lambda name, spec, out: run_setting(name, spec, args.device, out),
-                 markdown)
+    run_settings(parser, args, SETTINGS, "fmnist_conv_to_mlp",
+                 lambda name, spec, out, seed: run_setting(name, spec, args.device, out, seed), markdown)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, cached_guide, device_name
+from common import ROOT, cached_guide, device_name, only_baseline
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe, parse_recipe
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_recipe(ROOT / RECIPE)
+    base = only_baseline(load_recipe(ROOT / RECIPE))
     guide, guide_info = cached_guide("small-canvas", base, 30, 2e-3, args.device)
     rows, naive = [], None
     for i, (name, changes, untrained, with_baseline) in enumerate(VARIANTS):

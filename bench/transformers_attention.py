@@ -15,13 +15,13 @@ stream fixes the basis that CKA alone leaves free.
   it), every self-attention → token MLP; mean cosine similarity between guide and
   target sentence embeddings on held-out verses, NoT vs naive (from scratch).
 * ``minilm-mlp-block-inherit`` — ablation: the baseline keeps every guide weight
-  except the attention replacements (``baseline.init: guide``), i.e. conversion
+  except the attention replacements (``baseline.runs: [guide-init]``), i.e. conversion
   without the alignment stages, same steps.
 * ``minilm-mlp-block-fewsentences`` — conversion and baseline see ``FEW_SENTENCES``.
 
 ``--small`` shrinks models, data and steps to a CPU smoke run (seconds); its
 figures mean nothing and are marked so. Usage:
-    python bench/transformers_attention.py [--settings gpt2-rnn-block,minilm-mlp-block] [--device auto] [--small]
+    python bench/transformers_attention.py [--settings gpt2-rnn-block,minilm-mlp-block] [--seeds 0,1,2] [--device auto] [--small]
 Writes runs/bench/transformers_attention.{json,md} and prints the markdown table.
 """
 
@@ -31,7 +31,7 @@ import copy
 from pathlib import Path
 
 import yaml
-from common import ROOT, cached_guide, run_settings, settings_parser
+from common import ROOT, add_seeds_option, cached_guide, pm, run_settings, settings_parser, the_baseline, with_seed
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -48,7 +48,7 @@ SETTINGS = {  # align_up: 0 aligns each replacement's own output, >0 the block a
     "gpt2-rnn-block-fewtokens": {**_GPT2, "align_up": 1, "override": {"data": {"train_limit": FEW_SEQUENCES}}},
     "minilm-mlp-attn": {"recipe": MINILM, "align_up": 0, "override": {}},
     "minilm-mlp-block": {"recipe": MINILM, "align_up": 2, "override": {}},
-    "minilm-mlp-block-inherit": {"recipe": MINILM, "align_up": 2, "override": {"baseline": {"init": "guide"}}},
+    "minilm-mlp-block-inherit": {"recipe": MINILM, "align_up": 2, "override": {"baseline": {"runs": ["guide-init"]}}},
     "minilm-mlp-block-fewsentences": {"recipe": MINILM, "align_up": 2, "override": {"data": {"train_limit": FEW_SENTENCES}}},
 }
 SMALL = {  # CPU smoke run: same code path, toy sizes
@@ -71,28 +71,30 @@ def recipe_for(path: str, override: dict, small: bool, align_up: int):
     """The shipped recipe, with the setting's (and --small's) changes; relative paths as in the file."""
     raw = yaml.safe_load((ROOT / path).read_text())
     raw["replace"] = [{**rule, "align_up": align_up} for rule in raw["replace"]]
+    raw["baseline"] = {**raw.get("baseline", {}), "runs": ["scratch"]}  # distillation: bench/distillation.py
     shrink = (lambda r: merge(r, SMALL[path])) if small else (lambda r: r)  # noqa: E731
     return parse_recipe(shrink(raw), path), parse_recipe(shrink(merge(raw, override)), path)
 
 
-def run_setting(name: str, spec: dict, device: str, out_root: Path, small: bool) -> dict:
+def run_setting(name: str, spec: dict, device: str, out_root: Path, small: bool, seed: int | None = None) -> dict:
     guide_recipe, recipe = recipe_for(spec["recipe"], spec["override"], small, spec["align_up"])
     guide = None
     checkpoint = None
     if "guide_epochs" in spec:  # trained here on the full training split, reused by every setting
         epochs = 1 if small else spec["guide_epochs"]
         checkpoint, guide = cached_guide("gpt2-kjv", guide_recipe, epochs, spec["guide_lr"], device)
-    report = run_conversion(recipe, out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True,
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True,
                                                                     overwrite=True, latency=not small))  # no timings read here
     m = report["metric"]
-    better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
+    run, base = the_baseline(report)
+    better = (m["target"] - base["metric"]) if m["higher_is_better"] else (base["metric"] - m["target"])
     return {
         "setting": name, "recipe": spec["recipe"], "align_up": spec["align_up"], "override": spec["override"], "small": small,
         "metric": m["name"], "guide": m["guide"], "not_aligned_only": m["target_after_alignment"], "not": m["target"],
-        "naive": m["baseline"], "naive_init": report["baseline"]["init"], "retention": m["retention"],
+        "naive": base["metric"], "naive_init": run, "retention": m["retention"],
         "not_better_by": better, "data": report["data"], "guide_training": guide, "params": report["params"],
         "steps": report["steps"], "similarity_after_alignment": report["similarity"]["after_alignment"],
-        "wall_time": report["wall_time"], "baseline_seconds": report["baseline"]["seconds"], "device": report["device"],
+        "wall_time": report["wall_time"], "baseline_seconds": base["seconds"], "device": report["device"],
     }
 
 
@@ -103,8 +105,8 @@ def markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         f = "{:.2f}" if r["metric"] == "perplexity" else "{:.4f}"
         lines.append(
-            f"| {r['setting']} | {r['align_up']} | {r['metric']} | {r['data']['train']} | {f.format(r['guide'])} | {f.format(r['not_aligned_only'])} | "
-            f"{f.format(r['not'])} | {f.format(r['naive'])} ({r['naive_init']}) | {f.format(r['not_better_by'])} | "
+            f"| {r['setting']} | {r['align_up']} | {r['metric']} | {r['data']['train']} | {f.format(r['guide'])} | {pm(r, 'not_aligned_only', f)} | "
+            f"{pm(r, 'not', f)} | {pm(r, 'naive', f)} ({r['naive_init']}) | {pm(r, 'not_better_by', f)} | "
             f"{r['params']['guide']:,} → {r['params']['target']:,} | {r['steps']['alignment']} + {r['steps']['finetune']} | "
             f"{r['wall_time']['total'] - r['baseline_seconds']:.0f}, {r['baseline_seconds']:.0f} |")
     note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
@@ -114,9 +116,10 @@ def markdown(rows: list[dict], device: str) -> str:
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench")
     parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    add_seeds_option(parser)
     args = parser.parse_args()
     run_settings(parser, args, SETTINGS, "transformers_attention",
-                 lambda name, spec, out: run_setting(name, spec, args.device, out, args.small), markdown)
+                 lambda name, spec, out, seed: run_setting(name, spec, args.device, out, args.small, seed), markdown)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ _OFFSETS = {
     "align": 1,  # the order of alignment batches, all stages
     "recalibrate": 2,  # BatchNorm recalibration batches (convert, transport)
     "finetune": 3,  # end-to-end fine-tuning: batch order and dropout
-    "baseline": 4,  # the naive baseline's task training
-    "baseline_init": 7,  # the naive baseline's fresh weights
+    "baseline": 4,  # every baseline's task training (labelled batches)
+    "distill_teacher": 5,  # the distill baseline's teacher batches over all training inputs
+    "finetune_teacher": 6,  # fine-tuning's teacher batches (finetune.distill with inputs: all)
+    "baseline_init": 7,  # the baselines' fresh weights (scratch and distill start from the same ones)
     "train_guide": 11,  # train-guide's batch order
     "transport_split": 11,  # transport's calibration / validation split
     "target_init": 1000,  # an architecture-transfer target's initial weights

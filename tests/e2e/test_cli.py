@@ -51,7 +51,7 @@ def test_convert_writes_target_report_and_plot(converted):
     assert all(0 <= acc[k] <= 1 for k in ("guide", "target", "target_after_alignment", "baseline"))
     assert report["steps"]["baseline"] == report["steps"]["alignment"] + report["steps"]["finetune"]
     assert report["params"]["target"] > report["params"]["guide"]
-    assert "NoT target" in output and "naive baseline" in output
+    assert "NoT target" in output and "baseline: from scratch" in output and "baseline: distilled from the guide" in output
 
 
 def test_target_metadata_holds_recipe_and_guide_spec(converted):

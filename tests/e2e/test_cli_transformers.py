@@ -68,7 +68,7 @@ def test_gpt2_to_rnn_reports_perplexities(gpt2_run):
     assert [s["aligned"] for s in report["stages"]] == [["transformer.h.0"], ["transformer.h.0", "transformer.h.1"]]
     assert set(report["similarity"]["after_alignment"]) == {"transformer.h.0", "transformer.h.1"}
     assert report["data"]["kind"] == "tokens" and report["data"]["tokenizer"] == "gpt2"
-    assert "test perplexity" in output and "naive baseline" in output
+    assert "test perplexity" in output and "baseline: from scratch" in output and "baseline: distilled" in output
 
 
 def test_gpt2_target_reloads_with_one_call_and_scores_the_same(gpt2_run):
@@ -117,12 +117,13 @@ def test_train_guide_refuses_sentence_embedding(tmp_path):
 def test_transformers_benchmark_runs_small(tmp_path):
     """The benchmark script itself, at toy sizes (its real figures come from a GPU run, docs/BENCHMARKS.md)."""
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "transformers_attention.py"), "--small", "--device", "cpu",
-                          "--settings", "gpt2-rnn-block-fewtokens,minilm-mlp-block-inherit", "--out", str(tmp_path)],
+                          "--settings", "gpt2-rnn-block-fewtokens,minilm-mlp-block-inherit", "--seeds", "0", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=HANG_S, env={**__import__("os").environ, "CI": "true"})
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "transformers_attention.json").read_text())
     assert [r["setting"] for r in result["rows"]] == ["gpt2-rnn-block-fewtokens", "minilm-mlp-block-inherit"]
-    assert result["rows"][1]["naive_init"] == "guide" and "SMOKE RUN" in run.stdout
+    assert result["rows"][1]["naive_init"] == "guide-init" and "SMOKE RUN" in run.stdout
+    assert result["rows"][0]["seeds"] == [0] and "(1 seed)" in run.stdout
 
 
 @pytest.mark.parametrize("name,replaced,points", [

@@ -53,6 +53,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, micro):
         assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
     assert two["finetune"]["epoch_losses"] == pytest.approx(one["finetune"]["epoch_losses"], abs=1e-4)
     assert two["baseline"]["epoch_losses"] == pytest.approx(one["baseline"]["epoch_losses"], abs=1e-4)
+    # the distill baseline's teacher batches are sharded too, each term weighted by its shard's share
+    assert two["baselines"]["distill"]["epoch_losses"] == pytest.approx(one["baselines"]["distill"]["epoch_losses"],
+                                                                        abs=1e-4)
     for key in ("target_after_alignment", "target", "baseline", "guide"):
         assert two["metric"][key] == pytest.approx(one["metric"][key], abs=0.011)  # at most one of 200 test images
     w1, w2 = load_file(tmp_path / "one" / "target.safetensors"), load_file(tmp_path / "two" / "target.safetensors")

@@ -176,7 +176,8 @@ def convert(
     guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
     recipe: Path = RecipeOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
-    baseline: bool = typer.Option(False, "--baseline", help="also train the naive target from scratch for the same steps"),
+    baseline: bool = typer.Option(False, "--baseline", help="also train the recipe's baseline.runs (default: the target "
+                                  "from scratch and distilled from the guide) for the same steps"),
     device: str = DeviceOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out after its last finished stage"),
@@ -216,14 +217,17 @@ def convert(
 def _print_conversion(report: dict, out: Path) -> None:
     m = report["metric"]
     table = Table(title=f"{_e(report['guide']['arch'])} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
-    for col in ("model", "params", f"test {m['name'].replace('_', ' ')}"):
+    for col in ("model", "params", "steps", f"test {m['name'].replace('_', ' ')}"):
         table.add_column(col, justify="right" if col != "model" else "left")
     fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
-    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}", fmt.format(m["guide"]))
-    table.add_row("NoT target, aligned only", f"{report['params']['target']:,}", fmt.format(m["target_after_alignment"]))
-    table.add_row("NoT target", f"{report['params']['target']:,}", fmt.format(m["target"]))
-    if m["baseline"] is not None:
-        table.add_row("naive baseline (same steps)", f"{report['params']['target']:,}", fmt.format(m["baseline"]))
+    steps, target_params = report["steps"], f"{report['params']['target']:,}"
+    not_steps = steps["alignment"] + steps["finetune"]
+    table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}",
+                  "", fmt.format(m["guide"]))
+    table.add_row("NoT target, aligned only", target_params, f"{steps['alignment']:,}", fmt.format(m["target_after_alignment"]))
+    table.add_row("NoT target", target_params, f"{not_steps:,}", fmt.format(m["target"]))
+    for run, value in m.get("baselines", {}).items():
+        table.add_row(_BASELINE_ROWS.get(run, run), target_params, f"{steps['baseline']:,}", fmt.format(value))
     out_console.print(table)
     d = report["deployment"]
     cost = Table(title=f"deployment cost on {d['target'].get('latency_device', report['device'])}")
@@ -238,6 +242,10 @@ def _print_conversion(report: dict, out: Path) -> None:
         value = "none" if r["value"] is None else f"{r['value']:.4g}"
         out_console.print(f"gate {name.replace('_', '-')} {r['threshold']:g}: {value} {verdict}")
     out_console.print(f"wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}, {_e(out / report['files']['plot'])}")
+
+
+_BASELINE_ROWS = {"scratch": "baseline: from scratch", "guide-init": "baseline: guide weights, no alignment",
+                  "distill": "baseline: distilled from the guide"}
 
 
 def _big(profile: dict) -> str:

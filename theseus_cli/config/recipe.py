@@ -14,13 +14,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from theseus_cli.data.sources import DATA_SOURCES, text_sources
+from theseus_cli.config.base import StrictModel, check_pattern, check_patterns
 from theseus_cli.config.errors import format_validation_error, problem
+from theseus_cli.config.phases import (AlignConfig, BaselineConfig, BNRecalConfig, FinetuneConfig, RuntimeConfig,
+                                       ScheduleConfig)
 from theseus_cli.errors import RecipeError
 from theseus_cli.models.sources import MODEL_SOURCES
-from theseus_cli.patterns import compile_regex
 from theseus_cli.config.reader import read_yaml
 from theseus_cli.replacements import get_replacement
 from theseus_cli.similarity import SIMILARITIES, min_batch
@@ -31,10 +33,6 @@ DataSourceName = Literal[tuple(DATA_SOURCES)]  # type: ignore[valid-type]
 SimilarityName = Literal[tuple(SIMILARITIES)]  # type: ignore[valid-type]
 _MODULE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_SEED = 2**31 - 1  # numpy and torch both take it, with room for the offsets the run's random streams add
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def check_arch_spec(spec: str) -> str:
@@ -73,6 +71,8 @@ class DataConfig(StrictModel):
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training split")
     label_limit: Optional[int] = Field(None, ge=1, description="labelled examples for fine-tuning and baseline; alignment still sees all training inputs")
     test_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the test split")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="seed of the subsets, splits and canvas placement; "
+                                "default: the recipe's seed (benchmarks fix it to vary only the conversion's seed)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share where the source has no test split")
     batch_size: int = Field(256, ge=2)
     eval_batch_size: int = Field(1024, ge=1)
@@ -119,27 +119,6 @@ class RuleConfig(StrictModel):
         except ValidationError as exc:
             raise ValueError("; ".join(problem(e, replacement.params_model, ("params",)) for e in exc.errors())) from None
         return self
-
-
-def check_patterns(value: Union[str, list[str]], field: str) -> list[str]:
-    """One pattern or a non-empty list of them, each checked (:func:`check_pattern`), as a list."""
-    patterns = [value] if isinstance(value, str) else list(value)
-    if not patterns:
-        raise ValueError(f"{field} is empty")
-    for p in patterns:
-        check_pattern(p)
-    return patterns
-
-
-def check_pattern(pattern: str) -> str:
-    if not pattern:
-        raise ValueError("empty pattern")
-    if pattern.startswith("re:"):
-        try:
-            compile_regex(pattern[3:])
-        except ValueError as exc:
-            raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
-    return pattern
 
 
 class MapEntry(StrictModel):
@@ -195,113 +174,12 @@ class TargetConfig(StrictModel):
         return self
 
 
-class ScheduleConfig(StrictModel):
-    kind: Literal["progressive", "sequential", "independent", "joint"] = "progressive"
-    order: Literal["forward", "reverse"] = "forward"
-    group_depth: Optional[int] = Field(None, ge=1, description="introduce modules sharing the first N path components in one stage")
-
-
 class SimilarityConfig(StrictModel):
     kind: SimilarityName = Field("cka", description="linear CKA, unbiased CKA, or differentiable mutual nearest neighbours")
     tokens: Literal["flatten", "per-token"] = Field(
         "flatten", description="sequence activations (B, T, D): one row per sample of T·D features (the paper), or one row per token")
     k: int = Field(10, ge=1, description="dmnn: neighbours per anchor (also used for the mutual-kNN score in reports)")
     tau: float = Field(0.1, gt=0, description="dmnn: softmax temperature on cosine similarities")
-
-
-class AutoStageConfig(StrictModel):
-    """Hands-off stages (the paper's Appendix K): EMA of the loss drives LR decay and stopping."""
-
-    enabled: bool = False
-    max_epochs: int = Field(100, ge=1, description="hard cap on epochs per stage")
-    stop_loss: float = Field(0.01, gt=0, description="stop the stage once the loss EMA falls below this")
-    ema_steps: int = Field(500, ge=1, description="EMA window in steps (alpha = 2 / (window + 1))")
-    patience: int = Field(4, ge=0, description="epochs without EMA improvement before the LR is reduced")
-    factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau")
-    min_lr: float = Field(1e-7, ge=0)
-    check_every: int = Field(50, ge=1, description="steps between stop checks (each check reads the EMA back from the device)")
-
-
-class StageOverride(StrictModel):
-    """Settings for some stages: ``stage`` (1-based, as ``inspect`` numbers them) or ``match`` (a module pattern
-    matching any module the stage introduces)."""
-
-    stage: Optional[int] = Field(None, ge=1)
-    match: Optional[str] = None
-    lr: Optional[float] = Field(None, gt=0)
-    epochs: Optional[int] = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _one_selector(self) -> "StageOverride":
-        if (self.stage is None) == (self.match is None):
-            raise ValueError("give exactly one of stage or match")
-        if self.match is not None:
-            check_pattern(self.match)
-        if self.lr is None and self.epochs is None:
-            raise ValueError("an override sets lr, epochs or both")
-        return self
-
-
-class AlignConfig(StrictModel):
-    epochs: int = Field(2, ge=0, description="passes over the training inputs per stage (max_epochs under auto)")
-    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
-    batch_size: Optional[int] = Field(None, ge=2, description="alignment batch; default data.batch_size on the CPU and "
-                                      "at least 1024 on CUDA (similarity estimates improve with batch size)")
-    micro_batch_size: Optional[int] = Field(None, ge=2, description="run each alignment batch in slices of this many "
-                                            "samples with the exact full-batch gradient (large batches in little memory)")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw"] = "adamw"
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
-    cache_guide: bool = Field(False, description="compute the guide's output at each alignment point once per sample "
-                              "and reuse it across epochs and stages (memory permitting)")
-    auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
-    overrides: list[StageOverride] = Field(default_factory=list, description="per-stage lr/epochs; later entries win")
-
-    def for_stage(self, number: int, introduced: list[str], matches) -> "AlignConfig":
-        """This config with the overrides that select stage ``number`` (1-based) applied.
-
-        ``matches(pattern, path)`` is the module-pattern predicate; it is passed in because the
-        class-name form of a pattern needs the guide's module at ``path``.
-        """
-        cfg = self.model_copy(deep=True)
-        for o in self.overrides:
-            if o.stage == number or (o.match is not None and any(matches(o.match, p) for p in introduced)):
-                cfg.lr = o.lr if o.lr is not None else cfg.lr
-                cfg.epochs = o.epochs if o.epochs is not None else cfg.epochs
-        return cfg
-
-
-class RuntimeConfig(StrictModel):
-    """How the run executes on its device (see :mod:`theseus_cli.training.runtime`); ``auto`` decides per device."""
-
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA for images")
-    data_on_device: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA when the data fits easily")
-    compile: bool = Field(False, description="torch.compile the model for task training; falls back to eager on failure")
-
-
-class BNRecalConfig(StrictModel):
-    enabled: bool = True
-    batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm statistics")
-
-
-class FinetuneConfig(StrictModel):
-    epochs: int = Field(5, ge=0)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    optimizer: Literal["adamw"] = "adamw"
-    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to zero")
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-
-
-class BaselineConfig(StrictModel):
-    enabled: bool = Field(False, description="also train the naive target from scratch (CLI: --baseline)")
-    lr: Optional[float] = Field(None, gt=0, description="defaults to finetune.lr")
-    init: Literal["scratch", "guide"] = Field(
-        "scratch", description="scratch: every weight fresh (the paper's naive target); guide: the guide's weights "
-        "everywhere except the replaced modules, which start fresh — conversion without alignment (an ablation)")
 
 
 class Recipe(StrictModel):
@@ -356,6 +234,27 @@ class Recipe(StrictModel):
             if sim.kind == "dmnn":
                 raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
             raise ValueError(f"similarity.kind: {sim.kind} needs data.batch_size ≥ {min_batch(sim.kind)}, got {batch}")
+        return self
+
+    @model_validator(mode="after")
+    def _progressive_distillation_applies(self) -> "Recipe":
+        """Progressive distillation needs the hybrid's output at every stage (the paper's Appendix I)."""
+        if self.schedule.objective != "distill":
+            return self
+        why = None
+        if self.task == "sentence-embedding":
+            why = "task sentence-embedding has no output distribution to distil (its output is an embedding)"
+        elif self.target is not None:
+            why = ("an architecture transfer's partial target has no output until its last block; progressive "
+                   "distillation needs in-place replace rules, whose hybrid runs end to end at every stage")
+        elif self.schedule.kind == "independent":
+            why = "the independent schedule feeds each replacement the guide's input; there is no hybrid output"
+        elif self.align.cache_guide:
+            why = "align.cache_guide caches activations at the replaced modules, which distillation does not compare"
+        elif self.align.micro_batch_size:
+            why = "align.micro_batch_size is for the similarity objective (whole-batch losses); lower data.batch_size"
+        if why:
+            raise ValueError(f"schedule.objective: distill does not apply: {why}")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -19,8 +19,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0, task: str = "classification", g
 
     Images are normalised with the training split's per-channel mean/std, or with ``normalization``
     (``{"mean": [...], "std": [...]}``, e.g. what a converted target recorded) when given, so a model is
-    evaluated on inputs scaled as it was trained on.
+    evaluated on inputs scaled as it was trained on. ``cfg.seed``, when set, replaces ``seed`` (the recipe's).
     """
+    seed = cfg.seed if cfg.seed is not None else seed
     if get_source(cfg.source).kind == "text":
         return load_text_dataset(cfg, seed, task, guide_arch)
     return load_image_dataset(cfg, seed, normalization)

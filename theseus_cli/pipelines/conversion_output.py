@@ -42,7 +42,8 @@ def target_meta(conv: "Conversion") -> TargetMeta:
 
 def conversion_report(conv: "Conversion") -> dict[str, Any]:
     recipe, session, r, task, dist = conv.recipe, conv.session, conv.results, conv.task, current_dist()
-    sim, base, dev = recipe.similarity, conv.baseline, session.device
+    sim, runs, dev = recipe.similarity, conv.baselines_ or {}, session.device
+    base = runs.get("scratch")  # report["baseline"] and metric.baseline keep meaning the from-scratch one
     return {
         "versions": versions(), "seed": recipe.seed, "device": str(dev),
         "runtime": {**conv.rt.summary(), "align_batch_size": align_batch_size(recipe, dev)},
@@ -57,10 +58,13 @@ def conversion_report(conv: "Conversion") -> dict[str, Any]:
         "task": recipe.task,
         "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": r.m_guide,
                    "target_after_alignment": r.m_aligned, "target": r.m_target,
-                   "baseline": base[task.metric] if base else None, "retention": retention(task, r.m_guide, r.m_target)},
+                   "baseline": base[task.metric] if base else None,
+                   "baselines": {run: b[task.metric] for run, b in runs.items()},
+                   "retention": retention(task, r.m_guide, r.m_target)},
         "steps": {"alignment": conv.align_steps, "finetune": conv.task_steps()[0],
-                  "baseline": base["steps"] if base else None},
-        "finetune": r.finetune, "baseline": base, "deployment": conv.deployment,
+                  "baseline": next(iter(runs.values()))["steps"] if runs else None},
+        "alignment_objective": recipe.schedule.objective,
+        "finetune": r.finetune, "baseline": base, "baselines": runs, "deployment": conv.deployment,
         "wall_time": {"alignment": r.align_seconds, "total": time.perf_counter() - conv.started},
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
@@ -71,7 +75,8 @@ def write_outputs(conv: "Conversion") -> dict[str, Any]:
     save_target(out / TARGET_FILE, conv.target.cpu(), target_meta(conv))
     report = conversion_report(conv)
     replaced = recipe.target.arch if recipe.target else ", ".join(sorted({e.replacement for e in conv.plan_.entries}))
-    plot_alignment(out / PLOT_FILE, conv.results.stages, conv.results.sim_after_align, recipe.similarity.kind,
+    objective = recipe.similarity.kind if recipe.schedule.objective == "similarity" else "distill"
+    plot_alignment(out / PLOT_FILE, conv.results.stages, conv.results.sim_after_align, objective,
                    f"{recipe.guide.arch} → {replaced}")
     if conv.options.gates.any:
         report["gates"] = evaluate_gates(conv.options.gates, report)

@@ -6,15 +6,18 @@ baselines (optionally) → profile → write. Its state lives on the object; it 
 
 Stage t of the progressive schedule swaps in the replacement for the t-th claimed module (execution order)
 and trains replacements 1..t jointly on the mean of (1 − CKA) between each replaced module's output and the
-guide's output at the same path; all other weights stay frozen and every BatchNorm keeps the guide's
-statistics. The naive baseline is the same target architecture, every weight freshly initialised, trained on
-the task for as many gradient steps as the conversion took in all (alignment + fine-tuning), as in the paper.
+guide's output at the same path (or, with ``schedule.objective: distill``, on the KL between the hybrid's and the
+guide's outputs: progressive distillation); all other weights stay frozen and every BatchNorm keeps the guide's
+statistics. The baselines (:mod:`theseus_cli.pipelines.baselines`: from scratch, from the guide's weights,
+distilled from the guide) each train for as many gradient steps as the conversion took in all (alignment +
+fine-tuning), as in the paper.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +32,7 @@ from theseus_cli.data.dataset import batches_per_epoch
 from theseus_cli.deploy.gates import Gates, evaluate_gates
 from theseus_cli.errors import DataError, OutputError, RecipeError
 from theseus_cli.models.build import build_model
+from theseus_cli.pipelines.baselines import distill_teacher, train_baselines
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
 from theseus_cli.progress import NullProgress, Progress
@@ -37,13 +41,14 @@ from theseus_cli.seeds import Seeds
 from theseus_cli.similarity import make_loss, min_batch
 from theseus_cli.surgery.matching import pattern_matches
 from theseus_cli.surgery.plan import apply_entries, build_plan
-from theseus_cli.surgery.transfer import build_transfer_plan, inherit_weights
+from theseus_cli.surgery.transfer import build_transfer_plan
 from theseus_cli.tasks import get_task
 from theseus_cli.training import (AlignJob, TaskJob, align_stage, evaluate, layer_similarity, recalibrate_batchnorm,
                                   train_task)
 from theseus_cli.training import resume as resume_stages
 from theseus_cli.training.distributed import current_dist, process_group
 from theseus_cli.training.faults import Interrupted, graceful_stop
+from theseus_cli.training.distill import Teacher
 from theseus_cli.training.guide_cache import GuideCache
 from theseus_cli.training.runtime import Runtime, align_batch_size, current_runtime, resolve_runtime, using
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
@@ -130,7 +135,7 @@ class Conversion:
         self.fingerprint = {"recipe_hash": self.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
         self.results = Results()
         self.cache: GuideCache | None = None
-        self.baseline: dict[str, Any] | None = None
+        self.baselines_: dict[str, dict[str, Any]] | None = None
         self.deployment: dict[str, Any] | None = None
 
     def run(self) -> dict[str, Any] | None:
@@ -202,8 +207,7 @@ class Conversion:
                 continue
             cfg = self.recipe.align.for_stage(index + 1, stage.introduced, self._matches)
             result = align_stage(index, self.guide, self.target, stage, self.session.data.x_train,
-                                 AlignJob(cfg, job.loss_fn, job.batch_size, job.generator, job.device, self.progress,
-                                          job.tokens, job.cache))
+                                 dataclasses.replace(job, cfg=cfg))
             stages.append(asdict(result))
             if self.main:
                 resume_stages.save_stages(self.out, self.target, stages, job.generator, self.fingerprint)
@@ -217,28 +221,24 @@ class Conversion:
             self.results.bn_layers = recalibrate_batchnorm(self.target, self.session.data.x_train, bn.batches,
                                                            recipe.data.batch_size, self.seeds.generator("recalibrate"),
                                                            self.session.device)
-        self.results.m_aligned = self._evaluate(self.target)
+        self.results.m_aligned = self.evaluate(self.target)
 
     def finetune(self) -> None:
         """End-to-end fine-tuning on the task; then the metrics and similarities after it."""
         ft_steps, warmup = self.task_steps()
         torch.manual_seed(self.seeds.finetune)  # dropout draws the same masks whether or not the run was resumed
-        ft = self._train_on_task(self.target, ft_steps, warmup, self.recipe.finetune.lr, "finetune", "fine-tune target")
-        self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile}
-        self.results.m_target = self._evaluate(self.target)
+        cfg = self.recipe.finetune
+        teacher = distill_teacher(self, cfg.distill, "finetune_teacher") if cfg.distill is not None else None
+        ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher)
+        self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,
+                                 "distill": cfg.distill.model_dump() if cfg.distill is not None else None}
+        self.results.m_target = self.evaluate(self.target)
         self.results.sim_after_ft = self._similarity()
-        self.results.m_guide = self._evaluate(self.guide)
+        self.results.m_guide = self.evaluate(self.guide)
 
     def baselines(self) -> None:
-        """The naive baseline: the same target architecture without alignment, for the same total gradient steps."""
-        recipe = self.recipe
-        naive = self._naive()
-        ft_steps, warm = self.task_steps()  # the same warm-up as fine-tuning, over all its steps
-        total = self.align_steps + ft_steps
-        lr = recipe.baseline.lr or recipe.finetune.lr
-        res = self._train_on_task(naive, total, warm, lr, "baseline", "naive baseline")
-        self.baseline = {self.task.metric: self._evaluate(naive), "init": recipe.baseline.init,
-                         "steps": total, "lr": lr, "epoch_losses": res.epoch_losses, "seconds": res.seconds}
+        """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
+        self.baselines_ = train_baselines(self)
 
     def profile(self) -> None:
         """What guide and target cost to deploy, on this device."""
@@ -276,7 +276,8 @@ class Conversion:
         if recipe.align.cache_guide and recipe.schedule.kind != "independent":
             self.cache = GuideCache(data.x_train.shape[0], dev)
         return AlignJob(recipe.align, make_loss(sim.kind, sim.k, sim.tau), batch, self.seeds.generator("align"), dev,
-                        self.progress, sim.tokens, self.cache)
+                        self.progress, sim.tokens, self.cache, recipe.schedule.objective, recipe.schedule.temperature,
+                        self.task)
 
     def _similarity(self) -> dict | None:
         """Every similarity metric at every aligned point on held-out inputs (rank 0 only)."""
@@ -293,35 +294,21 @@ class Conversion:
         per_epoch = batches_per_epoch(self.session.data.labelled.numel(), self.recipe.data.batch_size)
         return ft.epochs * per_epoch, int(round(ft.warmup_epochs * per_epoch))
 
-    def _train_on_task(self, model, steps: int, warmup: int, lr: float, stream: str, label: str):
+    def train_on_task(self, model, steps: int, warmup: int, lr: float, stream: str, label: str,
+                      teacher: Teacher | None = None):
+        """``steps`` task-training steps on the labelled examples, batches from the ``stream`` seed, with fine-tuning's
+        optimiser settings; with a ``teacher``, its term is added (:mod:`theseus_cli.training.distill`)."""
         ft, data = self.recipe.finetune, self.session.data
         x = data.x_train[data.labelled]
         y = data.y_train[data.labelled] if data.y_train is not None else None
         return train_task(model, self.task, x, y, TaskJob(steps, lr, ft.weight_decay, warmup, ft.grad_clip,
                                                           ft.label_smoothing, self.recipe.data.batch_size,
                                                           self.seeds.generator(stream), self.session.device, label,
-                                                          self.progress))
+                                                          self.progress, teacher))
 
-    def _evaluate(self, model) -> float:
+    def evaluate(self, model) -> float:
         data = self.session.data
         return evaluate(model, self.task, data.x_test, data.y_test, self.recipe.data.eval_batch_size, self.session.device)
-
-    def _naive(self) -> torch.nn.Module:
-        """The baseline model: the target architecture from scratch, or (``baseline.init: guide``) with every guide
-        weight it can inherit — the kept modules in place, the stem/embeddings/head in a transfer."""
-        recipe, dev, seed = self.recipe, self.session.device, self.seeds.baseline_init
-        torch.manual_seed(seed)
-        if recipe.target is not None:
-            naive = self.rt.prepare(build_model(recipe.target.arch, recipe.target.kwargs, seed, recipe.task).to(dev))
-            if recipe.baseline.init == "guide":
-                inherit_weights(self.guide, naive, self.plan_.align_points)
-            return naive
-        if recipe.baseline.init == "guide":
-            naive = copy.deepcopy(self.guide)
-        else:
-            naive = self.rt.prepare(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task).to(dev))
-        apply_entries(naive, self.plan_.entries)
-        return naive
 
     def _checkpoint(self, phase: str) -> None:
         if self.main:

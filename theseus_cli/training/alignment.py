@@ -15,18 +15,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from theseus_cli.batch import token_mask
+from theseus_cli.batch import run_model, token_mask
 from theseus_cli.data.dataset import batches_per_epoch, iterate_batches
 from theseus_cli.training.distributed import current_dist
 from theseus_cli.errors import TrainingError
 from theseus_cli.training.faults import (check_stop, diverged, first_nonfinite_module, is_oom, largest_fitting, oom_error,
                                  restore, snapshot)
+from theseus_cli.models.hf import model_output
 from theseus_cli.models.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.config.recipe import AlignConfig
 from theseus_cli.training.runtime import current_runtime
 from theseus_cli.surgery.schedule import Stage
 from theseus_cli.similarity import LossFn, sequence_rows
+from theseus_cli.training.distill import teacher_term
 
 MAX_TOKEN_ROWS = 4096  # per-token similarity: rows kept per batch (mutual-kNN metrics cost O(rows²) memory)
 
@@ -43,6 +45,9 @@ class AlignJob:
     progress: Progress = field(default_factory=NullProgress)
     tokens: str = "flatten"  # how sequence activations become rows (similarity.sequence_rows)
     cache: Any = None  # a training.guide_cache.GuideCache: guide outputs computed once per sample
+    objective: str = "similarity"  # or "distill": progressive distillation on the hybrid's output (schedule.objective)
+    temperature: float = 4.0  # distill: the softmax temperature
+    task: Any = None  # distill: the theseus_cli.tasks.Task whose output distribution is compared
 
 
 @dataclass
@@ -102,6 +107,23 @@ def stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: 
             g_acts = forward_until(guide, xl, g_paths, g_paths[-1])
     t_acts = forward_until(target, xl, stage.aligned, deepest)
     return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
+
+
+def output_distillation_loss(guide: nn.Module, target: nn.Module, x, task, temperature: float) -> torch.Tensor:
+    """Progressive distillation's loss for one batch, as a (1,) tensor: ``T² · KL`` between the guide's and the
+    hybrid's output distributions (:func:`theseus_cli.training.distill.teacher_term`; the paper's Appendix I).
+
+    The hybrid runs end to end: the replacements introduced so far, the guide's modules everywhere else. Under
+    ``torchrun`` each rank runs its shard and the loss is computed on the outputs gathered from every rank, as the
+    similarity objective does with activations.
+    """
+    dist = current_dist()
+    n = len(x)
+    xl = x[dist.shard(n)]
+    with torch.no_grad():
+        g_out = model_output(run_model(guide, xl))
+    t_out = model_output(run_model(target, xl))
+    return teacher_term(dist.gather(t_out, n), dist.gather(g_out, n), x, task, temperature).reshape(1)
 
 
 def micro_batched_step(guide: nn.Module, target: nn.Module, stage: Stage, x, job: "AlignJob", micro: int,
@@ -179,6 +201,8 @@ class StageTrainer:
                                   steps=0, lr=self.cfg.lr, stopped="epochs")
         self.where = f"alignment stage {index + 1} ({', '.join(stage.introduced)})"
         self.ema = None  # device tensor of the smoothed loss (auto stages): no host sync per step
+        # what each per-step loss entry measures: the aligned points, or the hybrid's output (progressive distillation)
+        self.points = ["output"] if job.objective == "distill" else list(stage.aligned)
 
     def run(self, x_train: torch.Tensor) -> StageResult:
         cfg, auto = self.cfg, self.auto
@@ -212,6 +236,11 @@ class StageTrainer:
         """Forward and backward of one alignment step (gradients accumulate in the trained parameters); the
         per-point losses. ``micro`` overrides ``align.micro_batch_size`` (the out-of-memory probe uses it)."""
         micro = micro or self.cfg.micro_batch_size
+        if self.job.objective == "distill":
+            with self.rt.autocast():
+                loss = output_distillation_loss(self.guide, self.target, xb, self.job.task, self.job.temperature)
+            loss.mean().backward()
+            return loss
         if micro and micro < len(xb):
             return micro_batched_step(self.guide, self.target, self.stage, xb, self.job, micro, idx)
         with self.rt.autocast():
@@ -236,7 +265,7 @@ class StageTrainer:
     def _epoch(self, x_train: torch.Tensor) -> bool:
         """One epoch (fills ``self.result``); True when an auto stage reached its threshold."""
         saved = snapshot(self.trainable)
-        n_points, device = len(self.stage.aligned), self.job.device
+        n_points, device = len(self.points), self.job.device
         step_losses, layer_sums = [], torch.zeros(n_points, device=device)  # stays on the device: no per-step sync
         first_bad = torch.full((n_points,), _NEVER, dtype=torch.int64, device=device)  # step each point went bad
         for step, idx in enumerate(iterate_batches(x_train.shape[0], self.job.batch_size, self.job.generator)):
@@ -272,13 +301,13 @@ class StageTrainer:
             # where it started: the point that went non-finite first (at a tie, the upstream one, whose output the
             # later points read), else the first trained module with non-finite weights
             first = first_bad.cpu()
-            module = stage.aligned[int(first.argmin())] if int(first.min()) != _NEVER else \
-                first_nonfinite_module(self.target, stage.trained)
+            module = self.points[int(first.argmin())] if int(first.min()) != _NEVER and self.points != ["output"] \
+                else first_nonfinite_module(self.target, stage.trained)
             restore(self.trainable, saved)
             raise diverged(self.where, "the alignment loss", module, "lower align.lr or set align.grad_clip")
         result.losses.extend(epoch_losses.tolist())
         result.epochs += 1
-        result.final_layer_losses = {p: float(v) / len(epoch_losses) for p, v in zip(stage.aligned, layer_sums.cpu())}
+        result.final_layer_losses = {p: float(v) / len(epoch_losses) for p, v in zip(self.points, layer_sums.cpu())}
         if not self.auto:
             return False
         if float(self.ema) < self.auto.stop_loss:

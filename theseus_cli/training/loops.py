@@ -25,6 +25,7 @@ from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.training.runtime import current_runtime
 from theseus_cli.similarity import all_similarities, sequence_rows
 from theseus_cli.tasks import Task
+from theseus_cli.training.distill import Teacher, teacher_term
 
 
 @torch.no_grad()
@@ -89,6 +90,7 @@ class TaskJob:
     device: torch.device
     description: str
     progress: Progress = field(default_factory=NullProgress)
+    teacher: Teacher | None = None  # a teacher term (theseus_cli.training.distill); None: the task loss alone
 
 
 def train_task(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor | None, job: TaskJob) -> TaskTrainResult:
@@ -115,6 +117,8 @@ class TaskTrainer:
         self.forward = self.rt.compiled(model)
         self.params = list(model.parameters())
         self.bar = job.progress.task(job.description, job.steps)
+        teacher = job.teacher
+        self.teacher_batches = teacher.batches(job.batch_size) if teacher and teacher.inputs is not None else None
         result = TaskTrainResult(job.steps)
         start = time.perf_counter()
         with self.dist.synced_batchnorm(model):
@@ -133,21 +137,33 @@ class TaskTrainer:
         result.compile = self.forward.status
         return result
 
-    def _step(self, xb, yb, share: float):
+    def _step(self, xb, yb, share: float, teacher_batch=None):
+        """Forward and backward of one step: the task loss on ``xb``; with a teacher, mixed with the teacher term
+        on ``teacher_batch`` (``(inputs, share)`` drawn from all training inputs) or, without one, on ``xb``.
+        Each term is weighted by its shard's share of the whole batch under ``torchrun``."""
+        teacher = self.job.teacher
         with self.rt.autocast():
-            loss = self.task.loss(run_model(self.forward, xb), xb, yb, self.job.label_smoothing) * share
+            out = run_model(self.forward, xb)
+            loss = self.task.loss(out, xb, yb, self.job.label_smoothing) * share
+            if teacher is not None:
+                t_in, t_share = (xb, share) if teacher_batch is None else teacher_batch
+                s_out = out if teacher_batch is None else run_model(self.forward, t_in)
+                term = teacher_term(s_out, teacher.outputs(t_in), t_in, self.task, teacher.temperature) * t_share
+                loss = teacher.weight * term + (1.0 - teacher.weight) * loss
         loss.backward()
         return loss
 
-    def _guarded_step(self, xb, yb, share: float):
+    def _guarded_step(self, xb, yb, share: float, teacher_batch=None):
         """:meth:`_step`; on running out of memory, the error names the batch size that fits."""
         try:
-            return self._step(xb, yb, share)
+            return self._step(xb, yb, share, teacher_batch)
         except Exception as exc:
             if not is_oom(exc):
                 raise
             self.opt.zero_grad(set_to_none=True)
-            fits = largest_fitting(len(xb), lambda b: self._step(xb[:b], None if yb is None else yb[:b], share))
+            tb = teacher_batch
+            fits = largest_fitting(len(xb), lambda b: self._step(xb[:b], None if yb is None else yb[:b], share,
+                                                                 None if tb is None else (tb[0][:b], tb[1])))
             self.opt.zero_grad(set_to_none=True)
             raise oom_error(self.job.description, torch.device(self.job.device), len(xb), "data.batch_size", fits,
                             "fine-tuning, the baseline and train-guide use it") from None
@@ -170,7 +186,7 @@ class TaskTrainer:
             xb = self.rt.batch(x[idx])
             yb = y[idx].to(job.device, non_blocking=True) if y is not None else None
             self.opt.zero_grad(set_to_none=True)
-            loss = self._guarded_step(xb, yb, share)
+            loss = self._guarded_step(xb, yb, share, self._teacher_batch())
             dist.sum_grads(self.params)
             if job.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.grad_clip)
@@ -181,6 +197,17 @@ class TaskTrainer:
             self.bar.advance()
             check_stop(job.description)
         return dist.all_sum(torch.stack(losses).sum()) / len(losses)  # the shares add up to each batch's mean loss
+
+    def _teacher_batch(self):
+        """This step's batch of the teacher's own inputs and its share (this rank's shard under torchrun), or None."""
+        if self.teacher_batches is None:
+            return None
+        tidx = next(self.teacher_batches)
+        whole, share = len(tidx), 1.0
+        if self.dist.enabled:
+            tidx = tidx[self.dist.shard(whole)]
+            share = len(tidx) / whole
+        return self.rt.batch(self.job.teacher.inputs[tidx]), share
 
 
 @torch.no_grad()

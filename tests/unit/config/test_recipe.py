@@ -23,7 +23,8 @@ def test_shipped_recipes_exist():
 def test_defaults_are_filled_and_hash_is_stable():
     a = parse_recipe(tiny_recipe_dict())
     b = parse_recipe(tiny_recipe_dict())
-    assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None}
+    assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None,
+                                        "objective": "similarity", "temperature": 4.0}
     assert a.resolved()["replace"][0]["params"] == {"rank": 16, "bias": True}
     assert a.digest() == b.digest()
     assert parse_recipe(tiny_recipe_dict(seed=1)).digest() != a.digest()
@@ -134,3 +135,17 @@ def test_relative_hf_directory_and_tokenizer_resolve_against_the_recipe(write_re
 def test_micro_batches_refused_for_independent_schedule():
     with pytest.raises(RecipeError, match="align.micro_batch_size: not available for the independent schedule"):
         parse_recipe(tiny_recipe_dict(align={"micro_batch_size": 8}, schedule={"kind": "independent"}))
+
+
+def test_the_readme_full_recipe_parses_with_every_documented_field():
+    import re as _re
+
+    import yaml as _yaml
+
+    from tests.conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## Recipes", 1)[1].split("\n## ", 1)[0]
+    block = _re.search(r"```yaml\n(.*?)```", section, _re.S).group(1)
+    recipe = parse_recipe(_yaml.safe_load(block))
+    assert recipe.baseline.runs == ["scratch", "distill"] and recipe.schedule.objective == "similarity"
+    assert recipe.finetune.distill is None and recipe.data.seed is None

@@ -38,6 +38,7 @@ class IOShapes:
 
 
 Builder = Callable[[nn.Module, BaseModel, IOShapes], nn.Module]
+Fits = Callable[[nn.Module, BaseModel, IOShapes], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class Replacement:
     accepts: tuple[type, ...]
     summary: str
     interface: str = "tensor"  # tensor | sequence (see the module docstring)
+    fits: Fits | None = None  # why this module, with these params, cannot be replaced (grouped conv, rank too high)
+
+    def check_fit(self, module: nn.Module, params: BaseModel, shapes: IOShapes) -> str | None:
+        """Return a reason why ``module``, called with ``shapes``, cannot take this replacement with ``params``, or
+        None. Called after :meth:`check_accepts` and :meth:`check_call`, at plan time, before anything is built."""
+        return self.fits(module, params, shapes) if self.fits is not None else None
 
     def check_accepts(self, module: nn.Module) -> str | None:
         """Return a reason why ``module`` cannot be replaced, or None."""
@@ -77,13 +84,14 @@ class Replacement:
 REPLACEMENTS: Registry[Replacement] = Registry("replacement")
 
 
-def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor"):
-    """Decorator: register ``build`` under ``name``."""
+def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor",
+             fits: Fits | None = None):
+    """Decorator: register ``build`` under ``name``; ``fits`` (optional) refuses a module with a one-line reason."""
 
     def decorate(build: Builder) -> Builder:
         if interface not in ("tensor", "sequence"):
             raise ValueError(f"replacement {name!r}: interface must be tensor or sequence")
-        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface))
+        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface, fits))
         return build
 
     return decorate

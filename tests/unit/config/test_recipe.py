@@ -20,6 +20,12 @@ def test_shipped_recipes_exist():
     assert {"conv_to_linear.yaml", "demo.yaml"} <= {p.name for p in RECIPES}
 
 
+def test_every_shipped_recipe_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.name for p in sorted(ROOT.glob("recipes/*.yaml")) if f"`recipes/{p.name}`" not in readme]
+    assert not missing, f"recipes not in the README's table: {missing}"
+
+
 def test_defaults_are_filled_and_hash_is_stable():
     a = parse_recipe(tiny_recipe_dict())
     b = parse_recipe(tiny_recipe_dict())

@@ -14,6 +14,8 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from theseus_cli.replacements.registry import start_from_weights
+
 
 class RankParams(BaseModel):
     """``rank`` (an absolute width) or ``rank_ratio`` (a fraction of the weight's full rank), not both."""
@@ -59,8 +61,8 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 def load_factors(down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, rank: int) -> None:
     """Copy the truncated SVD of ``weight`` (out × in) into the factor weights ``down`` (rank × in, any trailing
     kernel dims) and ``up`` (out × rank, any trailing 1s) in place. Skipped on the meta device, where the plan
-    builds replacements only to count their parameters."""
-    if down.is_meta or up.is_meta:
+    builds replacements only to count their parameters, and where saved weights follow (:func:`weights_follow`)."""
+    if down.is_meta or up.is_meta or not start_from_weights():
         return
     a, b = svd_factors(weight, rank)
     with torch.no_grad():

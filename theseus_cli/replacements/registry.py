@@ -18,8 +18,10 @@ modules of timm and transformers); the replacement returns the same structure
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch.nn as nn
 from pydantic import BaseModel
@@ -99,3 +101,22 @@ def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], s
 
 def get_replacement(name: str) -> Replacement:
     return REPLACEMENTS.lookup(name, sort=True)
+
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("theseus_weights_follow", default=False)
+
+
+@contextmanager
+def weights_follow() -> Iterator[None]:
+    """Replacements built inside will receive saved weights next (``load_target``): builders skip starts computed
+    from the old module's weights (an SVD per layer costs seconds on a large model and would be overwritten)."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+def start_from_weights() -> bool:
+    """Whether a builder should compute its start from the old module's weights (False inside :func:`weights_follow`)."""
+    return not _WEIGHTS_FOLLOW.get()

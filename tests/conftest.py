@@ -58,9 +58,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *args: str) -> tuple[Path, Path | None, Path, dict]:
-    """Through the real CLI: write ``recipe``, train its guide for ``guide_epochs`` (None: untrained guide), convert
-    into ``tmp/run`` with ``args``; returns (recipe file, guide checkpoint, run directory, report)."""
+def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *args: str,
+                   guide_lr: float | None = None) -> tuple[Path, Path | None, Path, dict]:
+    """Through the real CLI: write ``recipe``, train its guide for ``guide_epochs`` (None: untrained guide; at
+    ``guide_lr``, default train-guide's), convert into ``tmp/run`` with ``args``; returns (recipe file, guide
+    checkpoint, run directory, report)."""
     import json
 
     from typer.testing import CliRunner
@@ -73,7 +75,9 @@ def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *ar
     guide = None
     if guide_epochs is not None:
         guide = tmp / "guide.safetensors"
-        res = runner.invoke(app, ["train-guide", "--recipe", str(path), "--out", str(guide), "--epochs", str(guide_epochs), "--json"])
+        lr = ["--lr", str(guide_lr)] if guide_lr is not None else []
+        res = runner.invoke(app, ["train-guide", "--recipe", str(path), "--out", str(guide), "--epochs", str(guide_epochs),
+                                  *lr, "--json"])
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["convert", *([str(guide)] if guide else []), "--recipe", str(path), "--out", str(tmp / "run"),
                               "--device", "cpu", "--json", *args])

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from theseus_cli.models import MODEL_SOURCES, build_model
 from theseus_cli.errors import ModelError, OutputError, TheseusError, disk_error
+from theseus_cli.replacements import weights_follow
 from theseus_cli.surgery.plan import PlanEntry, apply_entries
 from theseus_cli.target_meta import META_VERSION, TargetMeta
 
@@ -207,7 +208,8 @@ def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False)
     check_vouched(spec.arch, trust_code, file)
     try:
         model = build_model(spec.arch, spec.kwargs, seed=0, task=meta.task)
-        apply_entries(model, [PlanEntry.from_dict(e) for e in meta.entries])
+        with weights_follow():  # the file's weights replace any start computed from the random guide
+            apply_entries(model, [PlanEntry.from_dict(e) for e in meta.entries])
     except TheseusError:
         raise
     except Exception as exc:

@@ -96,6 +96,9 @@ CASES = {
         r"module '0' is claimed by replace\[0\] and replace\[1\]"),
     "replacement that cannot fit": (lambda t: ["inspect", "--recipe", str(_recipe(t, replace=[{"match": "Conv2d", "with": "elman_rnn"}]))],
                                     5, r"elman_rnn"),
+    "rank above a module's full rank": (lambda t: ["inspect", "--recipe", str(_recipe(t, replace=[
+        {"match": "Conv2d", "with": "lowrank_conv", "params": {"rank": 4096}}]))], 5,
+        r"module '0' \(replace\[0\]\): rank 4096 exceeds the full rank \d+ of its unfolded weight"),
     "checkpoint missing": (lambda t: ["inspect", str(t / "no.pt"), "--recipe", str(_recipe(t))], 4, r"no\.pt: checkpoint not found"),
     "checkpoint truncated": (lambda t: ["inspect", str(_checkpoint(t, "truncated")), "--recipe", str(_recipe(t))], 4,
                              r"guide\.pt: not a readable checkpoint"),

@@ -84,3 +84,19 @@ def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
 
     recipe = with_seed(parse_recipe(tiny_recipe_dict(seed=0)), 5)
     assert recipe.seed == 5 and recipe.data.seed == 0
+
+
+def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "edge.py"), "--small", "--device", "cpu",
+                          "--settings", "cnn-separable", "--seeds", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "edge.json").read_text())["rows"][0]
+    assert row["setting"] == "cnn-separable" and row["small"] is True
+    assert row["target_params"] < row["guide_params"] and row["target_flops"] < row["guide_flops"]
+    for who in ("guide", "target"):
+        assert row[f"{who}_fp32_b1_ms"] > 0 and 0 <= row[f"{who}_fp32_metric"] <= 1
+        # int8 either measured or refused with its reason, never silently missing
+        assert row[f"{who}_int8_b1_ms"] > 0 or who in row["int8_refused"]
+    assert row["target_int8_size_bytes"] < row["target_fp32_size_bytes"] or "target" in row["int8_refused"]
+    assert "goal: ×" in run.stdout and "SMOKE RUN" in run.stdout

@@ -103,7 +103,7 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
     A target's own metadata names its architecture and, without ``--recipe``, its recipe; what either names is
     built only where this installation vouches for it, or with ``trust_code`` (``--trust-target``)."""
     from theseus_cli.models.build import load_guide
-    from theseus_cli.artifacts import check_vouched, load_target, unfinished
+    from theseus_cli.artifacts import load_target, unfinished
     from theseus_cli.rundir import unfinished_run
 
     path = Path(model_path)
@@ -115,22 +115,46 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
     if _is_target(path):
         model = load_target(path, str(device), trust_code)
         meta = model.theseus_meta
-        if recipe is None and meta.transport is not None:  # B′ of `theseus transport`: its data is the transport recipe's
-            from theseus_cli.config.transport import TransportRecipe
-
-            tr = TransportRecipe.model_validate(meta.transport.recipe)
-            guide = GuideConfig(arch=meta.guide.arch, kwargs=meta.guide.kwargs)
-            return model, EvalSetup(tr.task, tr.data, tr.seed, guide, meta.guide.arch), "target", meta.normalization_dict()
-        if recipe is None:
-            recipe = parse_recipe(meta.recipe, f"{path} (recorded recipe)")
-            if recipe.task == "sentence-embedding":  # the metric needs the guide the recorded recipe names
-                check_vouched(recipe.guide.arch, trust_code, path)
-        return model, EvalSetup.of(recipe, "target"), "target", meta.normalization_dict()
+        return model, setup_from_meta(meta, recipe, path, trust_code), "target", meta.normalization_dict()
     if recipe is None:
         raise RecipeError(f"{path}: not a converted target, so --recipe must give the guide's architecture and data")
     model = load_guide(recipe.guide.arch, recipe.guide.kwargs, path, recipe.seed, recipe.task)
     return model.to(device).eval(), EvalSetup.of(recipe, "guide"), "guide", None
 
+
+def setup_from_meta(meta, recipe: Recipe | None, source: Path, trust_code: bool) -> EvalSetup:
+    """What a converted target (its :class:`TargetMeta`, from the weights file or an exported ONNX file) is
+    evaluated on: ``recipe`` if given, else the recipe it records (a transported target: its transport recipe)."""
+    from theseus_cli.artifacts import check_vouched
+
+    if recipe is None and meta.transport is not None:  # B′ of `theseus transport`: its data is the transport recipe's
+        from theseus_cli.config.transport import TransportRecipe
+
+        tr = TransportRecipe.model_validate(meta.transport.recipe)
+        guide = GuideConfig(arch=meta.guide.arch, kwargs=meta.guide.kwargs)
+        return EvalSetup(tr.task, tr.data, tr.seed, guide, meta.guide.arch)
+    if recipe is None:
+        recipe = parse_recipe(meta.recipe, f"{source} (recorded recipe)")
+        if recipe.task == "sentence-embedding":  # the metric needs the guide the recorded recipe names
+            check_vouched(recipe.guide.arch, trust_code, source)
+    return EvalSetup.of(recipe, "target")
+
+
+def eval_dataset(setup: EvalSetup, data: str | None, normalization, input_shape, dev: torch.device):
+    """The test split ``setup`` names (``data`` swaps its source), images normalised with the target's
+    ``normalization``; for sentence embeddings ``y_test`` holds the guide's embeddings."""
+    from theseus_cli.data.dataset import load_dataset
+    from theseus_cli.training.loops import embed
+
+    cfg = data_override(setup.data, data) if data else setup.data
+    ds = load_dataset(cfg, setup.seed, setup.task, setup.guide.arch,
+                      normalization=normalization if normalization and cfg.source not in text_sources() else None)
+    if setup.task == "sentence-embedding":
+        ds.y_test = embed(_guide_for_embeddings(setup, dev), ds.x_test, cfg.eval_batch_size, dev)
+    if ds.kind == "image" and input_shape is not None and tuple(ds.input_shape) != tuple(input_shape):
+        raise DataError(f"--data: images of shape {tuple(ds.input_shape)}, but the target was converted for "
+                        f"{tuple(input_shape)} (set image_size / channels / canvas with --recipe)")
+    return ds, cfg
 
 
 def _check_batches(model, ds, cfg: DataConfig, latency_batches: tuple[int, ...], dev: torch.device) -> None:
@@ -147,25 +171,17 @@ def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None
     """The task metric on the test split, params, FLOPs per example and latency of one model (``trust_code``: see
     :func:`load_for_eval`)."""
     from theseus_cli.artifacts import versions
-    from theseus_cli.data.dataset import load_dataset
     from theseus_cli.deploy.profile import profile_model
     from theseus_cli.training.session import check_classes, check_vocabulary, resolve_device
     from theseus_cli.tasks import get_task
-    from theseus_cli.training.loops import embed, evaluate
+    from theseus_cli.training.loops import evaluate
 
     dev = resolve_device(device)
     model, recipe, kind, normalization = load_for_eval(model_path, recipe_path, dev, trust_code)
-    cfg = data_override(recipe.data, data) if data else recipe.data
-    ds = load_dataset(cfg, recipe.seed, recipe.task, recipe.guide.arch,
-                      normalization=normalization if normalization and cfg.source not in text_sources() else None)
+    meta = getattr(model, "theseus_meta", None)
+    ds, cfg = eval_dataset(recipe, data, normalization, meta.input_shape if meta is not None else None, dev)
     check_vocabulary(model, ds)
     task = get_task(recipe.task)
-    if recipe.task == "sentence-embedding":
-        ds.y_test = embed(_guide_for_embeddings(recipe, dev), ds.x_test, cfg.eval_batch_size, dev)
-    meta = getattr(model, "theseus_meta", None)
-    if ds.kind == "image" and meta is not None and tuple(ds.input_shape) != tuple(meta.input_shape):
-        raise DataError(f"--data: images of shape {tuple(ds.input_shape)}, but the target was converted for "
-                        f"{tuple(meta.input_shape)} (set image_size / channels / canvas with --recipe)")
     check_classes(model, ds, f"the {kind}")
     _check_batches(model, ds, cfg, batches, dev)
     value = evaluate(model, task, ds.x_test, ds.y_test, cfg.eval_batch_size, dev)
@@ -175,3 +191,33 @@ def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None
             "data": ds.summary(), "split": "test",
             "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
             **prof, "device": str(dev), "versions": versions()}
+
+
+def evaluate_onnx(path: str | Path, recipe_path: str | Path | None = None, data: str | None = None,
+                  batches: tuple[int, ...] = (1, 64), latency: bool = True, threads: int | None = None,
+                  trust_code: bool = False) -> dict[str, Any]:
+    """``theseus eval --runtime onnxruntime``: the task metric on the test split of an exported ``.onnx`` file run by
+    ONNX Runtime's CPU provider, its file size, and batch-1 / batch-N latency (see
+    :mod:`theseus_cli.deploy.onnx_runtime`). The data, normalisation and metric are those of ``theseus eval`` on
+    the PyTorch target, read from the metadata the export wrote into the file."""
+    import onnxruntime as ort
+
+    from theseus_cli.artifacts import versions
+    from theseus_cli.deploy.onnx_runtime import onnx_latency, onnx_metric, open_onnx
+    from theseus_cli.tasks import get_task
+
+    model = open_onnx(path, threads)
+    meta = model.meta
+    setup = setup_from_meta(meta, load_recipe(recipe_path) if recipe_path is not None else None, model.path, trust_code)
+    ds, cfg = eval_dataset(setup, data, meta.normalization_dict(), meta.input_shape, torch.device("cpu"))
+    task = get_task(setup.task)
+    value = onnx_metric(model, task, ds.x_test, ds.y_test, cfg.eval_batch_size)
+    out = {"model": str(path), "kind": "target", "task": setup.task, "arch": setup.arch, "data": ds.summary(),
+           "split": "test", "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
+           "size_bytes": model.path.stat().st_size, "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
+           "threads": model.threads, "versions": versions()}
+    if latency:
+        out["latency"] = onnx_latency(model, ds.x_test[:1], batches)
+        out["latency_device"] = f"cpu ({model.threads} intra-op threads)"
+        out["latency_runtime"] = out["runtime"]
+    return out

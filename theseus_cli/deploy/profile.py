@@ -55,7 +55,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _repeat(sample, batch: int):
+def repeat_example(sample, batch: int):
     """``sample`` (one example) repeated to ``batch`` rows."""
     if isinstance(sample, TokenBatch):
         return TokenBatch(sample.ids.expand(batch, -1).contiguous(), sample.mask.expand(batch, -1).contiguous())
@@ -67,27 +67,37 @@ def measure_latency(model: nn.Module, sample, batch: int, device: torch.device,
                     budget_s: float | None = None) -> dict[str, float]:
     """Median / p90 milliseconds of one forward on ``batch`` copies of ``sample``, and samples per second
     (``budget_s``: seconds to spend, default :func:`latency_budget`)."""
-    budget_s = latency_budget() if budget_s is None else budget_s
     rt = current_runtime(device)  # a conversion's precision and memory format, fp32 otherwise
     model.eval()
-    x = rt.batch(_repeat(sample, batch))
-    with rt.autocast():
-        synchronize(device)
-        t0 = time.perf_counter()
-        run_model(model, x)
-        synchronize(device)
-        if time.perf_counter() - t0 < SLOW_CALL_S:
-            for _ in range(WARMUP - 1):
-                run_model(model, x)
-    synchronize(device)
+    x = rt.batch(repeat_example(sample, batch))
+
+    def call() -> None:
+        with rt.autocast():
+            run_model(model, x)
+
+    return time_calls(call, batch, lambda: synchronize(device), budget_s)
+
+
+def time_calls(call, batch: int, sync=lambda: None, budget_s: float | None = None) -> dict[str, float]:
+    """Median / p90 milliseconds of ``call()`` (one forward on ``batch`` examples) after warm-up, repeated until
+    ``budget_s`` seconds were spent (at least MIN_REPEATS, at most MAX_REPEATS), with ``sync()`` around each call;
+    any runtime (PyTorch, ONNX Runtime) is timed the same way."""
+    budget_s = latency_budget() if budget_s is None else budget_s
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    if time.perf_counter() - t0 < SLOW_CALL_S:
+        for _ in range(WARMUP - 1):
+            call()
+    sync()
     times: list[float] = []
     spent = 0.0
     while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or spent < budget_s):
-        synchronize(device)
+        sync()
         t0 = time.perf_counter()
-        with rt.autocast():
-            run_model(model, x)
-        synchronize(device)
+        call()
+        sync()
         times.append(time.perf_counter() - t0)
         spent += times[-1]
     times.sort()
@@ -105,6 +115,7 @@ def profile_model(model: nn.Module, sample, device: torch.device, batches: tuple
         threads = torch.get_num_threads() if device.type == "cpu" else None
         out["latency"] = {str(b): measure_latency(model, one, b, device) for b in batches}
         out["latency_device"] = str(device) + (f" ({threads} threads)" if threads else "")
+        out["latency_runtime"] = f"pytorch {torch.__version__.split('+')[0]} eager"  # what measured it (vs onnxruntime)
     return out
 
 

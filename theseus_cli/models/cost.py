@@ -57,6 +57,13 @@ def _extra_formulas() -> dict:
 def count_flops(model: nn.Module, sample) -> int:
     """FLOPs of one forward pass on ``sample`` (one example): torch's flop counter, plus the recurrent layers it
     did not see (on the CPU an RNN runs as matrix products the counter counts; cuDNN's fused kernel it cannot)."""
+    return count_flops_by_module(model, sample)[0]
+
+
+def count_flops_by_module(model: nn.Module, sample) -> tuple[int, dict[str, int]]:
+    """(total FLOPs, FLOPs per module path — a module's count includes its children's) of one forward pass on
+    ``sample``; works on meta tensors too (the counter reads shapes only), which is how ``inspect`` prices a
+    replacement before building it for real."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
@@ -69,7 +76,12 @@ def count_flops(model: nn.Module, sample) -> int:
         for h in handles:
             h.remove()
         model.train(was_training)
-    by_module = counter.get_flop_counts()
     root = type(model).__name__
-    unseen = sum(f for path, f in rnn.items() if not sum(by_module.get(f"{root}.{path}", {}).values()))
-    return int(counter.get_total_flops()) + unseen
+    by_module = {path: sum(counts.values()) for path, counts in counter.get_flop_counts().items()}
+    per_path = {path[len(root) + 1:]: flops for path, flops in by_module.items() if path.startswith(root + ".")}
+    unseen = {path: f for path, f in rnn.items() if not per_path.get(path)}
+    for path, f in unseen.items():  # the RNN's own count, and every ancestor's
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            per_path[".".join(parts[:i])] = per_path.get(".".join(parts[:i]), 0) + f
+    return int(counter.get_total_flops()) + sum(unseen.values()), per_path

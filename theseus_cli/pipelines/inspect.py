@@ -28,6 +28,7 @@ def inspect_guide(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[
         plan = build_plan(session.guide, recipe, sample)
         out = plan.to_dict()
         out["kind"] = "replace"
+        out["flop_ratio"] = None if plan.target_flops is None else plan.target_flops / max(1, plan.guide_flops)
     out["guide"] = session.guide_info
     out["data"] = session.data.summary()
     out["schedule"] = recipe.schedule.model_dump()

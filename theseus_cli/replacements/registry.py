@@ -18,8 +18,10 @@ modules of timm and transformers); the replacement returns the same structure
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch.nn as nn
 from pydantic import BaseModel
@@ -38,6 +40,7 @@ class IOShapes:
 
 
 Builder = Callable[[nn.Module, BaseModel, IOShapes], nn.Module]
+Fits = Callable[[nn.Module, BaseModel, IOShapes], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class Replacement:
     accepts: tuple[type, ...]
     summary: str
     interface: str = "tensor"  # tensor | sequence (see the module docstring)
+    fits: Fits | None = None  # why this module, with these params, cannot be replaced (grouped conv, rank too high)
+
+    def check_fit(self, module: nn.Module, params: BaseModel, shapes: IOShapes) -> str | None:
+        """Return a reason why ``module``, called with ``shapes``, cannot take this replacement with ``params``, or
+        None. Called after :meth:`check_accepts` and :meth:`check_call`, at plan time, before anything is built."""
+        return self.fits(module, params, shapes) if self.fits is not None else None
 
     def check_accepts(self, module: nn.Module) -> str | None:
         """Return a reason why ``module`` cannot be replaced, or None."""
@@ -77,13 +86,14 @@ class Replacement:
 REPLACEMENTS: Registry[Replacement] = Registry("replacement")
 
 
-def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor"):
-    """Decorator: register ``build`` under ``name``."""
+def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor",
+             fits: Fits | None = None):
+    """Decorator: register ``build`` under ``name``; ``fits`` (optional) refuses a module with a one-line reason."""
 
     def decorate(build: Builder) -> Builder:
         if interface not in ("tensor", "sequence"):
             raise ValueError(f"replacement {name!r}: interface must be tensor or sequence")
-        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface))
+        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface, fits))
         return build
 
     return decorate
@@ -91,3 +101,22 @@ def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], s
 
 def get_replacement(name: str) -> Replacement:
     return REPLACEMENTS.lookup(name, sort=True)
+
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("theseus_weights_follow", default=False)
+
+
+@contextmanager
+def weights_follow() -> Iterator[None]:
+    """Replacements built inside will receive saved weights next (``load_target``): builders skip starts computed
+    from the old module's weights (an SVD per layer costs seconds on a large model and would be overwritten)."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+def start_from_weights() -> bool:
+    """Whether a builder should compute its start from the old module's weights (False inside :func:`weights_follow`)."""
+    return not _WEIGHTS_FOLLOW.get()

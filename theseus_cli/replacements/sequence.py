@@ -40,7 +40,7 @@ from theseus_cli.replacements.registry import IOShapes, register
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-def _like_old(out: torch.Tensor, arity: int | None):
+def like_old(out: torch.Tensor, arity: int | None):
     """Return ``out`` in the structure the replaced module returned."""
     return out if arity is None else (out,) + (None,) * (arity - 1)
 
@@ -89,7 +89,7 @@ class TokenMLP(nn.Module):
         self.output_arity = output_arity
 
     def forward(self, hidden_states, *args, **kwargs):
-        return _like_old(self.fc2(self.act(self.fc1(hidden_states))), self.output_arity)
+        return like_old(self.fc2(self.act(self.fc1(hidden_states))), self.output_arity)
 
 
 @register("token_mlp", params=TokenParams, accepts=(nn.Module,), interface="sequence",
@@ -123,7 +123,7 @@ class ElmanRNN(nn.Module):
         keep = keep_mask(kwargs, x.shape[0], x.shape[1])
         if keep is None:
             y, _ = self.rnn(x)
-            return _like_old(self.out(y), self.output_arity)
+            return like_old(self.out(y), self.output_arity)
         # Padded batch: move each sequence's real tokens to the front (order kept), run, put them back. The RNN is
         # causal, so the real tokens' outputs do not see the padding now behind them. Written with cumsum, scatter
         # and gather only (no packed sequences, no data-dependent branch), so it also exports to ONNX and traces.
@@ -134,7 +134,7 @@ class ElmanRNN(nn.Module):
         y, _ = self.rnn(compact)
         restored = torch.gather(y, 1, dest.expand(-1, -1, y.shape[-1]))
         out = self.out(restored) * keep.unsqueeze(-1).to(restored.dtype)
-        return _like_old(out, self.output_arity)
+        return like_old(out, self.output_arity)
 
 
 @register("elman_rnn", params=RNNParams, accepts=(nn.Module,), interface="sequence",

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.errors import MatchError
-from theseus_cli.models.cost import count_params
+from theseus_cli.models.cost import count_flops, count_flops_by_module, count_params
 from theseus_cli.models.hooks import trace_shapes
 from theseus_cli.shapes import ShapeRecord
 from theseus_cli.surgery.matching import resolve_matches
@@ -43,6 +43,8 @@ class PlanEntry:
     target_params: int
     output_arity: int | None = None  # the old module's output: None = tensor, n = tuple of n
     align_path: str | None = None  # where its output is aligned (None: at ``path``; see RuleConfig.align_up)
+    guide_flops: int | None = None  # FLOPs per example of the module, and of its replacement (None: not countable)
+    target_flops: int | None = None
 
     @property
     def aligned_at(self) -> str:
@@ -68,6 +70,8 @@ class ModuleRow:
     becomes: str | None = None
     becomes_params: dict[str, Any] | None = None
     target_params: int | None = None
+    flops: int | None = None  # per example
+    target_flops: int | None = None
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Plan:
     target_params: int
     stages: list[Stage] = field(default_factory=list)
     align_order: dict[str, int] = field(default_factory=dict)  # alignment point → execution position
+    guide_flops: int | None = None  # per example; the target's: the guide's with each entry's FLOPs exchanged
+    target_flops: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists), as ``inspect --json`` prints it."""
@@ -140,33 +146,16 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
     """Resolve rules, trace shapes on ``sample`` (a batch of ≥1 inputs: tensor or token batch), check and count."""
     matches = resolve_matches(guide, recipe.replace)
     info = dry_trace(guide, sample, "guide")
+    guide_flops, flops_at = count_flops_by_module(guide, sample[:1])
 
     problems: list[str] = []
     entries: list[PlanEntry] = []
     for match in matches:
-        module = guide.get_submodule(match.path)
-        rule: RuleConfig = recipe.replace[match.rule]
-        rec = info.get(match.path)
-        replacement = get_replacement(rule.with_)
-        reason = replacement.check_accepts(module)
-        if rec is None:
-            reason = reason or "never runs in the forward pass"
-        elif rec.calls > 1:
-            reason = reason or f"runs {rec.calls} times per forward pass (shared module)"
+        entry, problem = _plan_entry(guide, match, recipe.replace[match.rule], info, flops_at.get(match.path))
+        if problem:
+            problems.append(f"module '{match.path}' (replace[{match.rule}]{problem}")
         else:
-            reason = reason or replacement.check_call(rec)
-        if reason:
-            problems.append(f"module '{match.path}' (replace[{match.rule}]): {reason}")
-            continue
-        align_path, why = _align_point(match.path, rule.align_up, info)
-        if why:
-            problems.append(f"module '{match.path}' (replace[{match.rule}].align_up): {why}")
-            continue
-        entry = PlanEntry(match.path, type(module).__name__, match.rule, rule.with_, dict(rule.params),
-                          rec.input, rec.output, count_params(module), 0, rec.output_arity, align_path)
-        with torch.device("meta"):
-            entry.target_params = count_params(build_replacement(entry, module))
-        entries.append(entry)
+            entries.append(entry)
     if problems:
         raise MatchError("; ".join(problems))
     entries.sort(key=lambda e: info[e.path].order)
@@ -180,10 +169,12 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
         if path not in by_path and any(True for _ in module.children()):
             continue
         rec = info.get(path)
-        row = ModuleRow(path, type(module).__name__, rec.output if rec else None, count_params(module))
+        row = ModuleRow(path, type(module).__name__, rec.output if rec else None, count_params(module),
+                        flops=flops_at.get(path, 0) if rec else None)
         if path in by_path:
             e = by_path[path]
             row.rule, row.becomes, row.becomes_params, row.target_params = e.rule, e.replacement, e.params, e.target_params
+            row.target_flops = e.target_flops
         rows.append(row)
 
     guide_params = count_params(guide)
@@ -192,7 +183,65 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
     align_order = {e.aligned_at: info[e.aligned_at].order for e in entries}
     stages = build_stages([e.path for e in entries], sched.kind, sched.order, sched.group_depth,
                           {e.path: e.aligned_at for e in entries}, align_order)
-    return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages, align_order)
+    swapped = [(e.guide_flops, e.target_flops) for e in entries]
+    target_flops = None if any(t is None for _, t in swapped) else guide_flops + sum(t - (g or 0) for g, t in swapped)
+    return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages, align_order,
+                guide_flops, target_flops)
+
+
+def _plan_entry(guide: nn.Module, match, rule: RuleConfig, info: dict[str, ShapeRecord], flops: int | None
+                ) -> tuple[PlanEntry | None, str | None]:
+    """The plan entry of one matched module, or why it cannot be replaced (as the tail of a message that starts
+    with the module path and rule index: ``"): reason"`` or ``".align_up): reason"``)."""
+    module = guide.get_submodule(match.path)
+    rec = info.get(match.path)
+    replacement = get_replacement(rule.with_)
+    params = replacement.params_model.model_validate(rule.params)
+    reason = replacement.check_accepts(module)
+    if rec is None:
+        reason = reason or "never runs in the forward pass"
+    elif rec.calls > 1:
+        reason = reason or f"runs {rec.calls} times per forward pass (shared module)"
+    else:
+        reason = reason or replacement.check_call(rec) or replacement.check_fit(
+            module, params, IOShapes(rec.input, rec.output, rec.output_arity))
+    if reason:
+        return None, f"): {reason}"
+    align_path, why = _align_point(match.path, rule.align_up, info)
+    if why:
+        return None, f".align_up): {why}"
+    entry = PlanEntry(match.path, type(module).__name__, match.rule, rule.with_, dict(rule.params),
+                      rec.input, rec.output, count_params(module), 0, rec.output_arity, align_path, flops)
+    with torch.device("meta"):
+        new = build_replacement(entry, module)
+        entry.target_params = count_params(new)
+        if replacement.interface == "tensor":
+            reason = _shape_problem(new, rec)
+        entry.target_flops = None if reason else _meta_flops(new, rec.input)
+    return (None, f"): {reason}") if reason else (entry, None)
+
+
+def _meta_flops(new: nn.Module, per_sample: tuple[int, ...]) -> int | None:
+    """FLOPs per example of a replacement built on the meta device, on a meta input of the observed shape (for a
+    sequence replacement: the hidden states alone); None where it cannot run that way."""
+    try:
+        return count_flops(new, torch.empty((1, *per_sample), device="meta"))
+    except Exception:  # noqa: BLE001 — a cost we cannot count is shown as unknown, never fatal
+        return None
+
+
+def _shape_problem(new: nn.Module, rec: ShapeRecord) -> str | None:
+    """Why the built replacement, run on a meta tensor of the observed input shape, does not give the observed
+    output shape (a subclass whose forward departs from its attributes, such as timm's Conv2dSame, which pads
+    at run time), or None."""
+    try:
+        got = tuple(new(torch.empty((2, *rec.input), device="meta")).shape[1:])
+    except Exception as exc:  # noqa: BLE001 — any failure of the stand-in is a refusal with its reason
+        return f"the replacement cannot run on its input of shape {rec.input}: {type(exc).__name__}: {exc}"
+    if got != tuple(rec.output):
+        return (f"the replacement gives shape {got} where the module gives {tuple(rec.output)} (its forward does "
+                f"not follow its own stride/padding attributes)")
+    return None
 
 
 def _align_point(path: str, up: int, info: dict[str, ShapeRecord]) -> tuple[str | None, str | None]:

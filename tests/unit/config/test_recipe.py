@@ -20,12 +20,18 @@ def test_shipped_recipes_exist():
     assert {"conv_to_linear.yaml", "demo.yaml"} <= {p.name for p in RECIPES}
 
 
+def test_every_shipped_recipe_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.name for p in sorted(ROOT.glob("recipes/*.yaml")) if f"`recipes/{p.name}`" not in readme]
+    assert not missing, f"recipes not in the README's table: {missing}"
+
+
 def test_defaults_are_filled_and_hash_is_stable():
     a = parse_recipe(tiny_recipe_dict())
     b = parse_recipe(tiny_recipe_dict())
     assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None,
                                         "objective": "similarity", "temperature": 4.0}
-    assert a.resolved()["replace"][0]["params"] == {"rank": 16, "bias": True}
+    assert a.resolved()["replace"][0]["params"] == {"rank": 16, "rank_ratio": None, "init": "random", "bias": True}
     assert a.digest() == b.digest()
     assert parse_recipe(tiny_recipe_dict(seed=1)).digest() != a.digest()
 
@@ -62,7 +68,7 @@ def test_all_problems_reported_at_once_with_locations():
 
 def test_unknown_replacement_lists_valid_choices():
     data = tiny_recipe_dict(replace=[{"match": "Conv2d", "with": "lowrank"}])
-    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: elman_rnn, lowrank_linear, token_mlp\)"):
+    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: elman_rnn, linear_attention, lowrank_conv, lowrank_linear, separable_conv, token_mlp\)"):
         parse_recipe(data)
 
 

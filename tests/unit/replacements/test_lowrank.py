@@ -66,6 +66,6 @@ def test_wrong_input_size_is_a_clear_error():
         new(torch.randn(2, 3, 7, 7))
 
 
-def test_rejects_modules_that_are_not_convs():
-    reason = get_replacement("lowrank_linear").check_accepts(nn.Linear(3, 3))
-    assert reason == "lowrank_linear replaces _ConvNd, not Linear"
+def test_rejects_modules_that_are_neither_convs_nor_linear():
+    reason = get_replacement("lowrank_linear").check_accepts(nn.LayerNorm(3))
+    assert reason == "lowrank_linear replaces _ConvNd, Linear, Conv1D, not LayerNorm"

@@ -1,4 +1,4 @@
-"""token_mlp and elman_rnn: same call interface as the attention they replace, causality, padding."""
+"""token_mlp, elman_rnn and linear_attention: same call interface as the attention they replace, causality, padding."""
 
 import pytest
 import torch
@@ -51,12 +51,16 @@ CASES = [
      lambda: TokenBatch(torch.randint(1, 97, (3, 10)), torch.tensor([[1] * 10, [1] * 7 + [0] * 3, [1] * 4 + [0] * 6]))),
     ("classification", VIT, "Attention", "token_mlp", lambda: torch.randn(3, 1, 16, 16)),
     ("classification", VIT, "Attention", "elman_rnn", lambda: torch.randn(3, 1, 16, 16)),
+    ("causal-lm", GPT2, "GPT2Attention", "linear_attention", lambda: torch.randint(0, 97, (3, 12))),
+    ("sentence-embedding", BERT, "BertSelfAttention", "linear_attention",
+     lambda: TokenBatch(torch.randint(1, 97, (3, 10)), torch.tensor([[1] * 10, [1] * 7 + [0] * 3, [1] * 4 + [0] * 6]))),
+    ("classification", VIT, "Attention", "linear_attention", lambda: torch.randn(3, 1, 16, 16)),
 ]
 
 
 @pytest.mark.parametrize("task,guide,match,with_,make_x", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_replacement_has_the_interface_of_what_it_replaces_at_every_stage(task, guide, match, with_, make_x):
-    recipe = _recipe(task, guide, match, with_)
+    recipe = _recipe(task, guide, match, with_, {"causal": False} if guide is VIT and with_ == "linear_attention" else None)
     model = build_model(guide["arch"], guide["kwargs"], 0, task).eval()
     x = make_x()
     plan = build_plan(model, recipe, x[:2])
@@ -70,7 +74,7 @@ def test_replacement_has_the_interface_of_what_it_replaces_at_every_stage(task, 
         out = run_model(model, x)
         logits = getattr(out, "logits", getattr(out, "last_hidden_state", out))
         assert torch.isfinite(logits).all()
-    assert all(type(model.get_submodule(p)).__name__ in ("TokenMLP", "ElmanRNN") for p in paths)
+    assert all(type(model.get_submodule(p)).__name__ in ("TokenMLP", "ElmanRNN", "LinearAttention") for p in paths)
 
 
 def test_tuple_outputs_keep_their_length_with_none_padding():
@@ -146,7 +150,7 @@ def test_replacement_rejects_non_sequence_modules():
         build_plan(model, recipe, torch.randn(2, 1, 8, 8))
 
 
-@pytest.mark.parametrize("with_", ["token_mlp", "elman_rnn"])
+@pytest.mark.parametrize("with_", ["token_mlp", "elman_rnn", "linear_attention"])
 def test_padding_does_not_change_real_tokens_of_the_converted_encoder(with_):
     recipe = _recipe("sentence-embedding", BERT, "BertSelfAttention", with_)
     model = build_model(BERT["arch"], BERT["kwargs"], 0, "sentence-embedding").eval()

@@ -40,8 +40,29 @@ def test_applied_plan_matches_counted_params_and_runs():
 
 def test_replacement_that_does_not_fit_the_module_type():
     model = resnet_small(widths=(4, 8), blocks=(1, 1))
-    recipe = recipe_for(replace=[{"match": "fc", "with": "lowrank_linear"}])
-    with pytest.raises(MatchError, match=r"module 'fc' \(replace\[0\]\): lowrank_linear replaces _ConvNd, not Linear"):
+    recipe = recipe_for(replace=[{"match": "fc", "with": "separable_conv"}])
+    with pytest.raises(MatchError, match=r"module 'fc' \(replace\[0\]\): separable_conv replaces Conv1d, Conv2d, Conv3d, not Linear"):
+        build_plan(model, recipe, torch.randn(2, 1, 8, 8))
+
+
+def test_a_module_the_params_do_not_fit_is_refused_at_plan_time():
+    model = resnet_small(widths=(4, 8), blocks=(1, 1))
+    recipe = recipe_for(replace=[{"match": "conv1", "with": "lowrank_conv", "params": {"rank": 50}}])
+    with pytest.raises(MatchError, match=r"module 'conv1' \(replace\[0\]\): rank 50 exceeds the full rank 4"):
+        build_plan(model, recipe, torch.randn(2, 1, 8, 8))
+
+
+class PadsAtRunTime(nn.Conv2d):
+    """Like timm's Conv2dSame: stored padding 0, the padding applied in forward."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_a_replacement_whose_shape_departs_from_the_module_is_refused():
+    model = nn.Sequential(PadsAtRunTime(1, 2, 3), nn.Flatten(), nn.Linear(2 * 8 * 8, 10))
+    recipe = recipe_for(replace=[{"match": "0", "with": "separable_conv"}])
+    with pytest.raises(MatchError, match=r"module '0' .*gives shape \(2, 6, 6\) where the module gives \(2, 8, 8\)"):
         build_plan(model, recipe, torch.randn(2, 1, 8, 8))
 
 

@@ -1,0 +1,204 @@
+"""Edge conversions: what a compressive target is worth on the runtime an edge device uses, against its guide and
+against what a user would do instead (the same target from scratch, or distilled from the guide), in one run.
+
+For each setting and conversion seed (``--seeds``; the guide is trained once with seed 0 and cached):
+
+1. ``theseus convert`` with ``baseline.runs: [scratch, distill]`` — NoT, the target from scratch, the target
+   distilled from the guide on all training inputs, each for the conversion's gradient steps (issue #16);
+2. the guide and the NoT target exported to ONNX (the parity-checked float file) and to int8
+   (``export --quantize int8``: static QDQ for convolutional graphs, dynamic otherwise, written only if the test
+   metric stays within ``--max-metric-drop``; a refusal is reported as such);
+3. every file run by ONNX Runtime's CPU provider with one intra-op thread (an edge core): the test metric, and the
+   median batch-1 latency after warm-up (``theseus eval --runtime onnxruntime``).
+
+Params and FLOPs per example come from the conversion's report (``torch.utils.flop_counter``); PyTorch eager
+latency too. The goal the issue sets: a target ≥ 2× faster than its guide on ONNX Runtime at batch 1 (int8
+allowed) with ≥ 97 % retention, beating both from-scratch and distillation — the verdict line says per setting
+whether it is met.
+
+Settings (CPU by default; ``"default": False`` ones need a GPU-sized budget):
+* ``cnn-separable`` / ``cnn-lowrank-svd`` / ``cnn-lowrank-random`` — recipes/edge_cnn_*.yaml: the demo's
+  ResNet-style CNN on the few-label canvas data → depthwise-separable / low-rank (SVD start; random start)
+  convolutions.
+* ``resnet18-separable`` — torchvision ResNet-18 at 3×32×32 on Fashion-MNIST, every 3×3 conv → separable (GPU).
+* ``minilm-edge`` — recipes/edge_minilm.yaml (linear attention + low-rank FFN), on 2,000 sentences (CPU-sized).
+* ``gpt2-edge-1000`` / ``gpt2-edge`` — recipes/edge_gpt2_linear_attention.yaml with 1,000 training sequences and
+  with all of them (the guide trains 10 epochs on the whole corpus first: GPU).
+
+Usage: python bench/edge.py [--settings cnn-separable,...] [--seeds 0,1,2] [--device auto] [--small]
+Writes runs/bench-edge/edge.{json,md} and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+from common import ROOT, add_seeds_option, cached_guide, pm, run_settings, settings_parser
+
+from theseus_cli import ConvertOptions, run_conversion
+from theseus_cli.artifacts import save_target
+from theseus_cli.config.recipe import parse_recipe
+from theseus_cli.deploy.evaluate import evaluate_onnx
+from theseus_cli.deploy.export import ExportOptions, export_target
+from theseus_cli.errors import ExportError
+from theseus_cli.target_meta import ArchSpec, Normalization, TargetMeta
+from theseus_cli.training.session import open_session
+
+CNN_SEP, CNN_LOW = "recipes/edge_cnn_separable.yaml", "recipes/edge_cnn_lowrank.yaml"
+_CNN = {"guide_epochs": 30, "guide_lr": 2e-3}
+_GPT2 = {"recipe": "recipes/edge_gpt2_linear_attention.yaml", "guide_epochs": 10, "guide_lr": 2e-3, "default": False}
+SETTINGS = {
+    "cnn-separable": {"recipe": CNN_SEP, **_CNN},
+    "cnn-lowrank-svd": {"recipe": CNN_LOW, **_CNN},
+    "cnn-lowrank-random": {"recipe": CNN_LOW, **_CNN, "override": {"replace": [
+        {"match": "re:.*conv\\d", "with": "lowrank_conv", "params": {"rank_ratio": 0.25, "init": "random"}}]}},
+    "resnet18-separable": {"recipe": "recipes/resnet18_to_mlp.yaml", **_CNN, "default": False, "override": {"replace": [
+        {"match": "re:.*conv\\d", "with": "separable_conv"}]}},
+    "minilm-edge": {"recipe": "recipes/edge_minilm.yaml", "override": {"data": {"train_limit": 2000}}},
+    "gpt2-edge-1000": {**_GPT2, "override": {"data": {"train_limit": 1000}}},
+    "gpt2-edge": _GPT2,
+}
+SMALL = {"classification": {"data": {"train_limit": 256, "label_limit": 64, "test_limit": 64, "batch_size": 32},
+                            "align": {"epochs": 1, "max_steps_per_epoch": 2}, "finetune": {"epochs": 1},
+                            "bn_recalibration": {"batches": 2}},
+         "text": {"data": {"sequence_length": 16, "train_limit": 48, "test_limit": 16, "batch_size": 16},
+                  "align": {"epochs": 1, "max_steps_per_epoch": 1}, "finetune": {"epochs": 1}}}
+GPT2_SMALL = {"guide": {"kwargs": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16}}}
+ONNX_THREADS = 1
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def raw_recipe(spec: dict, seed: int, small: bool) -> dict:
+    raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
+    raw = merge(raw, {"seed": seed, "data": {"seed": 0}, "baseline": {"runs": ["scratch", "distill"]}})
+    if small:
+        raw = merge(raw, SMALL["classification" if raw.get("task", "classification") == "classification" else "text"])
+        if raw.get("task") == "causal-lm":
+            raw = merge(raw, GPT2_SMALL)
+    return raw
+
+
+def the_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> Path | None:
+    """The setting's trained guide (cached, seed 0), or None where the recipe's guide is pretrained (MiniLM)."""
+    if "guide_epochs" not in spec:
+        return None
+    recipe = parse_recipe(merge(raw, {"seed": 0}), spec["recipe"])
+    return cached_guide(f"edge-{name}", recipe, 1 if small else spec["guide_epochs"], spec["guide_lr"], device)[0]
+
+
+def guide_as_target(raw: dict, guide: Path | None, out: Path) -> Path:
+    """The guide saved in the target format (no replacements), so it is exported and judged exactly as targets."""
+    recipe = parse_recipe(raw, "guide")
+    session = open_session(recipe, guide, "cpu")
+    data = session.data
+    meta = TargetMeta(task=recipe.task, guide=ArchSpec(arch=recipe.guide.arch, kwargs=recipe.guide.kwargs), entries=[],
+                      input_shape=list(data.input_shape), num_classes=data.num_classes,
+                      normalization=Normalization(mean=data.mean, std=data.std) if data.mean else None,
+                      tokenizer=data.tokenizer, recipe=recipe.resolved(), recipe_hash=recipe.digest())
+    out.mkdir(parents=True, exist_ok=True)
+    save_target(out / "target.safetensors", session.guide.cpu(), meta)
+    return out / "target.safetensors"
+
+
+def on_onnxruntime(target: Path, out_dir: Path) -> dict:
+    """fp32 and int8 ONNX files of ``target``: metric, size and batch-1 latency on ONNX Runtime (1 thread)."""
+    found = {}
+    for kind, quantize in (("fp32", None), ("int8", "int8")):
+        out = out_dir / f"{kind}.onnx"
+        try:
+            export_target(target, "onnx", ExportOptions(out=out, overwrite=True, quantize=quantize))
+        except ExportError as exc:
+            found[kind] = {"refused": str(exc)}
+            continue
+        res = evaluate_onnx(out, batches=(1, 8), threads=ONNX_THREADS)
+        found[kind] = {"metric": res["metric"]["value"], "size_bytes": res["size_bytes"],
+                       "b1_ms": res["latency"]["1"]["median_ms"]}
+    return found
+
+
+def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str = "auto", small: bool = False) -> dict:
+    raw = raw_recipe(spec, seed, small)
+    guide = the_guide(name, spec, raw, device, small)
+    run = out_root / name
+    report = run_conversion(parse_recipe(raw, f"{name} seed {seed}"), run,
+                            ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=True))
+    m, dep = report["metric"], report["deployment"]
+    onnx_t = on_onnxruntime(run, run / "onnx")
+    onnx_g = on_onnxruntime(guide_as_target(raw, guide, run / "guide"), run / "guide" / "onnx")
+    row = {"setting": name, "recipe": spec["recipe"], "metric_name": m["name"], "higher_is_better": m["higher_is_better"],
+           "small": small, "data": report["data"], "steps": report["steps"]["alignment"] + report["steps"]["finetune"],
+           "guide": m["guide"], "not": m["target"], "scratch": m["baselines"]["scratch"],
+           "distill": m["baselines"]["distill"], "retention": m["retention"],
+           "guide_params": dep["guide"]["params"], "target_params": dep["target"]["params"],
+           "guide_flops": dep["guide"]["flops_per_example"], "target_flops": dep["target"]["flops_per_example"],
+           "guide_pt_b1_ms": dep["guide"]["latency"]["1"]["median_ms"],
+           "target_pt_b1_ms": dep["target"]["latency"]["1"]["median_ms"],
+           "int8_refused": {k: v["int8"]["refused"] for k, v in (("guide", onnx_g), ("target", onnx_t)) if "refused" in v["int8"]},
+           "wall_time": {"total": report["wall_time"]["total"]}}
+    for who, found in (("guide", onnx_g), ("target", onnx_t)):
+        for kind, res in found.items():
+            for key in ("metric", "size_bytes", "b1_ms"):  # NaN where the int8 file was refused: every seed's row
+                row[f"{who}_{kind}_{key}"] = res.get(key, float("nan"))  # has every key
+    return row
+
+
+def refusals(r: dict) -> list[str]:
+    """Every seed's int8 refusals, one line each."""
+    per_seed = zip(r.get("seeds", [None]), r.get("per_seed", [r]))
+    return [f"int8 refused for the {who}{'' if s is None else f' (seed {s})'}: {msg}"
+            for s, row in per_seed for who, msg in row["int8_refused"].items()]
+
+
+def verdict(r: dict) -> str:
+    """Whether the row meets the goal: ≥ 2× faster on ONNX Runtime at batch 1 (best of fp32/int8 target against
+    the float guide), ≥ 97 % retention, better than scratch and distillation."""
+    sign = 1 if r["higher_is_better"] else -1
+    best = min(r.get(f"target_{k}_b1_ms", float("inf")) for k in ("fp32", "int8"))
+    speed = r.get("guide_fp32_b1_ms", float("nan")) / best
+    beats = [b for b in ("scratch", "distill") if sign * (r["not"] - r[b]) > 0]
+    ok = speed >= 2 and r["retention"] >= 0.97 and len(beats) == 2
+    return (f"{'meets' if ok else 'misses'} the goal: ×{speed:.2f} faster than the float guide on ONNX Runtime at "
+            f"batch 1 (best target file), retention {r['retention']:.3f}, NoT better than "
+            f"{' and '.join(beats) if beats else 'neither baseline'} (means over seeds)")
+
+
+def markdown(rows: list, device: str) -> str:
+    lines = []
+    for r in rows:
+        f = "{:.2f}" if r["metric_name"] == "perplexity" else "{:.4f}"
+        lines += [f"**{r['setting']}** ({r['recipe']}) — {r['metric_name']}; {r['data']['train']:,} training inputs, "
+                  f"{r['data']['labelled']:,} labelled; {r['steps']:,.0f} gradient steps per method",
+                  "", f"| model | {r['metric_name']} | params | FLOPs/example | PyTorch b=1 ms | ORT fp32 b=1 ms | "
+                  f"ORT int8 b=1 ms | int8 {r['metric_name']} |", "|---|---|---|---|---|---|---|---|"]
+        for who, label in (("guide", "guide"), ("target", "**NoT target**")):
+            int8, int8_m = pm(r, f"{who}_int8_b1_ms", "{:.3f}"), pm(r, f"{who}_int8_metric", f)
+            lines.append(f"| {label} | {pm(r, 'guide' if who == 'guide' else 'not', f)} | {r[f'{who}_params']:,.0f} | "
+                         f"{r[f'{who}_flops'] / 1e6:.2f}M | {pm(r, f'{who}_pt_b1_ms', '{:.3f}')} | "
+                         f"{pm(r, f'{who}_fp32_b1_ms', '{:.3f}')} | {int8} | {int8_m} |")
+        for b, label in (("scratch", "target from scratch"), ("distill", "target distilled from the guide")):
+            lines.append(f"| {label} | {pm(r, b, f)} | (same as target) | | | | | |")
+        lines += ["", verdict(r)] + refusals(r) + [""]
+    note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+    return "\n".join(lines) + f"\nDevice: {device}; ONNX Runtime with {ONNX_THREADS} intra-op thread.{note}\n"
+
+
+def main() -> None:
+    parser = settings_parser(__doc__, SETTINGS, "bench-edge")
+    add_seeds_option(parser)
+    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    args = parser.parse_args()
+    run_settings(parser, args, SETTINGS, "edge",
+                 lambda name, spec, out, seed: run_one(name, spec, out, seed, args.device, args.small), markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""theseus export --quantize int8: dynamic for Linear targets, static QDQ with calibration for convolutional ones,
+judged on the test metric; a broken calibration is refused with exit 11 and nothing written."""
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from theseus_cli.cli.app import app
+from theseus_cli.deploy import quantize
+from tests.conftest import cli_conversion, tiny_recipe_dict
+
+runner = CliRunner()
+# full-rank SVD starts: the target starts as the trained guide, so its accuracy is far above chance and a broken
+# int8 file has something to lose
+CONV = [{"match": "Conv2d", "with": "lowrank_conv", "params": {"rank_ratio": 1.0, "init": "svd"}}]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return {"linear": cli_conversion(tmp_path_factory.mktemp("q8lin"), tiny_recipe_dict())[2],
+            "conv": cli_conversion(tmp_path_factory.mktemp("q8conv"), tiny_recipe_dict(replace=CONV), 10,
+                                     guide_lr=0.05)[2]}
+
+
+@pytest.mark.parametrize("kind, mode", [("linear", "dynamic"), ("conv", "static")])
+def test_int8_export_is_judged_on_the_test_metric_and_written(runs, kind, mode, monkeypatch):
+    monkeypatch.setenv("THESEUS_LATENCY_BUDGET_S", "0")
+    run = runs[kind]
+    res = runner.invoke(app, ["export", str(run), "--quantize", "int8", "--max-metric-drop", "0.05", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    q = info["quantization"]
+    assert q["mode"] == mode and info["out"] == str(run / "target.int8.onnx")
+    # a width-4 toy CNN on 200 test digits: int8 activations may cost a point or two (the default 0.01 is tested
+    # in test_perplexity_tolerance_is_relative and by the refusal below)
+    assert q["max_metric_drop"] == 0.05 and q["float"]["metric"] - q["int8"]["metric"] <= 0.05 + 1e-9
+    # int8 weights in the file (at this toy size the QDQ nodes of a static graph outweigh the saved bytes)
+    import onnx
+
+    model = onnx.load(info["out"])
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    assert {p.key: p.value for p in model.metadata_props}["theseus_quantization"] == f"int8 {mode}"
+    if mode == "dynamic":
+        assert q["int8"]["size_bytes"] < q["float"]["size_bytes"]
+    ort_eval = runner.invoke(app, ["eval", info["out"], "--runtime", "onnxruntime", "--batch", "4", "--json"])
+    assert ort_eval.exit_code == 0, ort_eval.output
+    assert json.loads(ort_eval.stdout)["metric"]["value"] == pytest.approx(q["int8"]["metric"])
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+def test_a_broken_calibration_is_refused_with_exit_11_and_nothing_written(runs, monkeypatch):
+    monkeypatch.setenv("THESEUS_LATENCY_BUDGET_S", "0")
+    assert json.loads((runs["conv"] / "report.json").read_text())["metric"]["target"] > 0.3  # far above chance
+    real = quantize.int8_job
+
+    def broken(*args, **kwargs):  # activation ranges calibrated on inputs 10⁴× too large: every real one rounds to 0
+        job = real(*args, **kwargs)
+        feeds = [{k: v * 1e4 for k, v in f.items()} for f in job.calibration]
+        return dataclasses.replace(job, calibration=feeds)
+
+    monkeypatch.setattr(quantize, "int8_job", broken)
+    run = runs["conv"]
+    out = run / "broken.int8.onnx"
+    res = runner.invoke(app, ["export", str(run), "--quantize", "int8", "--out", str(out)])
+    assert res.exit_code == 11, res.output
+    line = res.output.strip()
+    assert "\n" not in line and "int8 export refused, nothing written: accuracy" in line and "static" in line, line
+    assert not out.exists() and not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_quantize_needs_onnx_and_a_known_dtype(runs):
+    res = runner.invoke(app, ["export", str(runs["linear"]), "--format", "torchscript", "--quantize", "int8"])
+    assert res.exit_code == 11 and "applies to --format onnx" in res.output
+    res = runner.invoke(app, ["export", str(runs["linear"]), "--quantize", "int4"])
+    assert res.exit_code == 11 and "the one choice is int8" in res.output
+
+
+def test_perplexity_tolerance_is_relative():
+    from theseus_cli.tasks import get_task
+
+    lm = get_task("causal-lm")
+    assert quantize.drop_problem(lm, 50.0, 50.9, 0.02) is None
+    assert "+4.0% > 2.0%" in quantize.drop_problem(lm, 50.0, 52.0, 0.02)
+    assert quantize.drop_problem(get_task("classification"), 0.80, 0.785, 0.01) == "accuracy 0.8000 → 0.7850 (drop 0.0150 > 0.01)"

@@ -1,0 +1,121 @@
+"""An exported target on ONNX Runtime's CPU provider: what an edge device runs, measured as it runs there.
+
+``theseus eval --runtime onnxruntime FILE.onnx`` and ``export --quantize int8`` use this module. A file written by
+``theseus export`` carries its :class:`~theseus_cli.target_meta.TargetMeta` in the ONNX ``metadata_props``
+(key ``theseus_target``; plain JSON, validated, nothing in it is run), so the file alone says its task, input
+shape, normalisation and the recipe whose test split it is judged on — the same input pipeline as
+``theseus eval`` of the PyTorch target. Latency is the median wall time of ``session.run`` after warm-up
+(:func:`theseus_cli.deploy.profile.time_calls`), with the session's intra-op thread count stated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from theseus_cli.batch import TokenBatch
+from theseus_cli.errors import ModelError
+from theseus_cli.target_meta import TargetMeta
+
+ONNX_META_KEY = "theseus_target"
+
+
+def default_threads() -> int:
+    """The CPUs this process may use (ONNX Runtime's own default counts physical cores of the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class OnnxTarget:
+    """An ONNX Runtime session on an exported target, callable like the PyTorch ``Deployable`` it came from."""
+
+    path: Path
+    session: Any
+    meta: TargetMeta
+    threads: int
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, x) -> dict[str, np.ndarray]:
+        """The session's inputs for a batch ``x`` (images, token ids, or a TokenBatch with its mask)."""
+        if isinstance(x, TokenBatch):
+            arrays = {"input_ids": x.ids.numpy(), "attention_mask": x.mask.numpy()}
+        else:
+            arrays = {self.input_names[0]: x.numpy()}
+        return {name: arrays[name] for name in self.input_names if name in arrays}
+
+    def __call__(self, x) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, self.feeds(x))[0])
+
+
+def session_for(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def open_onnx(path: str | Path, threads: int | None = None) -> OnnxTarget:
+    """Load ``path`` for ONNX Runtime's CPU provider; one-line :class:`ModelError` for a missing file, a file that is
+    not ONNX, or one that carries no theseus metadata."""
+    import importlib.util
+
+    path = Path(path)
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise ModelError("--runtime onnxruntime needs onnx and onnxruntime: pip install 'theseus-cli[export]'")
+    if not path.is_file():
+        raise ModelError(f"{path}: ONNX file not found")
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    if ONNX_META_KEY not in props:
+        raise ModelError(f"{path}: carries no theseus target metadata (write it with `theseus export --format onnx`)")
+    meta = TargetMeta.from_json(props[ONNX_META_KEY], path)
+    threads = threads or default_threads()
+    try:
+        session = session_for(path, threads)
+    except Exception as exc:
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    return OnnxTarget(path, session, meta, threads)
+
+
+def onnx_metric(model: OnnxTarget, task, x, y, batch_size: int) -> float:
+    """``task``'s metric over all of ``x`` with the file's outputs (sentence embeddings: the exported graph already
+    pools and normalises, so the metric is the cosine of its output to ``y``)."""
+    total, count = 0.0, 0.0
+    for start in range(0, x.shape[0], batch_size):
+        idx = torch.arange(start, min(start + batch_size, x.shape[0]))
+        xb, yb = x[idx], (y[idx] if y is not None else None)
+        out = model(xb)
+        if task.name == "sentence-embedding":
+            cos = F.cosine_similarity(out.double(), yb.double(), dim=-1)
+            s, c = cos.sum(), cos.shape[0]
+        else:
+            s, c = task.metric_sums(out, xb, yb)
+        total, count = total + float(s), count + float(c)
+    return task.finish(total, count)
+
+
+def onnx_latency(model: OnnxTarget, sample, batches: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Median / p90 ms of ``session.run`` on ``b`` copies of one example, for each ``b`` in ``batches``."""
+    from theseus_cli.deploy.profile import repeat_example, time_calls
+
+    out = {}
+    for b in batches:
+        feeds = model.feeds(repeat_example(sample[:1], b))
+        out[str(b)] = time_calls(lambda feeds=feeds: model.session.run(None, feeds), b)
+    return out

@@ -1,0 +1,162 @@
+"""``theseus export --format onnx --quantize int8``: 8-bit integer weights with ONNX Runtime's quantisation tools,
+written only if the task metric survives.
+
+* **Which quantisation.** A graph with convolutions gets *static* QDQ quantisation (int8 weights per output
+  channel, int8 activations whose ranges are calibrated, MinMax, on ``calibration`` training inputs drawn from the
+  recipe's own training data with the target's normalisation): convolutions gain most from int8 activations, and
+  ONNX Runtime fuses QDQ pairs into integer kernels. Any other graph (Linear-, RNN-, attention-heavy targets) gets
+  *dynamic* quantisation: int8 weights, activations quantised on the fly per batch, no calibration to get wrong.
+  The graph is pre-processed first (ONNX Runtime's ``quant_pre_process``: shape inference and graph
+  optimisation) where that succeeds.
+* **The check.** An int8 file cannot match PyTorch element-wise at 1e-4, so the check is the task metric on the
+  test split: the float ONNX file and the int8 file are both run by ONNX Runtime on the same inputs, and the int8
+  file is written only if its metric is within ``max_metric_drop`` of the float one — in points of the metric for
+  accuracy and cosine (default 0.01: one point), as a fraction for perplexity (default 0.02: 2 % higher at most).
+  Otherwise :class:`~theseus_cli.errors.ExportError` (exit 11) with both figures, and nothing is written.
+* **What is reported.** Float and int8 metric, file size and batch-1 latency, the mode, the calibration size.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY, OnnxTarget, onnx_latency, onnx_metric, open_onnx
+from theseus_cli.errors import ExportError
+
+DEFAULT_DROP = {"perplexity": 0.02, "accuracy": 0.01, "cosine_to_guide": 0.01}
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """The float ONNX file, the data it is calibrated and judged on, and the tolerance."""
+
+    fp32: Path
+    calibration: list[dict[str, np.ndarray]]  # session feeds, one batch each
+    task: Any  # theseus_cli.tasks.Task
+    x_test: Any
+    y_test: Any
+    batch_size: int
+    max_drop: float | None = None  # None: DEFAULT_DROP of the task's metric
+
+
+def has_convolutions(path: Path) -> bool:
+    import onnx
+
+    return any(node.op_type in ("Conv", "ConvTranspose") for node in onnx.load(str(path)).graph.node)
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over prepared feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _preprocessed(src: Path, work: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "pre.onnx"
+    try:
+        quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+        return out
+    except Exception:  # noqa: BLE001 — pre-processing is an optimisation; quantise the file as exported
+        return src
+
+
+def write_int8(job: QuantizeJob, out: Path, work: Path) -> str:
+    """Quantise ``job.fp32`` into ``out``; return the mode used (static or dynamic)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    src = _preprocessed(job.fp32, work)
+    if has_convolutions(job.fp32):
+        quantize_static(str(src), str(out), _Reader(job.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        mode = "static"
+    else:
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=False)
+        mode = "dynamic"
+    _copy_metadata(job.fp32, out, mode)
+    return mode
+
+
+def _copy_metadata(src: Path, dst: Path, mode: str) -> None:
+    """The float file's theseus metadata onto the quantised one (the tools do not keep it), plus the mode."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]
+    for key, value in {**props, "theseus_quantization": f"int8 {mode}"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(dst))
+
+
+def calibration_inputs(job: QuantizeJob) -> int:
+    return sum(next(iter(feeds.values())).shape[0] for feeds in job.calibration)
+
+
+def judged(model: OnnxTarget, job: QuantizeJob) -> dict[str, Any]:
+    return {"metric": onnx_metric(model, job.task, job.x_test, job.y_test, job.batch_size),
+            "size_bytes": model.path.stat().st_size, "latency": onnx_latency(model, job.x_test[:1], (1,))["1"]}
+
+
+def drop_problem(task, fp: float, q: float, max_drop: float) -> str | None:
+    """Why the int8 metric ``q`` is too far from the float one ``fp`` (None if within ``max_drop``)."""
+    if task.higher_is_better:
+        drop = fp - q
+        return None if drop <= max_drop + 1e-9 else f"{task.metric} {fp:.4f} → {q:.4f} (drop {drop:.4f} > {max_drop:g})"
+    rise = q / fp - 1 if fp > 0 else float("inf")
+    return None if rise <= max_drop + 1e-9 else f"{task.metric} {fp:.2f} → {q:.2f} (+{rise:.1%} > {max_drop:.1%})"
+
+
+def quantize_onnx(job: QuantizeJob, out: Path) -> dict[str, Any]:
+    """Quantise, judge both files on the test split, and move the int8 file to ``out`` only if it passes."""
+    max_drop = DEFAULT_DROP[job.task.metric] if job.max_drop is None else job.max_drop
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        work = Path(tmp)
+        int8 = work / "int8.onnx"
+        try:
+            mode = write_int8(job, int8, work)
+            quantized = open_onnx(int8, 1)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — the tools raise anything; one line, nothing written
+            raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        fp, q = judged(open_onnx(job.fp32, 1), job), judged(quantized, job)
+        problem = drop_problem(job.task, fp["metric"], q["metric"], max_drop)
+        if problem:
+            raise ExportError(f"int8 export refused, nothing written: {problem} on the test split "
+                              f"(--max-metric-drop; {mode} quantisation"
+                              + (f", {calibration_inputs(job)} calibration inputs)" if mode == "static" else ")"))
+        shutil.move(str(int8), str(out))
+    return {"quantization": {"dtype": "int8", "mode": mode, "calibration_inputs": calibration_inputs(job) if mode == "static" else 0,
+                             "max_metric_drop": max_drop, "metric_name": job.task.metric, "float": fp, "int8": q,
+                             "threads": 1, "metadata_key": ONNX_META_KEY}}
+
+
+def int8_job(fp32: Path, meta, source: Path, calibration: int, max_drop: float | None, trust_code: bool) -> QuantizeJob:
+    """The job for a target's float export: its recipe's test split (as ``theseus eval`` reads it) to judge on and
+    ``calibration`` of its training inputs (the first ones of the recipe's seeded order) to calibrate with."""
+    import torch
+
+    from theseus_cli.deploy.evaluate import eval_dataset, setup_from_meta
+    from theseus_cli.tasks import get_task
+
+    setup = setup_from_meta(meta, None, source, trust_code)
+    ds, cfg = eval_dataset(setup, None, meta.normalization_dict(), meta.input_shape, torch.device("cpu"))
+    float_model = open_onnx(fp32, 1)
+    n = min(calibration, ds.x_train.shape[0])
+    feeds = [float_model.feeds(ds.x_train[torch.arange(s, min(s + cfg.eval_batch_size, n))])
+             for s in range(0, n, cfg.eval_batch_size)]
+    return QuantizeJob(fp32, feeds, get_task(setup.task), ds.x_test, ds.y_test, cfg.eval_batch_size, max_drop)

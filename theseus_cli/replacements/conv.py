@@ -1,0 +1,116 @@
+"""Convolutions made cheaper, keeping the convolution: ``separable_conv`` and ``lowrank_conv``.
+
+Both replace a dense convolution (``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups = 1``; any stride, padding,
+padding mode and dilation) with two convolutions whose composition has the old one's geometry, so the output has
+the old shape at every input size (unlike ``lowrank_linear``, they keep locality and weight sharing):
+
+* ``separable_conv`` — MobileNet's depthwise-separable form: a depthwise k×k convolution with the old geometry
+  (one filter per input channel, depth multiplier 1), then a pointwise 1×1 to the output channels. Weights
+  ``C_in·k² + C_in·C_out`` instead of ``C_in·C_out·k²``. ``norm: true`` puts a BatchNorm, ``activation`` a
+  nonlinearity, between the two (both off by default: the plain composition is still a linear map, the closest
+  stand-in for the single conv it replaces; MobileNet's blocks use both). A 1×1 convolution has nothing to separate
+  and is refused.
+* ``lowrank_conv`` — a k×k convolution to ``rank`` channels, then a 1×1 to the output channels: the rank-r
+  factorisation of the unfolded weight (C_out × C_in·k²), weights ``r·(C_in·k² + C_out)``. ``init: svd`` starts
+  from the truncated SVD of the guide's unfolded weight (exact at full rank).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from theseus_cli.replacements.rank import RankParams, load_factors
+from theseus_cli.replacements.registry import IOShapes, register
+
+DENSE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU}
+_NORMS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def _dense_only(old: nn.Module) -> str | None:
+    if old.groups != 1:
+        return f"grouped convolution (groups={old.groups}): this replacement factorises a dense one (groups=1)"
+    return None
+
+
+def _conv_kind(old: nn.Module) -> type:
+    """The torch class of the convolution's dimensionality (a subclass, such as timm's Conv2dSame, maps to it)."""
+    return next(kind for kind in DENSE_CONVS if isinstance(old, kind))
+
+
+def _same_geometry(old: nn.Module, in_ch: int, out_ch: int, groups: int) -> nn.Module:
+    """A convolution with ``old``'s kernel, stride, padding, padding mode and dilation, and no bias."""
+    return _conv_kind(old)(in_ch, out_ch, old.kernel_size, stride=old.stride, padding=old.padding,
+                           dilation=old.dilation, groups=groups, bias=False, padding_mode=old.padding_mode)
+
+
+def _pointwise(old: nn.Module, in_ch: int, bias: bool) -> nn.Module:
+    return _conv_kind(old)(in_ch, old.out_channels, 1, bias=bias)
+
+
+class SeparableParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    norm: bool = Field(False, description="BatchNorm between the depthwise and the pointwise convolution")
+    activation: Literal["none", "relu", "relu6", "gelu", "silu"] = Field(
+        "none", description="nonlinearity between the two (after the norm, if any)")
+    bias: Optional[bool] = Field(None, description="bias on the pointwise convolution; default: as the guide's conv")
+
+
+class SeparableConv(nn.Sequential):
+    """depthwise (old geometry) → [norm] → [activation] → pointwise 1×1."""
+
+
+def _separable_fits(old: nn.Module, params: SeparableParams, shapes: IOShapes) -> str | None:
+    if all(k == 1 for k in old.kernel_size):
+        return "a 1×1 convolution has nothing to separate (leave it out of the rule's match, or use lowrank_conv)"
+    return _dense_only(old)
+
+
+@register("separable_conv", params=SeparableParams, accepts=DENSE_CONVS, fits=_separable_fits,
+          summary="Conv (groups=1) → depthwise k×k + pointwise 1×1 (MobileNet)")
+def build_separable_conv(old: nn.Module, params: SeparableParams, shapes: IOShapes) -> nn.Module:
+    c_in = old.in_channels
+    parts: list[nn.Module] = [_same_geometry(old, c_in, c_in, groups=c_in)]
+    if params.norm:
+        parts.append(_NORMS[_conv_kind(old)](c_in))
+    if params.activation != "none":
+        parts.append(_ACTIVATIONS[params.activation]())
+    # A depthwise bias before a purely linear path is absorbed by the pointwise bias; before a nonlinearity it is not.
+    if params.activation != "none" and not params.norm:
+        parts[0].bias = nn.Parameter(parts[0].weight.new_zeros(c_in))
+    bias = old.bias is not None if params.bias is None else params.bias
+    return SeparableConv(*parts, _pointwise(old, c_in, bias))
+
+
+class LowRankConvParams(RankParams):
+    bias: Optional[bool] = Field(None, description="bias on the 1×1 convolution; default: as the guide's conv")
+
+
+class LowRankConv(nn.Sequential):
+    """k×k conv (old geometry) to ``rank`` channels → 1×1 conv to the output channels."""
+
+
+def _full_rank(old: nn.Module) -> int:
+    return min(old.out_channels, old.weight[0].numel())
+
+
+def _lowrank_conv_fits(old: nn.Module, params: LowRankConvParams, shapes: IOShapes) -> str | None:
+    return _dense_only(old) or params.too_high(
+        _full_rank(old), f"its unfolded weight ({old.out_channels} × {old.weight[0].numel()})")
+
+
+@register("lowrank_conv", params=LowRankConvParams, accepts=DENSE_CONVS, fits=_lowrank_conv_fits,
+          summary="Conv (groups=1) → k×k conv to rank channels + 1×1 conv")
+def build_lowrank_conv(old: nn.Module, params: LowRankConvParams, shapes: IOShapes) -> nn.Module:
+    rank = params.resolve(_full_rank(old), default=max(1, _full_rank(old) // 4))
+    bias = old.bias is not None if params.bias is None else params.bias
+    new = LowRankConv(_same_geometry(old, old.in_channels, rank, groups=1), _pointwise(old, rank, bias))
+    if params.init == "svd":
+        load_factors(new[0].weight, new[1].weight, old.weight.flatten(1), rank)
+        if bias and old.bias is not None and not new[1].bias.is_meta:
+            new[1].bias.data.copy_(old.bias.detach())
+    return new

@@ -40,7 +40,12 @@ def test_int8_export_is_judged_on_the_test_metric_and_written(runs, kind, mode, 
     import onnx
 
     model = onnx.load(info["out"])
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and ".weight" in t.name and t.name.endswith("_quantized")]
+    assert weights and q["weight_bits"] == 7
+    # 7-bit weights: full-range int8 overflows the 16-bit pair sums of x86 kernels without VNNI (this CNN lost 22
+    # points that way on an AVX2 CPU)
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)
     assert {p.key: p.value for p in model.metadata_props}["theseus_quantization"] == f"int8 {mode}"
     if mode == "dynamic":
         assert q["int8"]["size_bytes"] < q["float"]["size_bytes"]

@@ -165,3 +165,17 @@ def fmt_mean_std(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f} (1 seed)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def finished_report(out: Path, digest: str, guide: Path | None) -> dict | None:
+    """A finished run of the very same recipe on the very same guide file (None: the recipe's pretrained guide) in
+    ``out``: an interrupted benchmark goes on where it stopped instead of re-running hours of CPU; anything else is
+    re-run."""
+    from theseus_cli.training.session import file_sha256
+
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    same_guide = report["guide"].get("checkpoint_sha256") == (file_sha256(guide) if guide else None)
+    return report if report.get("recipe_hash") == digest and same_guide else None

@@ -35,11 +35,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from common import ROOT, add_seeds_option, cached_guide, device_name, mean_std, parse_seeds, settings_parser, untrained_guide
+from common import (ROOT, add_seeds_option, cached_guide, device_name, finished_report, mean_std, parse_seeds,
+                    settings_parser, untrained_guide)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
-from theseus_cli.training.session import file_sha256
 
 RESNET = "bench/recipes/fmnist_resnet50_to_resnet18_small.yaml"
 SETTINGS = {
@@ -87,17 +87,6 @@ def fixed_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> t
     if "guide_epochs" in spec:
         return cached_guide(f"distill-{name}", recipe, 1 if small else spec["guide_epochs"], spec["guide_lr"], device)
     return untrained_guide(f"distill-{name}", recipe), {"trained": False}
-
-
-def finished_report(out: Path, digest: str, guide: Path) -> dict | None:
-    """A finished run of the very same recipe on the very same guide file in ``out`` (an interrupted benchmark
-    goes on where it stopped instead of re-running hours of CPU); anything else is re-run."""
-    path = out / "report.json"
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text())
-    same_guide = report["guide"].get("checkpoint_sha256") == file_sha256(guide)
-    return report if report.get("recipe_hash") == digest and same_guide else None
 
 
 def run_method(method: str, raw: dict, seed: int, guide: Path, device: str, out: Path) -> dict | None:

@@ -19,7 +19,8 @@ whether it is met.
 Settings (CPU by default; ``"default": False`` ones need a GPU-sized budget):
 * ``cnn-separable`` / ``cnn-lowrank-svd`` / ``cnn-lowrank-random`` — recipes/edge_cnn_*.yaml: the demo's
   ResNet-style CNN on the few-label canvas data → depthwise-separable / low-rank (SVD start; random start)
-  convolutions.
+  convolutions, aligned with feature regression (``similarity.kind: mse``); ``cnn-separable-cka`` /
+  ``cnn-lowrank-svd-cka`` align the same targets with the paper's linear CKA instead.
 * ``resnet18-separable`` — torchvision ResNet-18 at 3×32×32 on Fashion-MNIST, every 3×3 conv → separable (GPU).
 * ``minilm-edge`` — recipes/edge_minilm.yaml (linear attention + low-rank FFN), on 2,000 sentences (CPU-sized).
 * ``gpt2-edge-1000`` / ``gpt2-edge`` — recipes/edge_gpt2_linear_attention.yaml with 1,000 training sequences and
@@ -36,7 +37,7 @@ import json
 from pathlib import Path
 
 import yaml
-from common import ROOT, add_seeds_option, cached_guide, pm, run_settings, settings_parser
+from common import ROOT, add_seeds_option, cached_guide, finished_report, pm, run_settings, settings_parser
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.artifacts import save_target
@@ -55,6 +56,8 @@ SETTINGS = {
     "cnn-lowrank-svd": {"recipe": CNN_LOW, **_CNN},
     "cnn-lowrank-random": {"recipe": CNN_LOW, **_CNN, "override": {"replace": [
         {"match": "re:.*conv\\d", "with": "lowrank_conv", "params": {"rank_ratio": 0.25, "init": "random"}}]}},
+    "cnn-separable-cka": {"recipe": CNN_SEP, **_CNN, "override": {"similarity": {"kind": "cka"}}},
+    "cnn-lowrank-svd-cka": {"recipe": CNN_LOW, **_CNN, "override": {"similarity": {"kind": "cka"}}},
     "resnet18-separable": {"recipe": "recipes/resnet18_to_mlp.yaml", **_CNN, "default": False, "override": {"replace": [
         {"match": "re:.*conv\\d", "with": "separable_conv"}]}},
     "minilm-edge": {"recipe": "recipes/edge_minilm.yaml", "override": {"data": {"train_limit": 2000}}},
@@ -128,9 +131,9 @@ def on_onnxruntime(target: Path, out_dir: Path) -> dict:
 def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str = "auto", small: bool = False) -> dict:
     raw = raw_recipe(spec, seed, small)
     guide = the_guide(name, spec, raw, device, small)
-    run = out_root / name
-    report = run_conversion(parse_recipe(raw, f"{name} seed {seed}"), run,
-                            ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=True))
+    run, recipe = out_root / name, parse_recipe(raw, f"{name} seed {seed}")
+    report = finished_report(run, recipe.digest(), guide) or run_conversion(
+        recipe, run, ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=True))
     m, dep = report["metric"], report["deployment"]
     onnx_t = on_onnxruntime(run, run / "onnx")
     onnx_g = on_onnxruntime(guide_as_target(raw, guide, run / "guide"), run / "guide" / "onnx")
@@ -171,6 +174,11 @@ def verdict(r: dict) -> str:
             f"{' and '.join(beats) if beats else 'neither baseline'} (means over seeds)")
 
 
+def _kb(r: dict, who: str) -> str:
+    """The ONNX files' sizes (the same at every seed up to a few bytes of metadata; seed means)."""
+    return " / ".join(f"{r[f'{who}_{kind}_size_bytes'] / 1024:.1f}" for kind in ("fp32", "int8"))
+
+
 def markdown(rows: list, device: str) -> str:
     lines = []
     for r in rows:
@@ -178,14 +186,14 @@ def markdown(rows: list, device: str) -> str:
         lines += [f"**{r['setting']}** ({r['recipe']}) — {r['metric_name']}; {r['data']['train']:,} training inputs, "
                   f"{r['data']['labelled']:,} labelled; {r['steps']:,.0f} gradient steps per method",
                   "", f"| model | {r['metric_name']} | params | FLOPs/example | PyTorch b=1 ms | ORT fp32 b=1 ms | "
-                  f"ORT int8 b=1 ms | int8 {r['metric_name']} |", "|---|---|---|---|---|---|---|---|"]
+                  f"ORT int8 b=1 ms | int8 {r['metric_name']} | file KB fp32 / int8 |", "|---|---|---|---|---|---|---|---|---|"]
         for who, label in (("guide", "guide"), ("target", "**NoT target**")):
             int8, int8_m = pm(r, f"{who}_int8_b1_ms", "{:.3f}"), pm(r, f"{who}_int8_metric", f)
             lines.append(f"| {label} | {pm(r, 'guide' if who == 'guide' else 'not', f)} | {r[f'{who}_params']:,.0f} | "
                          f"{r[f'{who}_flops'] / 1e6:.2f}M | {pm(r, f'{who}_pt_b1_ms', '{:.3f}')} | "
-                         f"{pm(r, f'{who}_fp32_b1_ms', '{:.3f}')} | {int8} | {int8_m} |")
+                         f"{pm(r, f'{who}_fp32_b1_ms', '{:.3f}')} | {int8} | {int8_m} | {_kb(r, who)} |")
         for b, label in (("scratch", "target from scratch"), ("distill", "target distilled from the guide")):
-            lines.append(f"| {label} | {pm(r, b, f)} | (same as target) | | | | | |")
+            lines.append(f"| {label} | {pm(r, b, f)} | (same as target) | | | | | | |")
         lines += ["", verdict(r)] + refusals(r) + [""]
     note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
     return "\n".join(lines) + f"\nDevice: {device}; ONNX Runtime with {ONNX_THREADS} intra-op thread.{note}\n"

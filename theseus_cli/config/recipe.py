@@ -175,7 +175,8 @@ class TargetConfig(StrictModel):
 
 
 class SimilarityConfig(StrictModel):
-    kind: SimilarityName = Field("cka", description="linear CKA, unbiased CKA, or differentiable mutual nearest neighbours")
+    kind: SimilarityName = Field("cka", description="linear CKA, unbiased CKA, differentiable mutual nearest "
+                                 "neighbours, or feature regression (mse)")
     tokens: Literal["flatten", "per-token"] = Field(
         "flatten", description="sequence activations (B, T, D): one row per sample of T·D features (the paper), or one row per token")
     k: int = Field(10, ge=1, description="dmnn: neighbours per anchor (also used for the mutual-kNN score in reports)")
@@ -234,6 +235,9 @@ class Recipe(StrictModel):
             if sim.kind == "dmnn":
                 raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
             raise ValueError(f"similarity.kind: {sim.kind} needs data.batch_size ≥ {min_batch(sim.kind)}, got {batch}")
+        if sim.kind == "mse" and self.target is not None:
+            raise ValueError("similarity.kind: mse compares activations element by element, but an architecture "
+                             "transfer aligns blocks whose widths may differ; use cka, ucka or dmnn")
         return self
 
     @model_validator(mode="after")

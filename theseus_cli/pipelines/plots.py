@@ -29,7 +29,7 @@ def plot_alignment(path: Path, stages: list[dict], layer_sim: dict[str, dict[str
     left.set_yscale("log")
     left.set_xlabel("alignment step (stages in order)")
     left.set_ylabel({"cka": "mean 1 − CKA", "ucka": "mean 1 − unbiased CKA", "dmnn": "mean D-MNN KL",
-                    "distill": "T²·KL of the outputs"}[metric] + ("" if metric == "distill" else " over aligned layers"))
+                    "mse": "mean ‖t − g‖² / ‖g‖²", "distill": "T²·KL of the outputs"}.get(metric, f"mean {metric} loss") + ("" if metric == "distill" else " over aligned layers"))
     left.set_title("alignment loss per stage")
     if len(stages) <= 12:
         left.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))

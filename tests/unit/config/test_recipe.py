@@ -73,11 +73,11 @@ def test_unknown_replacement_lists_valid_choices():
 
 
 def test_unknown_schedule_and_similarity_list_choices():
-    data = tiny_recipe_dict(schedule={"kind": "random"}, similarity={"kind": "mse"})
+    data = tiny_recipe_dict(schedule={"kind": "random"}, similarity={"kind": "l2"})
     with pytest.raises(RecipeError) as info:
         parse_recipe(data)
     assert "schedule.kind: Input should be 'progressive'" in str(info.value)
-    assert "similarity.kind: Input should be 'cka', 'ucka' or 'dmnn'" in str(info.value)
+    assert "similarity.kind: Input should be 'cka', 'ucka', 'dmnn' or 'mse'" in str(info.value)
 
 
 def test_batch_too_small_for_the_similarity():

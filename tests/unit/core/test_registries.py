@@ -30,7 +30,7 @@ def test_every_data_source_and_model_source_is_documented():
 
 
 def test_recipe_option_sets_come_from_the_registries():
-    with pytest.raises(ValueError, match="'cka', 'ucka' or 'dmnn'"):
+    with pytest.raises(ValueError, match="'cka', 'ucka', 'dmnn' or 'mse'"):
         SimilarityConfig(kind="ckaa")
     with pytest.raises(ValueError, match="'fashion-mnist'"):
         DataConfig(source="cifar")

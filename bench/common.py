@@ -66,6 +66,16 @@ def settings_parser(doc: str, settings: dict, default_out: str) -> argparse.Argu
     return parser
 
 
+def add_small_option(parser: argparse.ArgumentParser) -> None:
+    """--small: toy sizes, so that a test can run the whole script on a CPU in seconds (see :func:`smoke_note`)."""
+    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+
+
+def smoke_note(rows: list[dict]) -> str:
+    """The warning a --small run's table ends with: its figures must never be read as results."""
+    return " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+
+
 def run_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict, name: str,
                  run_one: Callable[..., dict], markdown: Callable[[list, str], str]) -> None:
     """Run each chosen setting (``run_one(setting, spec, out_root)`` returns its row), then write

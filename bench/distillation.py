@@ -35,8 +35,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, cached_guide, device_name, finished_report, mean_std, parse_seeds,
-                    settings_parser, untrained_guide)
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, device_name, finished_report, mean_std,
+                    parse_seeds, settings_parser, smoke_note, untrained_guide)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -167,14 +167,14 @@ def markdown(rows: list[dict], device: str) -> str:
             lines.append(f"| {LABELS[row]} | {f.format(mean)} ± {f.format(std)} | {', '.join(f.format(x) for x in v)} | "
                          f"{mean_std(r['seconds'][row])[0]:.0f} |")
         lines += ["", verdict(r), ""]
-    note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+    note = smoke_note(rows)
     return "\n".join(lines) + f"\nDevice: {device}.{note}\n"
 
 
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench")
     add_seeds_option(parser)
-    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    add_small_option(parser)
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
     names = [s for s in args.settings.split(",") if s]

@@ -37,7 +37,8 @@ import json
 from pathlib import Path
 
 import yaml
-from common import ROOT, add_seeds_option, cached_guide, finished_report, pm, run_settings, settings_parser
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, pm, run_settings,
+                    settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.artifacts import save_target
@@ -195,14 +196,14 @@ def markdown(rows: list, device: str) -> str:
         for b, label in (("scratch", "target from scratch"), ("distill", "target distilled from the guide")):
             lines.append(f"| {label} | {pm(r, b, f)} | (same as target) | | | | | | |")
         lines += ["", verdict(r)] + refusals(r) + [""]
-    note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+    note = smoke_note(rows)
     return "\n".join(lines) + f"\nDevice: {device}; ONNX Runtime with {ONNX_THREADS} intra-op thread.{note}\n"
 
 
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench-edge")
     add_seeds_option(parser)
-    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    add_small_option(parser)
     args = parser.parse_args()
     run_settings(parser, args, SETTINGS, "edge",
                  lambda name, spec, out, seed: run_one(name, spec, out, seed, args.device, args.small), markdown)

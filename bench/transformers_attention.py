@@ -31,7 +31,8 @@ import copy
 from pathlib import Path
 
 import yaml
-from common import ROOT, add_seeds_option, cached_guide, pm, run_settings, settings_parser, the_baseline, with_seed
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, pm, run_settings, settings_parser,
+                    smoke_note, the_baseline, with_seed)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -109,13 +110,13 @@ def markdown(rows: list[dict], device: str) -> str:
             f"{pm(r, 'not', f)} | {pm(r, 'naive', f)} ({r['naive_init']}) | {pm(r, 'not_better_by', f)} | "
             f"{r['params']['guide']:,} → {r['params']['target']:,} | {r['steps']['alignment']} + {r['steps']['finetune']} | "
             f"{r['wall_time']['total'] - r['baseline_seconds']:.0f}, {r['baseline_seconds']:.0f} |")
-    note = " SMOKE RUN (--small): toy sizes, figures meaningless." if rows and rows[0]["small"] else ""
+    note = smoke_note(rows)
     return "\n".join(lines) + f"\n\nDevice: {device}.{note}\n"
 
 
 def main() -> None:
     parser = settings_parser(__doc__, SETTINGS, "bench")
-    parser.add_argument("--small", action="store_true", help="toy sizes for a CPU smoke run")
+    add_small_option(parser)
     add_seeds_option(parser)
     args = parser.parse_args()
     run_settings(parser, args, SETTINGS, "transformers_attention",

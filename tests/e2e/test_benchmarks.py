@@ -10,32 +10,30 @@ import pytest
 from tests.conftest import HANG_S, REPO
 
 
-def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
-    script = REPO / "bench" / "gpu_alignment_throughput.py"
-    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S)
+def _bench(script: str, tmp_path, *args: str, ci: bool = True) -> subprocess.CompletedProcess:
+    """Run ``bench/<script> ARGS --out tmp_path`` (with ``CI=true`` unless ``ci`` is False); it must exit 0."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"} if ci else None)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def test_gpu_throughput_benchmark_runs_small_on_cpu(tmp_path):
+    _bench("gpu_alignment_throughput.py", tmp_path, "--small", "--device", "cpu", ci=False)
     row = json.loads((tmp_path / "gpu_alignment_throughput.json").read_text())["rows"][0]
     assert row["aligned_points"] == 20 and row["alignment"] > 0 and row["plain"] > 0
     assert row["ratio"] == row["alignment"] / row["plain"]
 
 
 def test_gpu_conversion_time_benchmark_runs_small_on_cpu(tmp_path):
-    script = REPO / "bench" / "gpu_conversion_time.py"
-    run = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _bench("gpu_conversion_time.py", tmp_path, "--small", "--device", "cpu", ci=False)
     result = json.loads((tmp_path / "gpu_conversion_time.json").read_text())
     assert result["full"]["stages"] == 20 and 0 <= result["full"]["target"] <= 1
     assert [r["stages"] for r in result["scaling"]] == [1, 1, 5, 5, 20, 20]
 
 
 def test_transport_benchmark_runs_small_and_recovers_a_tuned_in_the_widened_copy(tmp_path):
-    root = REPO
-    run = subprocess.run([sys.executable, str(root / "bench" / "task_vector_transport.py"), "--small", "--device", "cpu",
-                          "--settings", "w-to-1.5w,w-to-widened-copy", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _bench("task_vector_transport.py", tmp_path, "--small", "--device", "cpu", "--settings", "w-to-1.5w,w-to-widened-copy")
     rows = {r["setting"]: r for r in json.loads((tmp_path / "task_vector_transport.json").read_text())["rows"]}
     assert set(rows) == {"w-to-1.5w", "w-to-widened-copy"} and "SMOKE RUN" in run.stdout
     copy = rows["w-to-widened-copy"]
@@ -44,11 +42,7 @@ def test_transport_benchmark_runs_small_and_recovers_a_tuned_in_the_widened_copy
 
 
 def test_deployment_cost_benchmark_runs_on_two_settings(tmp_path):
-    root = REPO
-    run = subprocess.run([sys.executable, str(root / "bench" / "deployment_cost.py"), "--device", "cpu", "--settings",
-                          "fmnist-resnet-to-mlp,resnet50-to-resnet18-small", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    _bench("deployment_cost.py", tmp_path, "--device", "cpu", "--settings", "fmnist-resnet-to-mlp,resnet50-to-resnet18-small")
     rows = {r["setting"]: r for r in json.loads((tmp_path / "deployment_cost.json").read_text())["rows"]}
     transfer = rows["resnet50-to-resnet18-small"]["ratios"]
     assert transfer["params"] < 0.6 and transfer["flops"] < 0.6  # the transfer target is smaller
@@ -56,10 +50,7 @@ def test_deployment_cost_benchmark_runs_on_two_settings(tmp_path):
 
 
 def test_distillation_benchmark_runs_small_over_two_seeds(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "distillation.py"), "--small", "--device", "cpu",
-                          "--settings", "demo", "--seeds", "0,1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _bench("distillation.py", tmp_path, "--small", "--device", "cpu", "--settings", "demo", "--seeds", "0,1")
     row = json.loads((tmp_path / "distillation.json").read_text())["rows"][0]
     assert row["seeds"] == [0, 1] and set(row["values"]) == {"scratch", "distill", "progressive-kd", "not", "not-kd-ft"}
     assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in row["values"].values())
@@ -87,10 +78,7 @@ def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
 
 
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "edge.py"), "--small", "--device", "cpu",
-                          "--settings", "cnn-separable", "--seeds", "0", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _bench("edge.py", tmp_path, "--small", "--device", "cpu", "--settings", "cnn-separable", "--seeds", "0")
     row = json.loads((tmp_path / "edge.json").read_text())["rows"][0]
     assert row["setting"] == "cnn-separable" and row["small"] is True
     assert row["target_params"] < row["guide_params"] and row["target_flops"] < row["guide_flops"]

@@ -57,7 +57,8 @@ class RecurrentSlot:
         return self.seen
 
     def get_mask_sizes(self, query, *args) -> tuple[int, int]:
-        tokens = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+        # an int, a cache_position tensor (older transformers), or a 0-d tensor while tracing an export
+        tokens = query.shape[0] if isinstance(query, torch.Tensor) and query.dim() else int(query)
         return self.seen + tokens, 0
 
     def get_max_length(self) -> int:

@@ -112,9 +112,8 @@ def cache_of(kwargs: dict):
     cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is None:
         return None
-    if not hasattr(cache, "layers"):
-        raise StreamingError(f"a replaced module was handed a {type(cache).__name__} as its cache; only "
-                             "transformers Cache objects (the default of generate) can hold its state")
+    if not hasattr(cache, "layers"):  # not a transformers Cache (a legacy tuple, a placeholder): ignored, as before
+        return None
     return getattr(cache, "self_attention_cache", cache)
 
 

@@ -4,7 +4,8 @@ reload the target with one call and generate text with it.
 About a minute on a laptop CPU at this (tiny) size on the King James Bible (Debian bible-kjv):
     python examples/gpt2_to_rnn_generate.py [OUT_DIR]
 The converted model is an ordinary transformers GPT2LMHeadModel whose attention modules are RNNs, so
-``generate`` works; it keeps no KV cache (``use_cache=False``), so every step re-runs the recurrence.
+``generate`` works, and streams: the RNNs keep their hidden states in the model's cache, so after the prompt each
+step feeds one new token (``load_target`` turns ``generation_config.use_cache`` on).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(out: Path, prompt: str = "And God said") -> dict:
     tok = load_tokenizer(target.theseus_meta.tokenizer)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        generated = target.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=tok.eos_token_id)
+        generated = target.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
     text = tok.decode(generated[0])
 
     m = report["metric"]

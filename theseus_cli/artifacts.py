@@ -197,7 +197,8 @@ def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False)
     """Rebuild a converted target from ``target.safetensors`` (or its finished run directory).
 
     Returns the model in eval mode; ``model.theseus_meta`` holds the :class:`TargetMeta` (input shape, normalisation,
-    plan, recipe). The architecture the metadata names is built only if this installation vouches for it
+    plan, recipe). A causal LM generates with its cache on (``generation_config.use_cache``): replaced sequence
+    modules keep their recurrent state there, so each step feeds only the new token. The architecture the metadata names is built only if this installation vouches for it
     (see :func:`unvouched`), or with ``trust_code``: a downloaded target must not run code of its choosing.
     """
     from safetensors.torch import load_model
@@ -221,4 +222,6 @@ def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False)
         raise ModelError(f"{file}: weights do not fit the rebuilt target: {exc}") from None
     model.to(device).eval()
     model.theseus_meta = meta
+    if meta.task == "causal-lm" and getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True  # generate streams: replaced modules keep their state in the cache
     return model

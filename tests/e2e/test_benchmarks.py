@@ -89,3 +89,18 @@ def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_pa
         # sizes measured, not compared: on a graph this small QDQ nodes can outweigh the saved weight bytes
         assert row[f"{who}_fp32_size_bytes"] > 0 and (row[f"{who}_int8_size_bytes"] > 0 or who in row["int8_refused"])
     assert "goal: ×" in run.stdout and "SMOKE RUN" in run.stdout
+
+
+def test_streaming_benchmark_runs_small_and_reports_every_model(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "streaming.py"), "--lengths", "6,12", "--batches", "2",
+                          "--rerun-max", "6", "--max-positions", "32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "streaming.json").read_text())["rows"]
+    seen = {(r["model"], r["tokens"]) for r in rows}
+    assert seen == {(m, n) for m in ("guide+kv", "rnn-stream", "linattn-stream", "rnn-ort-step") for n in (6, 12)} | {("rnn-rerun", 6)}
+    by = {(r["model"], r["tokens"]): r for r in rows}
+    # what the benchmark is about: the KV cache grows with the text, a state does not
+    assert by[("guide+kv", 12)]["cache_bytes"] > by[("guide+kv", 6)]["cache_bytes"] > 0
+    assert by[("rnn-stream", 12)]["cache_bytes"] == by[("rnn-stream", 6)]["cache_bytes"] == by[("rnn-ort-step", 12)]["cache_bytes"] > 0
+    assert all(r["ms_per_token"] > 0 for r in rows) and "cache/state bytes" in (tmp_path / "streaming.md").read_text()

@@ -8,6 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from theseus_cli import load_target
+from tests.conftest import REPO
 from theseus_cli.cli.app import app
 from tests.e2e.test_cli_transformers import GPT2
 
@@ -59,6 +60,27 @@ def test_rnn_target_exports_to_onnx_with_a_dynamic_sequence_axis(rnn_run):
                                atol=1e-4, rtol=1e-3)
 
 
+def test_rnn_target_streams_on_onnx_runtime_with_numpy_only(rnn_run):
+    """The prefill and decode-step graphs (issue 18): the example's numpy loop gives PyTorch's greedy tokens for a
+    left-padded batch, the state layout travels in the files, and a second export without --overwrite is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stream_example", REPO / "examples" / "stream_generate_onnx.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(rnn_run, new_tokens=4)  # the fixture allows 16 positions
+    streaming = result["export"]["streaming"]
+    assert streaming["written"] and streaming["parity"]["passed"] and streaming["parity"]["prompt_padding"] == [0, 3, 1]
+    assert [s["module"] for s in streaming["state"]] == ["ElmanRNN"] * len(streaming["state"]) and streaming["state"]
+    assert result["same"] and result["onnx"].shape[1] == result["torch"].shape[1]
+    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "again.onnx")])
+    assert res.exit_code == 0, res.output
+    assert (rnn_run / "again.prefill.onnx").is_file() and (rnn_run / "again.step.onnx").is_file()
+    (rnn_run / "again.onnx").unlink()
+    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "again.onnx")])
+    assert res.exit_code == 8 and "again.prefill.onnx: exists" in res.output and not (rnn_run / "again.onnx").exists()
+
+
 def test_rnn_target_as_a_transformers_directory_with_remote_code(rnn_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,6 +95,10 @@ def test_rnn_target_as_a_transformers_directory_with_remote_code(rnn_run):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, load_target(rnn_run)(ids).logits)
+    # both generate with the RNN state in the cache (one token per step), and the tokens are those of a full re-run
+    assert model.generation_config.use_cache and load_target(rnn_run).generation_config.use_cache
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok("In the beginning").input_ids == [818, 262, 3726]  # GPT-2 BPE ids
     assert not hasattr(load_target(rnn_run).config, "theseus_entries")  # the live target's config is left as it was

@@ -397,6 +397,39 @@ def _export_int8(wrapper, cases, out: Path, source: Path, o: ExportOptions) -> d
         return {**result, **quantize_onnx(job, out)}
 
 
+def _export_decoder_onnx(model: nn.Module, wrapper, cases, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """The whole-sequence file and, for a decoder whose every sequence mixer keeps a state, the prefill and
+    decode-step graphs beside it (:mod:`theseus_cli.deploy.streaming`): all checked before any is written."""
+    from theseus_cli.deploy.streaming import (check_streaming, streaming_modules, streaming_paths, write_graphs,
+                                              write_metadata)
+
+    meta = model.theseus_meta
+    modules, why = streaming_modules(model)
+    if modules is None:
+        return {**export_onnx(wrapper, cases, out, meta, o.atol, o.rtol, o.opset, o.exporter),
+                "streaming": {"written": False, "reason": why}}
+    final = streaming_paths(out)
+    clash = next((p for p in final.values() if p.exists() and not o.overwrite), None)
+    if clash is not None:
+        raise OutputError(f"{clash}: exists (use --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stream.") as tmp:
+        try:
+            with _quiet():
+                paths, layout, prompt = write_graphs(model, modules, Path(tmp), o.opset)
+            parity = check_streaming(model, modules, paths, prompt, o.atol, o.rtol)
+        except AssertionError as exc:
+            raise ExportError(f"the streaming graphs do not reproduce PyTorch's step logits: {exc}") from None
+        except Exception as exc:
+            raise ExportError(f"the streaming export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        for graph in paths.values():
+            write_metadata(graph, layout, {ONNX_META_KEY: meta.to_json()})
+        result = export_onnx(wrapper, cases, out, meta, o.atol, o.rtol, o.opset, o.exporter)
+        for kind, graph in paths.items():
+            os.replace(graph, final[kind])
+    return {**result, "streaming": {"written": True, **{k: str(p) for k, p in final.items()}, "state": layout,
+                                    "parity": parity}}
+
+
 def export_target(path: str | Path, fmt: str = "onnx", options: ExportOptions | None = None) -> dict[str, Any]:
     """Export the target in ``path`` (a run directory or ``target.safetensors``); verify; return what was written."""
     o = options or ExportOptions()
@@ -423,6 +456,8 @@ def export_target(path: str | Path, fmt: str = "onnx", options: ExportOptions | 
     cases = sample_inputs(model, meta)
     if fmt == "onnx" and o.quantize:
         result = _export_int8(wrapper, cases, out, path, o)
+    elif fmt == "onnx" and task == "causal-lm":
+        result = _export_decoder_onnx(model, wrapper, cases, out, o)
     elif fmt == "onnx":
         result = export_onnx(wrapper, cases, out, meta, atol, rtol, opset, exporter)
     elif fmt == "torchscript":

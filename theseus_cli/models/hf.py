@@ -16,8 +16,9 @@ The head follows the recipe's task: ``causal-lm`` → ``AutoModelForCausalLM``,
 ``sentence-embedding`` → ``AutoModel`` (the bare encoder), ``classification``
 → ``AutoModelForImageClassification``. Nothing is ever downloaded: configs
 come from kwargs or the directory, weights from local files only. The KV
-cache is switched off (``use_cache=False``): attention replacements keep no
-cache, and conversion never generates.
+cache is switched off (``use_cache=False``): conversion never generates.
+``load_target`` turns it back on for generation, where replaced sequence
+modules keep their recurrent state in it (:mod:`theseus_cli.replacements.state`).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from theseus_cli.replacements.registry import IOShapes, register
 from theseus_cli.replacements.sequence import keep_mask, like_old
+from theseus_cli.replacements.state import StreamingError, guide_layer_idx, state_slot
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 
@@ -105,6 +106,7 @@ class LinearAttention(nn.Module):
         self.phi = FeatureMap(feature_map, heads, d_in // heads)
         self.out = nn.Linear(d_in, d_out, bias=bias)
         self.output_arity = output_arity
+        self.layer_idx: int | None = None  # the cache slot for generation; set by the builder from the guide module
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -118,11 +120,29 @@ class LinearAttention(nn.Module):
             mask = keep[:, None, :, None].to(k.dtype)
             k, v = k * mask, v * mask
         num, den = (causal_sums if self.causal else global_sums)(q, k, v, 0 if _capturing() else self.chunk)
+        num, den = self._carry(kwargs, q, k, v, num, den)
         y = (num / (den.unsqueeze(-1) + self.eps)).transpose(1, 2).flatten(2)
         out = self.out(y)
         if keep is not None:
             out = out * keep.unsqueeze(-1).to(out.dtype)
         return like_old(out, self.output_arity)
+
+    def _carry(self, kwargs: dict, q, k, v, num, den):
+        """Under generation: add the kept sums' contribution to this call's terms and keep the new sums."""
+        slot = state_slot(kwargs, self.layer_idx, "linear_attention")
+        if slot is None:
+            return num, den
+        if not self.causal:
+            raise StreamingError("non-causal linear_attention cannot generate token by token (every output reads "
+                                 "every token); generate with use_cache=False")
+        kv, ksum = torch.einsum("bhtf,bhtd->bhfd", k, v), k.sum(2)
+        if slot.state is not None:
+            kv_before, k_before = slot.state
+            num = num + torch.einsum("bhtf,bhfd->bhtd", q, kv_before)
+            den = den + torch.einsum("bhtf,bhf->bht", q, k_before)
+            kv, ksum = kv + kv_before, ksum + k_before
+        slot.store((kv, ksum), q.shape[2])
+        return num, den
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, feature_map={self.phi.kind}, causal={self.causal}, chunk={self.chunk}"
@@ -174,5 +194,7 @@ def _fits(old: nn.Module, params: LinearAttentionParams, shapes: IOShapes) -> st
 def build_linear_attention(old: nn.Module, params: LinearAttentionParams, shapes: IOShapes) -> nn.Module:
     d_in, d_out = shapes.input[-1], shapes.output[-1]
     causal = resolved_causal(old, params)
-    return LinearAttention(d_in, d_out, resolved_heads(old, params, d_in), params.feature_map, bool(causal),
-                           params.chunk, params.bias, shapes.output_arity)
+    new = LinearAttention(d_in, d_out, resolved_heads(old, params, d_in), params.feature_map, bool(causal),
+                          params.chunk, params.bias, shapes.output_arity)
+    new.layer_idx = guide_layer_idx(old)
+    return new

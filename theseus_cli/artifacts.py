@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.models import MODEL_SOURCES, build_model
+from theseus_cli.models.checkpoint_fit import rebuild_head
 from theseus_cli.errors import ModelError, OutputError, TheseusError, disk_error
 from theseus_cli.replacements import weights_follow
 from theseus_cli.surgery.plan import PlanEntry, apply_entries
@@ -208,7 +209,7 @@ def load_target(path: str | Path, device: str = "cpu", trust_code: bool = False)
     spec = meta.architecture
     check_vouched(spec.arch, trust_code, file)
     try:
-        model = build_model(spec.arch, spec.kwargs, seed=0, task=meta.task)
+        model = rebuild_head(build_model(spec.arch, spec.kwargs, seed=0, task=meta.task), spec.head)
         with weights_follow():  # the file's weights replace any start computed from the random guide
             apply_entries(model, [PlanEntry.from_dict(e) for e in meta.entries])
     except TheseusError:

@@ -19,12 +19,21 @@ META_VERSION = 2
 TASKS = ("classification", "causal-lm", "sentence-embedding")
 
 
+class HeadSpec(BaseModel):
+    """A head rebuilt after construction (``guide.head: reset``): the ``nn.Linear`` at ``path`` gets ``classes``
+    outputs, whatever the constructor's kwargs made it."""
+
+    path: str
+    classes: int
+
+
 class ArchSpec(BaseModel):
     """An architecture: a spec (``torchvision:resnet18``, ``hf:gpt2``, ``module:function``) and its kwargs."""
 
     model_config = ConfigDict(extra="ignore")
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    head: Optional[HeadSpec] = None
 
 
 class Normalization(BaseModel):

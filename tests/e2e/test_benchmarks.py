@@ -92,10 +92,7 @@ def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_pa
 
 
 def test_streaming_benchmark_runs_small_and_reports_every_model(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "streaming.py"), "--lengths", "6,12", "--batches", "2",
-                          "--rerun-max", "6", "--max-positions", "32", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "CI": "true"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    _bench("streaming.py", tmp_path, "--lengths", "6,12", "--batches", "2", "--rerun-max", "6", "--max-positions", "32")
     rows = json.loads((tmp_path / "streaming.json").read_text())["rows"]
     seen = {(r["model"], r["tokens"]) for r in rows}
     assert seen == {(m, n) for m in ("guide+kv", "rnn-stream", "linattn-stream", "rnn-ort-step") for n in (6, 12)} | {("rnn-rerun", 6)}

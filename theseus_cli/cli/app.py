@@ -23,8 +23,8 @@ from theseus_cli.errors import TheseusError, disk_error, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
-out_console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+out_console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)  # ":x:" in a path is text
+err_console = Console(stderr=True, emoji=False)
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
@@ -37,6 +37,8 @@ TrustTargetOpt = typer.Option(False, "--trust-target",
                               help="build the architecture a saved target's metadata names even when it is code "
                                    "(module:function) or an hf: directory; only for files you trust (default: only "
                                    "torchvision:, timm:, hf: model types or packages and theseus_cli.zoo)")
+KeyMapOpt = typer.Option(None, "--key-map", help="rename guide checkpoint keys before loading: 're:<regex>=><replacement>', "
+                         "repeatable, applied after the recipe's guide.key_map, in order")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
 
 
@@ -104,6 +106,7 @@ def _shape(shape) -> str:
 def inspect(
     guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
     recipe: Path = RecipeOpt,
+    key_map: Optional[list[str]] = KeyMapOpt,
     trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     debug: bool = DebugOpt,
@@ -112,9 +115,9 @@ def inspect(
 
     def work():
         from theseus_cli.pipelines.inspect import inspect_guide
-        from theseus_cli.config.recipe import load_recipe
+        from theseus_cli.config.recipe import load_recipe, with_key_map
 
-        return inspect_guide(load_recipe(recipe), guide)
+        return inspect_guide(with_key_map(load_recipe(recipe), key_map or []), guide)
 
     plan = _run(debug, work, trust)
     if as_json:
@@ -125,7 +128,7 @@ def inspect(
         return
     table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
     for col in ("path", "type", "output", "params", "FLOPs", "rule", "becomes", "target params", "target FLOPs"):
-        table.add_column(col, justify="right" if "params" in col or "FLOPs" in col else "left")
+        table.add_column(col, justify="right" if "params" in col or "FLOPs" in col else "left", overflow="fold")
     for row in plan["rows"]:
         becomes = None
         if row["becomes"]:
@@ -138,15 +141,19 @@ def inspect(
                       f"{row['target_params']:,}" if replaced else f"{row['params']:,}",
                       _flops(row["target_flops"] if replaced else row["flops"]))
     out_console.print(table)
+    for u in plan.get("unclaimed", []):
+        out_console.print(f"[yellow]not converted:[/] {_e(u['path'])} ({_e(u['type'])}) is a {_e(u['class'])}, the class "
+                          f"replace[{u['rule']}] names, but that rule does not claim it (ignore / exact:)")
     stages = Table(title=f"stages: {plan['schedule']['kind']}, {plan['schedule']['order']}"
                    + (f", grouped by the first {plan['schedule']['group_depth']} path components" if plan["schedule"]["group_depth"] else ""))
     for col in ("stage", "introduces", "trains", "aligns", "fed by"):
-        stages.add_column(col)
+        stages.add_column(col, overflow="fold")
     for i, st in enumerate(plan["stages"]):
         stages.add_row(str(i + 1), _e(", ".join(st["introduced"])), _count(st["trained"]), _count(st["aligned"]), st["feed"])
     out_console.print(stages)
     g = plan["guide"]
     out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
+    _print_checkpoint_fit(g.get("checkpoint_fit"))
     out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
                       f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
@@ -154,6 +161,22 @@ def inspect(
     if plan.get("flop_ratio") is not None:
         out_console.print(f"FLOPs per example: guide {plan['guide_flops']:,} → target {plan['target_flops']:,} "
                           f"(×{plan['flop_ratio']:.2f})")
+
+
+def _print_checkpoint_fit(fit: dict | None) -> None:
+    """What guide.key_map, guide.head and guide.ignore_keys did to the checkpoint."""
+    if not fit:
+        return
+    for rule in fit["renamed"]:
+        out_console.print(f"key_map: {_e(rule['rule'])} renamed {rule['keys']} keys"
+                          + (" [yellow](renamed nothing)[/]" if not rule["keys"] else ""))
+    head = fit.get("head")
+    if head:
+        out_console.print(f"head reset: {_e(head['path'])} ({head['classes_before']} → {head['classes']} classes; "
+                          f"{len(head.get('dropped_keys', []))} checkpoint tensors dropped; fitted as a linear probe "
+                          "before conversion, trained again in fine-tuning)")
+    for kind, keys in fit["ignored"].items():
+        out_console.print(f"ignored {kind} keys: {len(keys)} ({_e(', '.join(keys[:4]))}{' …' if len(keys) > 4 else ''})")
 
 
 def _flops(n: int | None) -> str:
@@ -171,7 +194,7 @@ def _print_transfer(plan: dict) -> None:
     t = plan["target"]
     table = Table(title=f"{_e(plan['guide']['arch'])} → {_e(t['arch'])} on input {_shape(plan['input_shape'])}")
     for col in ("stage", "target block", "target output", "guide group", "guide output", "also trained from here"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for i, pair in enumerate(plan["pairs"]):
         group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
         table.add_row(str(i + 1), _e(pair["target"]), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
@@ -179,9 +202,10 @@ def _print_transfer(plan: dict) -> None:
     out_console.print(table)
     g = plan["guide"]
     out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
+    _print_checkpoint_fit(g.get("checkpoint_fit"))
     out_console.print(f"schedule: {plan['schedule']['kind']}, similarity {plan['similarity']}; head (fine-tuning only): "
                       f"{_e(', '.join(plan['head'])) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
-                      + (f" ({_e(', '.join(sorted({k.rpartition('.')[0] for k in plan['inherited']})))})" if plan["inherited"] else ""))
+                      + (f" ({_e(', '.join(sorted({k.rpartition('.')[0] or k for k in plan['inherited']})))})" if plan["inherited"] else ""))
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} (×{plan['param_ratio']:.2f}); "
                       f"FLOPs per example: {plan['guide_flops']:,} → {plan['target_flops']:,} (×{plan['flop_ratio']:.2f})")
 
@@ -202,6 +226,7 @@ def convert(
                                                    help="gate: exit 10 unless the target's batch-1 latency on the device is at most this"),
     latency: bool = typer.Option(True, "--latency/--no-latency",
                                  help="time guide and target on the device (off: params and FLOPs only)"),
+    key_map: Optional[list[str]] = KeyMapOpt,
     trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -211,10 +236,10 @@ def convert(
     from theseus_cli.deploy.gates import Gates, raise_if_failed
 
     def work():
-        from theseus_cli.config.recipe import load_recipe
+        from theseus_cli.config.recipe import load_recipe, with_key_map
         from theseus_cli.pipelines.convert import ConvertOptions, run_conversion
 
-        return run_conversion(load_recipe(recipe), out, ConvertOptions(
+        return run_conversion(with_key_map(load_recipe(recipe), key_map or []), out, ConvertOptions(
             checkpoint=guide, device=device, baseline=baseline or None, overwrite=overwrite,
             progress=_progress(quiet or as_json), resume=resume, gates=Gates(min_retention, max_latency_ms),
             latency=latency))

@@ -31,6 +31,8 @@ def check_pattern(pattern: str) -> str:
             compile_regex(pattern[3:])
         except ValueError as exc:
             raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
+    elif pattern.startswith("exact:") and not pattern[len("exact:"):].isidentifier():
+        raise ValueError(f"pattern {pattern!r}: 'exact:' takes a class name")
     return pattern
 
 

@@ -48,15 +48,47 @@ def check_arch_spec(spec: str) -> str:
     return spec
 
 
+class KeyRename(StrictModel):
+    """One rule of ``guide.key_map``: a regex substitution applied to every checkpoint key (in list order)."""
+
+    match: str = Field(description="'re:<regex>' searched in each key (anchor it with ^ to rename a prefix)")
+    to: str = Field(description="the replacement; \\1… refer to the pattern's groups")
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: str) -> str:
+        if not v.startswith("re:"):
+            raise ValueError(f"{v!r} must be a 're:<regex>' pattern")
+        return check_pattern(v)
+
+
 class GuideConfig(StrictModel):
     arch: str = Field(description="torchvision:<name>, timm:<name>, hf:<model type | dir | pkg:package/subdir> or package.module:function")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the constructor")
-    checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file; none = untrained guide")
+    checkpoint: Optional[str] = Field(None, description="state dict (.pt/.pth/.safetensors), relative to the recipe file, "
+                                      "or pkg:<package>/<file> inside an installed package; none = untrained guide")
+    key_map: list[KeyRename] = Field(default_factory=list, description="renames checkpoint keys before loading "
+                                     "(weights from another codebase), rule after rule")
+    ignore_keys: list[str] = Field(default_factory=list, description="'re:' patterns or exact keys allowed to be missing, "
+                                   "unexpected or of another shape in the checkpoint (they keep their initial values)")
+    head: Literal["keep", "reset"] = Field("keep", description="classification: keep the checkpoint's head, or reset it: "
+                                           "drop its tensors and build it fresh for the data's classes, fitted as a "
+                                           "linear probe on the labelled examples before conversion")
+    head_module: Optional[str] = Field(None, description="head: reset: the head's module path (default: the last nn.Linear)")
+    head_probe_steps: int = Field(500, ge=0, description="head: reset: Adam steps of the linear probe on the head's "
+                                  "cached inputs (0: leave the new head random)")
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return check_arch_spec(v)
+
+    @field_validator("ignore_keys")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        for p in v:
+            check_pattern(p)
+        return v
 
 
 class DataConfig(StrictModel):
@@ -92,7 +124,8 @@ class DataConfig(StrictModel):
 class RuleConfig(StrictModel):
     """One replacement rule: which modules, what they become."""
 
-    match: Union[str, list[str]] = Field(description="'re:<regex>' (fullmatch on the dotted path), an exact path or a class name")
+    match: Union[str, list[str]] = Field(description="'re:<regex>' (fullmatch on the dotted path), an exact path, a class "
+                                         "name (its subclasses too) or 'exact:<Class>' (that class only)")
     ignore: list[str] = Field(default_factory=list, description="patterns of the same grammar to leave alone")
     with_: str = Field(alias="with", description="replacement name")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -222,6 +255,8 @@ class Recipe(StrictModel):
             raise ValueError(f"data.source: {self.data.source!r} is text; task classification takes images ({', '.join(n for n, s in DATA_SOURCES.items() if s.kind == 'images')})")
         if self.task != "classification" and not text:
             raise ValueError(f"data.source: task {self.task} needs text ({', '.join(text_sources())}), not {self.data.source!r}")
+        if self.guide.head == "reset" and self.task != "classification":
+            raise ValueError(f"guide.head: reset rebuilds a classification head; task {self.task} keeps the guide's")
         if self.data.tokenizer == "guide" and text and not self.guide.arch.startswith("hf:"):
             raise ValueError("data.tokenizer: 'guide' needs an hf: guide whose directory holds a tokenizer")
         return self
@@ -274,6 +309,25 @@ def recipe_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def with_key_map(recipe: Recipe, rules: list[str]) -> Recipe:
+    """``recipe`` with ``--key-map`` rules (``re:<regex>=><replacement>``) appended to ``guide.key_map``."""
+    if not rules:
+        return recipe
+    added = []
+    for i, text in enumerate(rules):
+        pattern, sep, to = text.partition("=>")
+        try:
+            if not sep:
+                raise ValueError("write it as 're:<regex>=><replacement>'")
+            added.append(KeyRename(match=pattern, to=to))
+        except ValueError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(exc, ValidationError) else str(exc)
+            raise RecipeError(f"--key-map {text!r} (rule {i + 1}): {reason}") from None
+    data = recipe.model_dump(by_alias=True)
+    data["guide"]["key_map"] = [r.model_dump() for r in recipe.guide.key_map + added]
+    return Recipe.model_validate(data)
+
+
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
@@ -309,7 +363,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.guide.arch = _resolve_hf_dir(recipe.guide.arch, base)
     if recipe.target is not None:
         recipe.target.arch = _resolve_hf_dir(recipe.target.arch, base)
-    if recipe.guide.checkpoint and not Path(recipe.guide.checkpoint).is_absolute():
+    if recipe.guide.checkpoint and not recipe.guide.checkpoint.startswith("pkg:") and not Path(recipe.guide.checkpoint).is_absolute():
         recipe.guide.checkpoint = str(base / recipe.guide.checkpoint)
     if recipe.data.path and not Path(recipe.data.path).is_absolute():
         recipe.data.path = str(base / recipe.data.path)

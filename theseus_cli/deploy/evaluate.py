@@ -90,11 +90,15 @@ def _guide_for_embeddings(recipe: EvalSetup, device: torch.device):
     from theseus_cli.models.build import load_guide
     from theseus_cli.models.hf import default_checkpoint
 
+    from theseus_cli.models.build import resolve_checkpoint
+    from theseus_cli.models.checkpoint_fit import CheckpointFit
+
     ckpt = recipe.guide.checkpoint or default_checkpoint(recipe.guide.arch)
     if ckpt is None:
         raise ModelError("sentence-embedding: the metric is the cosine to the guide's embeddings, and the recipe "
                          "names no guide checkpoint (guide.checkpoint or an hf: directory)")
-    return load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task).to(device).eval()
+    return load_guide(recipe.guide.arch, recipe.guide.kwargs, resolve_checkpoint(ckpt), recipe.seed, recipe.task,
+                      CheckpointFit.of(recipe.guide)).to(device).eval()
 
 
 def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device: torch.device, trust_code: bool = False):
@@ -103,6 +107,7 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
     A target's own metadata names its architecture and, without ``--recipe``, its recipe; what either names is
     built only where this installation vouches for it, or with ``trust_code`` (``--trust-target``)."""
     from theseus_cli.models.build import load_guide
+    from theseus_cli.models.checkpoint_fit import CheckpointFit
     from theseus_cli.artifacts import load_target, unfinished
     from theseus_cli.rundir import unfinished_run
 
@@ -118,7 +123,13 @@ def load_for_eval(model_path: str | Path, recipe_path: str | Path | None, device
         return model, setup_from_meta(meta, recipe, path, trust_code), "target", meta.normalization_dict()
     if recipe is None:
         raise RecipeError(f"{path}: not a converted target, so --recipe must give the guide's architecture and data")
-    model = load_guide(recipe.guide.arch, recipe.guide.kwargs, path, recipe.seed, recipe.task)
+    if recipe.guide.head == "reset":  # its new head is fitted on the recipe's data, as a conversion fits it
+        from theseus_cli.training.session import open_session
+
+        model = open_session(recipe, path, str(device)).guide
+    else:
+        model = load_guide(recipe.guide.arch, recipe.guide.kwargs, path, recipe.seed, recipe.task,
+                           CheckpointFit.of(recipe.guide))
     return model.to(device).eval(), EvalSetup.of(recipe, "guide"), "guide", None
 
 

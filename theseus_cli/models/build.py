@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import pickle
+import re
 import stat
 import warnings
 import zipfile
@@ -24,6 +26,7 @@ import torch.nn as nn
 
 from theseus_cli.context import changed, run_state
 from theseus_cli.errors import ModelError
+from theseus_cli.models.checkpoint_fit import CheckpointFit, FitReport, fit_state, key_differences, reset_head
 from theseus_cli.models.sources import MODEL_SOURCES, register_model_source
 
 _FORBIDDEN_KWARGS = ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path")
@@ -49,7 +52,7 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, 
     except ModelError:
         raise
     except TypeError as exc:
-        raise ModelError(f"{spec}: bad kwargs {sorted(kwargs)}: {exc}") from None
+        raise ModelError(f"{spec}: bad kwargs {sorted(kwargs)}: {exc}{_fixed_kwarg_hint(prefix, name, str(exc))}") from None
     except Exception as exc:  # user code or library constructors: report, don't trace
         raise ModelError(f"{spec}: constructor failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
@@ -75,12 +78,40 @@ def _timm(name: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def _fixed_kwarg_hint(prefix: str, name: str, message: str) -> str:
+    """A torchvision builder that sets a keyword itself (``vit_b_16`` fixes ``num_layers``) refuses it from the
+    recipe; name the constructors in the builder's module that take it, as ``module:Class`` specs."""
+    import inspect as pyinspect
+
+    hit = re.search(r"multiple values for keyword argument '(\w+)'", message)
+    if prefix != "torchvision" or not hit:
+        return ""
+    import torchvision
+
+    module = importlib.import_module(torchvision.models.get_model_builder(name).__module__)
+    takers = []
+    for attr, obj in vars(module).items():
+        if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and attr != name:
+            try:
+                params = pyinspect.signature(obj).parameters
+            except (TypeError, ValueError):
+                continue
+            if hit.group(1) in params and ("num_classes" in params or f"{attr}()" in message):  # a whole model
+                takers.append(f"'{module.__name__}:{attr}'")
+    return (f" (torchvision:{name} sets {hit.group(1)} itself; to choose it, build with "
+            f"{' or '.join(takers[:3])} instead)") if takers else ""
+
+
 def _call_user_function(spec: str, module_name: str, fn_name: str, kwargs: dict[str, Any]) -> Any:
     """The explicit ``module:function`` form: the one place a recipe names code to import."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"{spec}: cannot import module {module_name!r}: {exc}") from None
+        top = module_name.split(".")[0]
+        here = Path.cwd() / f"{top}.py" if (Path.cwd() / f"{top}.py").is_file() else Path.cwd() / top
+        hint = (f" ({here} exists, but the current directory is not on Python's module path: run with PYTHONPATH=. "
+                "or install it as a package)" if here.exists() and isinstance(exc, ModuleNotFoundError) else "")
+        raise ModelError(f"{spec}: cannot import module {module_name!r}: {exc}{hint}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ModelError(f"{spec}: module {module_name!r} has no callable {fn_name!r}")
@@ -131,6 +162,19 @@ def sniff_format(path: Path) -> str:
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
         return "torch"
     return "unknown"
+
+
+def resolve_checkpoint(text: str | Path) -> Path:
+    """A checkpoint path; ``pkg:<package>/<file>`` is a file inside an installed Python package (found without
+    importing it), as offline weights often ship."""
+    text = str(text)
+    if not text.startswith("pkg:"):
+        return Path(text)
+    package, _, inner = text[4:].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"guide.checkpoint {text}: Python package {package!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -248,14 +292,28 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise ModelError(f"{source}: checkpoint does not fit the architecture: " + "; ".join(problems))
+        hints = key_differences(missing, unexpected)
+        hint = (f"; keys differ like {', '.join(hints)}: guide.key_map (--key-map) can rename them" if hints else "")
+        raise ModelError(f"{source}: checkpoint does not fit the architecture: " + "; ".join(problems) + hint)
     model.load_state_dict(state, strict=True)
 
 
 def load_guide(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int,
-               task: str = "classification") -> nn.Module:
+               task: str = "classification", fit: CheckpointFit | None = None) -> nn.Module:
     """The guide: ``spec`` with weights from ``checkpoint``, or untrained (seeded) without one."""
+    return load_guide_fitted(spec, kwargs, checkpoint, seed, task, fit)[0]
+
+
+def load_guide_fitted(spec: str, kwargs: dict[str, Any], checkpoint: str | Path | None, seed: int,
+                      task: str = "classification", fit: CheckpointFit | None = None) -> tuple[nn.Module, FitReport]:
+    """:func:`load_guide`, with the checkpoint renamed, its head reset and keys ignored as ``fit`` says
+    (:mod:`theseus_cli.models.checkpoint_fit`); and what that did."""
     model = build_model(spec, kwargs, seed, task)
+    fit = fit or CheckpointFit()
+    report = FitReport()
     if checkpoint is not None:
-        load_state_dict_strict(model, read_state_dict(checkpoint), str(checkpoint))
-    return model
+        state, report = fit_state(model, read_state_dict(checkpoint), fit, seed)
+        load_state_dict_strict(model, state, str(checkpoint))
+    elif fit.head == "reset":
+        report.head = reset_head(model, fit, seed)
+    return model, report

@@ -90,11 +90,31 @@ def build_hf(spec: str, kwargs: dict[str, Any], task: str) -> nn.Module:
     except ValueError as exc:
         raise ModelError(f"{spec}: {' '.join(str(exc).split())[:300]}") from None
     config.use_cache = False
+    if getattr(config, "is_encoder_decoder", False):
+        return _encoder_of(spec, config, task)
     auto = getattr(transformers, HEADS[task])
     try:
         return auto.from_config(config, trust_remote_code=False)
     except ValueError as exc:
         raise ModelError(f"{spec}: no {HEADS[task]} for this config (task {task}): {' '.join(str(exc).split())[:200]}") from None
+
+
+def _encoder_of(spec: str, config, task: str) -> nn.Module:
+    """An encoder–decoder config (T5, mT5, …): for sentence embeddings its encoder alone (``T5EncoderModel``: the
+    decoder needs target ids, which embedding sentences has none of); seq2seq conversion is out of scope."""
+    import transformers
+
+    kind = config.model_type
+    if task != "sentence-embedding":
+        raise ModelError(f"{spec}: {kind} is an encoder–decoder (seq2seq) model, which theseus does not convert for task "
+                         f"{task}; use task: sentence-embedding (its encoder alone) or a decoder-only model (gpt2, "
+                         "llama, qwen2, …) for causal-lm")
+    full = transformers.MODEL_MAPPING.get(type(config), None)
+    encoder = getattr(transformers, full.__name__.replace("Model", "EncoderModel"), None) if full is not None else None
+    if encoder is None:
+        raise ModelError(f"{spec}: {kind} is an encoder–decoder model without an encoder-only class in transformers; "
+                         "sentence embeddings need one (T5EncoderModel, MT5EncoderModel, …)")
+    return encoder(config)
 
 
 _NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from theseus_cli.models.checkpoint_fit import rebuild_head
 from theseus_cli.models.build import build_model
 from theseus_cli.surgery.plan import apply_entries
 from theseus_cli.surgery.transfer import inherit_weights
@@ -72,6 +73,7 @@ def baseline_model(conv: "Conversion", from_guide: bool) -> torch.nn.Module:
     if from_guide:
         model = copy.deepcopy(conv.guide)
     else:
-        model = conv.rt.prepare(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task).to(dev))
+        model = rebuild_head(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task), conv.session.head, seed)
+        model = conv.rt.prepare(model.to(dev))
     apply_entries(model, conv.plan_.entries)
     return model

@@ -32,7 +32,8 @@ def target_meta(conv: "Conversion") -> TargetMeta:
     if recipe.target is not None:
         arch, kwargs, _ = portable_spec(recipe.target.arch, recipe.target.kwargs, None)
         target = ArchSpec(arch=arch, kwargs=kwargs)
-    return TargetMeta(guide=ArchSpec(arch=guide_arch, kwargs=guide_kwargs), task=recipe.task, target=target,
+    guide = ArchSpec(arch=guide_arch, kwargs=guide_kwargs, head=conv.session.head)
+    return TargetMeta(guide=guide, task=recipe.task, target=target,
                       entries=[asdict(e) for e in plan.entries], input_shape=list(plan.input_shape),
                       num_classes=data.num_classes,
                       normalization=Normalization(mean=data.mean, std=data.std) if data.mean else None,

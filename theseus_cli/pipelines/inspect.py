@@ -9,16 +9,17 @@ from theseus_cli.models.build import build_model
 from theseus_cli.surgery.plan import build_plan
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.seeds import Seeds
-from theseus_cli.training.session import open_session
+from theseus_cli.training.session import check_classes, open_session
 from theseus_cli.surgery.transfer import build_transfer_plan
 
 
 def inspect_guide(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Build the plan for ``recipe`` on its guide and return it as plain data (``kind``: replace or transfer)."""
-    session = open_session(recipe, checkpoint, "cpu")
+    session = open_session(recipe, checkpoint, "cpu", probe=False)
     sample = session.data.x_train[:2]
     if recipe.target is not None:
         target = build_model(recipe.target.arch, recipe.target.kwargs, Seeds(recipe.seed).target_init, recipe.task)
+        check_classes(target, session.data, f"the target {recipe.target.arch}")
         plan = build_transfer_plan(session.guide, target, recipe, sample)
         out = plan.to_dict()
         out["kind"] = "transfer"

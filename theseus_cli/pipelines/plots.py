@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 from theseus_cli.artifacts import atomic_write
@@ -15,7 +17,7 @@ def plot_alignment(path: Path, stages: list[dict], layer_sim: dict[str, dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
     offset = 0
     cmap = plt.get_cmap("viridis")
     for i, stage in enumerate(stages):
@@ -24,15 +26,15 @@ def plot_alignment(path: Path, stages: list[dict], layer_sim: dict[str, dict[str
             continue
         xs = range(offset, offset + len(losses))
         left.plot(xs, [max(v, 1e-6) for v in losses], color=cmap(i / max(1, len(stages) - 1)), lw=1,
-                  label=f"{i + 1}: {', '.join(stage['introduced'])}")
+                  label=_stage_label(i, stage["introduced"]))
         offset += len(losses)
     left.set_yscale("log")
     left.set_xlabel("alignment step (stages in order)")
     left.set_ylabel({"cka": "mean 1 − CKA", "ucka": "mean 1 − unbiased CKA", "dmnn": "mean D-MNN KL",
                     "mse": "mean ‖t − g‖² / ‖g‖²", "distill": "T²·KL of the outputs"}.get(metric, f"mean {metric} loss") + ("" if metric == "distill" else " over aligned layers"))
     left.set_title("alignment loss per stage")
-    if len(stages) <= 12:
-        left.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if len(stages) <= 12:  # inside its own panel: a legend beside it ran into the other one
+        left.legend(fontsize=6, loc="upper right", ncols=1 if len(stages) <= 6 else 2, framealpha=0.8)
 
     names = list(layer_sim)
     metrics = [m for m in ("cka", "ucka", "mknn") if all(m in layer_sim[n] for n in names)]
@@ -41,11 +43,19 @@ def plot_alignment(path: Path, stages: list[dict], layer_sim: dict[str, dict[str
     for j, m in enumerate(metrics):
         right.bar([i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))],
                   [1.0 - layer_sim[n][m] for n in names], width, label=labels[m])
-    right.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    every = max(1, math.ceil(len(names) / 30))  # at most 30 layer names under the bars, evenly spaced
+    right.set_xticks(range(0, len(names), every), names[::every], rotation=60, ha="right", fontsize=7)
     right.set_ylabel("dissimilarity after alignment (held-out)")
     right.legend(fontsize=7)
     right.set_title("final per-layer dissimilarity")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    with warnings.catch_warnings():  # a layout engine that cannot fit every label says so on stderr; the plot is fine
+        warnings.simplefilter("ignore", UserWarning)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _stage_label(index: int, introduced: list[str]) -> str:
+    """``3: layers.1.0.conv1 (+4)``: the stage's first module and how many more, short enough for a legend."""
+    first = introduced[0] if len(introduced[0]) <= 40 else "…" + introduced[0][-39:]
+    return f"{index + 1}: {first}" + (f" (+{len(introduced) - 1})" if len(introduced) > 1 else "")

@@ -1,7 +1,7 @@
 """Convolutions made cheaper, keeping the convolution: ``separable_conv`` and ``lowrank_conv``.
 
 Both replace a dense convolution (``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``groups = 1``; any stride, padding,
-padding mode and dilation) with two convolutions whose composition has the old one's geometry, so the output has
+padding mode and dilation; timm's run-time 'SAME'-padded ``Conv2dSame`` too) with two convolutions whose composition has the old one's geometry, so the output has
 the old shape at every input size (unlike ``lowrank_linear``, they keep locality and weight sharing):
 
 * ``separable_conv`` — MobileNet's depthwise-separable form: a depthwise k×k convolution with the old geometry
@@ -17,9 +17,12 @@ the old shape at every input size (unlike ``lowrank_linear``, they keep locality
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from theseus_cli.replacements.rank import RankParams, load_factors
@@ -41,8 +44,35 @@ def _conv_kind(old: nn.Module) -> type:
     return next(kind for kind in DENSE_CONVS if isinstance(old, kind))
 
 
+def pads_same_at_run_time(old: nn.Module) -> bool:
+    """timm's ``Conv2dSame`` (every ``tf_*`` EfficientNet's stem among others) pads in its forward as TensorFlow's
+    'SAME' does, whatever its ``padding`` attribute says (0)."""
+    return any(k.__name__ in ("Conv2dSame", "Conv2dSameExport") for k in type(old).__mro__)
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding of one axis: the output has ceil(size / stride) positions; odd totals put the
+    extra row or column after (right/bottom)."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A ``Conv2d`` that pads its input at run time as TensorFlow's 'SAME' does: the stand-in for the first half of
+    a factorised ``Conv2dSame``, so the pair keeps its output shape at every input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = (_same_padding(x.shape[-2 + i], self.kernel_size[i], self.stride[i],
+                                                      self.dilation[i]) for i in range(2))
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation,
+                        self.groups)
+
+
 def _same_geometry(old: nn.Module, in_ch: int, out_ch: int, groups: int) -> nn.Module:
     """A convolution with ``old``'s kernel, stride, padding, padding mode and dilation, and no bias."""
+    if pads_same_at_run_time(old):
+        return SamePadConv2d(in_ch, out_ch, old.kernel_size, stride=old.stride, dilation=old.dilation, groups=groups,
+                             bias=False)
     return _conv_kind(old)(in_ch, out_ch, old.kernel_size, stride=old.stride, padding=old.padding,
                            dilation=old.dilation, groups=groups, bias=False, padding_mode=old.padding_mode)
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from theseus_cli.replacements.layout import CHANNELS_HELP, Channels, channel_axis, widths, wrapped
 from theseus_cli.replacements.registry import IOShapes, register
 from theseus_cli.replacements.sequence import keep_mask, like_old
 from theseus_cli.replacements.state import StreamingError, guide_layer_idx, state_slot
@@ -52,6 +53,7 @@ class LinearAttentionParams(BaseModel):
                                    "replaced module's is_causal")
     chunk: int = Field(64, ge=1, description="tokens per chunk of the causal form (memory/time trade-off only)")
     bias: bool = True
+    channels: Channels = Field("auto", description=CHANNELS_HELP + "; positions become tokens in row-major order")
 
 
 def _declared(old: nn.Module, names: tuple[str, ...]):
@@ -179,7 +181,12 @@ def causal_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -
 
 
 def _fits(old: nn.Module, params: LinearAttentionParams, shapes: IOShapes) -> str | None:
-    width = shapes.input[-1]
+    axis, why = channel_axis(old, shapes, params.channels)
+    if why:
+        return why
+    width = widths(shapes, axis)[0]
+    if len(shapes.input) > 2 and resolved_causal(old, params):
+        return f"the positions of a {tuple(shapes.input)} activation have no causal order; set params.causal: false"
     heads = resolved_heads(old, params, width)
     if width % heads:
         return f"width {width} is not divisible by {heads} heads (set params.heads)"
@@ -189,12 +196,13 @@ def _fits(old: nn.Module, params: LinearAttentionParams, shapes: IOShapes) -> st
     return None
 
 
-@register("linear_attention", params=LinearAttentionParams, accepts=(nn.Module,), interface="sequence", fits=_fits,
+@register("linear_attention", params=LinearAttentionParams, accepts=(nn.Module,), interface="sequence", fits=_fits, layouts=True,
           summary="attention → kernelised linear attention (elu1 or hedgehog features; causal or not)")
 def build_linear_attention(old: nn.Module, params: LinearAttentionParams, shapes: IOShapes) -> nn.Module:
-    d_in, d_out = shapes.input[-1], shapes.output[-1]
+    axis = channel_axis(old, shapes, params.channels)[0]
+    d_in, d_out = widths(shapes, axis)
     causal = resolved_causal(old, params)
     new = LinearAttention(d_in, d_out, resolved_heads(old, params, d_in), params.feature_map, bool(causal),
                           params.chunk, params.bias, shapes.output_arity)
     new.layer_idx = guide_layer_idx(old)
-    return new
+    return wrapped(new, shapes, axis)

@@ -52,6 +52,7 @@ class Replacement:
     summary: str
     interface: str = "tensor"  # tensor | sequence (see the module docstring)
     fits: Fits | None = None  # why this module, with these params, cannot be replaced (grouped conv, rank too high)
+    layouts: bool = False  # sequence interface: also channel-last/first activations of 3-D to 5-D (replacements.layout)
 
     def check_fit(self, module: nn.Module, params: BaseModel, shapes: IOShapes) -> str | None:
         """Return a reason why ``module``, called with ``shapes``, cannot take this replacement with ``params``, or
@@ -73,10 +74,12 @@ class Replacement:
             if rec.n_inputs != 1 or rec.output_arity is not None:
                 return "does not map one tensor to one tensor"
             return None
-        if len(rec.input) != 2 or len(rec.output) != 2:
-            return (f"{self.name} needs sequence activations (batch, tokens, features) in and out; "
+        dims_ok = len(rec.input) == len(rec.output) and (len(rec.input) == 2 or (self.layouts and 2 <= len(rec.input) <= 4))
+        if not dims_ok:
+            also = " or a channel axis at every position of 4-D/5-D ones" if self.layouts else ""
+            return (f"{self.name} needs sequence activations (batch, tokens, features){also} in and out; "
                     f"saw input {rec.input} and output {rec.output} per sample")
-        if rec.input[0] != rec.output[0]:
+        if len(rec.input) == 2 and rec.input[0] != rec.output[0] and not self.layouts:
             return f"changes the number of tokens ({rec.input[0]} → {rec.output[0]})"
         if rec.returns_other:
             return "returns neither a tensor nor a tuple"
@@ -87,13 +90,14 @@ REPLACEMENTS: Registry[Replacement] = Registry("replacement")
 
 
 def register(name: str, *, params: type[BaseModel], accepts: tuple[type, ...], summary: str, interface: str = "tensor",
-             fits: Fits | None = None):
-    """Decorator: register ``build`` under ``name``; ``fits`` (optional) refuses a module with a one-line reason."""
+             fits: Fits | None = None, layouts: bool = False):
+    """Decorator: register ``build`` under ``name``; ``fits`` (optional) refuses a module with a one-line reason;
+    ``layouts``: a sequence replacement that also takes channel-last/first activations (its ``fits`` checks them)."""
 
     def decorate(build: Builder) -> Builder:
         if interface not in ("tensor", "sequence"):
             raise ValueError(f"replacement {name!r}: interface must be tensor or sequence")
-        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface, fits))
+        REPLACEMENTS.add(name, Replacement(name, params, build, accepts, summary, interface, fits, layouts))
         return build
 
     return decorate

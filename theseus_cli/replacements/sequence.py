@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from theseus_cli.replacements.layout import CHANNELS_HELP, Channels, channel_axis, widths, wrapped
 from theseus_cli.replacements.registry import IOShapes, register
 from theseus_cli.replacements.state import guide_layer_idx, state_slot
 
@@ -80,6 +81,7 @@ class TokenParams(BaseModel):
     hidden_ratio: float = Field(2.0, gt=0, description="hidden width as a multiple of the input width (2 = attention's weight count)")
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
     bias: bool = True
+    channels: Channels = Field("auto", description=CHANNELS_HELP)
 
     def width(self, d_in: int) -> int:
         return self.hidden or max(1, int(round(self.hidden_ratio * d_in)))
@@ -103,12 +105,17 @@ class TokenMLP(nn.Module):
         return like_old(self.fc2(self.act(self.fc1(hidden_states))), self.output_arity)
 
 
-@register("token_mlp", params=TokenParams, accepts=(nn.Module,), interface="sequence",
-          summary="attention → per-token MLP (no token mixing)")
+def _token_fits(old: nn.Module, params: TokenParams, shapes: IOShapes) -> str | None:
+    return channel_axis(old, shapes, params.channels)[1]
+
+
+@register("token_mlp", params=TokenParams, accepts=(nn.Module,), interface="sequence", fits=_token_fits, layouts=True,
+          summary="attention → per-token (per-position) MLP (no token mixing)")
 def build_token_mlp(old: nn.Module, params: TokenParams, shapes: IOShapes) -> nn.Module:
-    d_in, d_out = shapes.input[-1], shapes.output[-1]
-    return TokenMLP(d_in, d_out, params.width(d_in), params.activation, params.bias, shapes.output_arity,
-                    guide_layer_idx(old))
+    axis = channel_axis(old, shapes, params.channels)[0]
+    d_in, d_out = widths(shapes, axis)
+    return wrapped(TokenMLP(d_in, d_out, params.width(d_in), params.activation, params.bias, shapes.output_arity,
+                            guide_layer_idx(old)), shapes, axis)
 
 
 class RNNParams(BaseModel):

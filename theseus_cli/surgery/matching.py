@@ -1,9 +1,10 @@
 """Which modules a recipe's rules claim.
 
 Grammar: ``re:<regex>`` is a full match against the dotted module path (in bounded time, see
-:mod:`theseus_cli.patterns`); a
-bare string matches a module whose path equals it or whose class name equals
-it. ``ignore`` uses the same grammar. Unlike tools that only warn, a rule that
+:mod:`theseus_cli.patterns`); ``exact:<Class>`` matches modules of exactly that class; a bare string
+matches a module whose path equals it or which is an instance of a class of that name — subclasses
+included, so ``Conv2d`` also claims timm's ``Conv2dSame`` (a subclass skipped without a word would leave
+the conversion silently partial). ``ignore`` uses the same grammar. Unlike tools that only warn, a rule that
 matches nothing, a module claimed by two rules, and a claimed module nested in
 another claimed module are all errors: a silently partial conversion is worse
 than a failed one.
@@ -21,10 +22,35 @@ from theseus_cli.patterns import regex_fullmatch
 from theseus_cli.config.recipe import RuleConfig
 
 
+def class_names(module: nn.Module) -> set[str]:
+    """The names of ``module``'s class and of every module class it derives from (``nn.Module`` itself aside)."""
+    return {k.__name__ for k in type(module).__mro__ if issubclass(k, nn.Module) and k is not nn.Module}
+
+
 def pattern_matches(pattern: str, path: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return regex_fullmatch(pattern[3:], path) is not None
-    return pattern == path or pattern == type(module).__name__
+    if pattern.startswith("exact:"):
+        return type(module).__name__ == pattern[len("exact:"):]
+    return pattern == path or pattern in class_names(module)
+
+
+def unclaimed_instances(model: nn.Module, rules: list[RuleConfig], claimed: list[str]) -> list[dict]:
+    """Modules left unconverted although a rule names one of their classes (kept by ``ignore`` or an ``exact:``
+    pattern): what ``inspect`` lists, so a partial conversion is a visible choice, never an accident."""
+    named: dict[str, int] = {}
+    for index, rule in enumerate(rules):
+        for p in rule.match:
+            if not p.startswith("re:"):
+                named.setdefault(p[len("exact:"):] if p.startswith("exact:") else p, index)
+    out = []
+    for path, module in model.named_modules():
+        if not path or path in claimed or any(path.startswith(c + ".") or c.startswith(path + ".") for c in claimed):
+            continue
+        hit = sorted(class_names(module) & set(named))
+        if hit:
+            out.append({"path": path, "type": type(module).__name__, "class": hit[0], "rule": named[hit[0]]})
+    return out
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from theseus_cli.errors import MatchError
 from theseus_cli.models.cost import count_flops, count_flops_by_module, count_params
 from theseus_cli.models.hooks import trace_shapes
 from theseus_cli.shapes import ShapeRecord
-from theseus_cli.surgery.matching import resolve_matches
+from theseus_cli.surgery.matching import resolve_matches, unclaimed_instances
 from theseus_cli.config.recipe import Recipe, RuleConfig
 from theseus_cli.replacements import IOShapes, get_replacement
 from theseus_cli.surgery.schedule import Stage, build_stages
@@ -85,6 +85,7 @@ class Plan:
     align_order: dict[str, int] = field(default_factory=dict)  # alignment point → execution position
     guide_flops: int | None = None  # per example; the target's: the guide's with each entry's FLOPs exchanged
     target_flops: int | None = None
+    unclaimed: list[dict] = field(default_factory=list)  # modules a rule names the class of, left unconverted
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists), as ``inspect --json`` prints it."""
@@ -186,7 +187,7 @@ def build_plan(guide: nn.Module, recipe: Recipe, sample) -> Plan:
     swapped = [(e.guide_flops, e.target_flops) for e in entries]
     target_flops = None if any(t is None for _, t in swapped) else guide_flops + sum(t - (g or 0) for g, t in swapped)
     return Plan(tuple(sample.shape[1:]), entries, rows, guide_params, target_params, stages, align_order,
-                guide_flops, target_flops)
+                guide_flops, target_flops, unclaimed_instances(guide, recipe.replace, list(by_path)))
 
 
 def _plan_entry(guide: nn.Module, match, rule: RuleConfig, info: dict[str, ShapeRecord], flops: int | None

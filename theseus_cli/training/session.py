@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from theseus_cli.models.build import load_guide, pickles_trusted
+from theseus_cli.models.build import load_guide_fitted, pickles_trusted, resolve_checkpoint
+from theseus_cli.models.checkpoint_fit import CheckpointFit
+from theseus_cli.training.probe import probe_reset_head
 from theseus_cli.data.dataset import Dataset, load_dataset
 from theseus_cli.errors import DataError, DeviceError
 from theseus_cli.config.recipe import Recipe
+from theseus_cli.target_meta import HeadSpec
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +54,13 @@ class Session:
     guide: nn.Module
     checkpoint: Path | None
     device: torch.device
+    fitted: dict | None = None  # what guide.key_map / ignore_keys / head did (checkpoint_fit.FitReport), and the probe
+
+    @property
+    def head(self) -> HeadSpec | None:
+        """The guide's reset head (``guide.head: reset``), as target metadata records it; None if it kept its own."""
+        head = (self.fitted or {}).get("head")
+        return HeadSpec(path=head["path"], classes=head["classes"]) if head else None
 
     @cached_property
     def guide_info(self) -> dict:
@@ -61,10 +71,12 @@ class Session:
         if self.checkpoint:
             info["checkpoint_sha256"] = file_sha256(self.checkpoint)
             info["unpickled_in_full"] = pickles_trusted() and self.checkpoint.suffix != ".safetensors"
+        if self.fitted is not None:
+            info["checkpoint_fit"] = self.fitted
         return info
 
 
-def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: str = "cpu") -> Session:
+def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: str = "cpu", probe: bool = True) -> Session:
     """Resolve device, load data, build the guide.
 
     The guide's weights come from ``checkpoint``, else the recipe's ``guide.checkpoint``, else the
@@ -74,12 +86,32 @@ def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: s
 
     dev = resolve_device(device)
     ckpt = checkpoint if checkpoint is not None else recipe.guide.checkpoint
-    ckpt = Path(ckpt) if ckpt is not None else default_checkpoint(recipe.guide.arch)
+    ckpt = resolve_checkpoint(ckpt) if ckpt is not None else default_checkpoint(recipe.guide.arch)
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
-    guide = load_guide(recipe.guide.arch, recipe.guide.kwargs, ckpt, recipe.seed, recipe.task)
+    guide, fitted = prepared_guide(recipe, ckpt, data, dev, probe)
+    return Session(recipe, data, guide, ckpt, dev, fitted)
+
+
+def prepared_guide(recipe: Recipe, checkpoint: Path | None, data, device: torch.device, probe: bool = True
+                   ) -> tuple[nn.Module, dict | None]:
+    """The recipe's guide on ``device``, its checkpoint fitted (``guide.key_map``/``ignore_keys``/``head``) and,
+    with ``head: reset``, its new head fitted as a linear probe (:mod:`theseus_cli.training.probe`; not with
+    ``probe=False``, as ``inspect`` plans without training anything); checked
+    against the data (vocabulary, classes). Also what fitting did, or None where nothing was asked."""
+    cfg = recipe.guide
+    fit = CheckpointFit.of(cfg, data.num_classes)
+    guide, report = load_guide_fitted(cfg.arch, cfg.kwargs, checkpoint, recipe.seed, recipe.task, fit)
+    guide = guide.to(device)
     check_vocabulary(guide, data)
+    if not fit.changes_anything:
+        check_classes(guide, data, "the guide")
+        return guide, None
+    fitted = report.to_dict()
+    if report.head is not None and probe:
+        fitted["head"]["probe"] = probe_reset_head(guide, report.head["path"], data, cfg.head_probe_steps,
+                                                   recipe.seed, device)
     check_classes(guide, data, "the guide")
-    return Session(recipe, data, guide.to(dev), ckpt, dev)
+    return guide, fitted
 
 
 def check_vocabulary(model: nn.Module, data) -> None:
@@ -108,9 +140,10 @@ def check_classes(model: nn.Module, data, what: str) -> None:
             out = model_output(model.eval()(data.x_train[:2].to(next(model.parameters(), torch.empty(0)).device)))
     finally:
         model.train(was_training)
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] < data.num_classes:
-        raise DataError(f"data: labels go up to {data.num_classes - 1} ({data.num_classes} classes), but {what} outputs "
-                        f"{out.shape[1]} logits per example (set its num_classes in kwargs to {data.num_classes})")
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != data.num_classes:
+        fix = f"set its num_classes in kwargs to {data.num_classes}" + (
+            ", or guide.head: reset to give a pretrained checkpoint a new head" if what == "the guide" else "")
+        raise DataError(f"data: {data.num_classes} classes, but {what} outputs {out.shape[1]} logits per example ({fix})")
 
 
 def attach_guide_embeddings(session: Session) -> None:

@@ -90,3 +90,15 @@ def test_missing_truncated_and_mismatched_checkpoints(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ModelError, match="not a state dict"):
         read_state_dict(tmp_path / "list.pt")
+
+
+def test_errors_name_the_constructor_to_use_and_the_missing_module_path(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match=r"vit_b_16 sets num_layers itself; to choose it, build with "
+                                         r"'torchvision.models.vision_transformer:VisionTransformer'"):
+        build_model("torchvision:vit_b_16", {"num_layers": 2})
+    (tmp_path / "my_nets.py").write_text("def net():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ModelError, match=r"my_nets.py exists, but the current directory is not on Python's module "
+                                         r"path: run with PYTHONPATH=\."):
+        build_model("my_nets:net", {})

@@ -128,3 +128,22 @@ def test_svd_start_is_skipped_on_the_meta_device():
     with torch.device("meta"):
         new = rep.build(conv, rep.params_model(init="svd"), IOShapes((3, 8, 8), (6, 6, 6)))
     assert new[0].weight.is_meta
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 2, 1), (5, 2, 1), (3, 1, 2), (4, 3, 1)])
+def test_factorised_same_padded_convolutions_keep_their_run_time_padding(kernel, stride, dilation):
+    """timm's Conv2dSame pads in its forward, not through its attributes: the factorised pair pads the same way, at
+    every input size, and the full-rank SVD start reproduces it."""
+    from timm.layers import Conv2dSame
+
+    from theseus_cli.replacements import IOShapes, get_replacement
+
+    old = Conv2dSame(4, 6, kernel, stride=stride, dilation=dilation)
+    for name, params in (("lowrank_conv", {"rank": 6, "init": "svd"}), ("separable_conv", {})):
+        rep = get_replacement(name)
+        new = rep.build(old, rep.params_model.model_validate(params), IOShapes((4, 9, 9), (6, 5, 5), None))
+        for size in (9, 10, 17):
+            x = torch.randn(2, 4, size, size)
+            assert new(x).shape == old(x).shape
+            if name == "lowrank_conv":
+                torch.testing.assert_close(new(x), old(x), atol=1e-5, rtol=0)

@@ -140,14 +140,19 @@ def test_keep_mask_reads_hf_and_timm_masks():
     assert keep_mask({}, b, t) is None
 
 
-def test_replacement_rejects_non_sequence_modules():
+def test_replacement_rejects_modules_that_are_not_per_position():
+    """token_mlp stands in for a module at every position (any layout), so a stride-1 conv can take it; a strided
+    one changes the positions and cannot; elman_rnn takes sequences only."""
     from theseus_cli.errors import MatchError
 
-    recipe = parse_recipe({"guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"in_chans": 1, "width": 4}},
-                           "data": {"source": "digits"}, "replace": [{"match": "Conv2d", "with": "token_mlp"}]})
     model = build_model("theseus_cli.zoo:cnn_small", {"in_chans": 1, "width": 4})
-    with pytest.raises(MatchError, match=r"module '0' \(replace\[0\]\): token_mlp needs sequence activations"):
-        build_plan(model, recipe, torch.randn(2, 1, 8, 8))
+    for with_, message in (("token_mlp", r"module '3' \(replace\[0\]\): with channels first, its positions change "
+                                         r"\(\(8, 8\) → \(4, 4\)\)"),
+                           ("elman_rnn", r"module '0' \(replace\[0\]\): elman_rnn needs sequence activations")):
+        recipe = parse_recipe({"guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"in_chans": 1, "width": 4}},
+                               "data": {"source": "digits"}, "replace": [{"match": "Conv2d", "with": with_}]})
+        with pytest.raises(MatchError, match=message):
+            build_plan(model, recipe, torch.randn(2, 1, 8, 8))
 
 
 @pytest.mark.parametrize("with_", ["token_mlp", "elman_rnn", "linear_attention"])

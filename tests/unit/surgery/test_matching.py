@@ -44,3 +44,22 @@ def test_nested_claims_are_an_error():
     model = resnet_small(widths=(4, 8), blocks=(1, 1))
     with pytest.raises(MatchError, match="is inside 'layers.1.0.downsample'"):
         resolve_matches(model, [rule("layers.1.0.downsample"), rule("re:layers\\.1\\.0\\.downsample\\.0")])
+
+
+def test_a_class_name_claims_its_subclasses_and_exact_does_not():
+    import timm
+
+    from theseus_cli.surgery.matching import unclaimed_instances
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
+    same = [p for p, m in model.named_modules() if type(m).__name__ == "Conv2dSame"]
+    assert "conv_stem" in same and len(same) == 5  # the stem and the stride-2 depthwise convolutions
+    claimed = [m.path for m in resolve_matches(model, [rule("Conv2d")])]
+    assert set(same) <= set(claimed) and len(claimed) == 49
+    exact = [rule("exact:Conv2d")]
+    claimed = [m.path for m in resolve_matches(model, exact)]
+    assert not set(same) & set(claimed) and len(claimed) == 44
+    left = unclaimed_instances(model, exact, claimed)
+    assert [u["path"] for u in left] == same and left[0] == {"path": "conv_stem", "type": "Conv2dSame", "class": "Conv2d", "rule": 0}
+    with pytest.raises(ValueError, match="'exact:' takes a class name"):
+        rule("exact:conv.stem")

@@ -1,0 +1,48 @@
+"""What ``inspect`` and the alignment plot show for models with long paths, top-level parameters and many stages."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import yaml
+from typer.testing import CliRunner
+
+from theseus_cli.cli.app import app
+from theseus_cli.pipelines.plots import plot_alignment
+
+VIT = "torchvision.models.vision_transformer:VisionTransformer"
+VIT_KW = {"image_size": 16, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32,
+          "num_classes": 10}
+DATA = {"source": "digits", "image_size": 16, "channels": 3, "train_limit": 64, "test_limit": 32, "batch_size": 32}
+
+
+def test_a_vit_transfer_names_its_top_level_parameters_and_paths_are_folded_not_cut(tmp_path):
+    recipe = {"guide": {"arch": VIT, "kwargs": VIT_KW}, "data": DATA,
+              "target": {"arch": VIT, "kwargs": {**VIT_KW, "num_layers": 1},
+                         "blocks": {"target": "EncoderBlock", "guide": "EncoderBlock"}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "t.yaml")])
+    assert res.exit_code == 0, res.output
+    inherited = res.output[res.output.index("inherited from the guide"):]
+    assert "class_token" in inherited and "(, " not in inherited
+
+    replace = {"guide": {"arch": VIT, "kwargs": VIT_KW}, "data": DATA,
+               "replace": [{"match": r"re:encoder\.layers\.encoder_layer_\d+\.mlp", "with": "token_mlp"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(replace))
+    res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "r.yaml")])
+    assert res.exit_code == 0, res.output
+    assert not re.search(r"\S…", res.output)  # long module paths are folded over lines, never cut short ("name…")
+    path_cells = "".join(line.split("│")[1].strip() for line in res.output.splitlines() if line.startswith("│"))
+    assert "encoder.layers.encoder_layer_1.ln_2" in path_cells
+
+
+def test_the_alignment_plot_of_many_stages_warns_nothing(tmp_path, capfd):
+    stages = [{"introduced": [f"features.stage_{i}.block_{j}.conv_pointwise_expansion" for j in range(3)],
+               "losses": [1.0 / (k + 1) for k in range(5)]} for i in range(40)]
+    layer_sim = {f"features.stage_{i}.block_0": {"cka": 0.9, "mknn": 0.5} for i in range(40)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_alignment(tmp_path / "a.png", stages, layer_sim, "cka", "many stages")
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    assert "Tight layout" not in capfd.readouterr().err

@@ -22,6 +22,9 @@ Settings (CPU by default; ``"default": False`` ones need a GPU-sized budget):
   convolutions, aligned with feature regression (``similarity.kind: mse``); ``cnn-separable-cka`` /
   ``cnn-lowrank-svd-cka`` align the same targets with the paper's linear CKA instead.
 * ``resnet18-separable`` — torchvision ResNet-18 at 3×32×32 on Fashion-MNIST, every 3×3 conv → separable (GPU).
+* ``resnet18-mobilenetv3`` — recipes/resnet18_to_mobilenetv3.yaml: architecture transfer of a torchvision ResNet-18
+  (3×32×32, the few-label canvas data) into torchvision's MobileNetV3-small, whose 11 blocks are grouped under the
+  guide's 8 (issue 19; CPU-sized: the guide trains 15 epochs on the 12,000 images first).
 * ``minilm-edge`` — recipes/edge_minilm.yaml (linear attention + low-rank FFN), on 2,000 sentences (CPU-sized).
 * ``gpt2-edge-1000`` / ``gpt2-edge`` — recipes/edge_gpt2_linear_attention.yaml with 1,000 training sequences and
   with all of them (the guide trains 10 epochs on the whole corpus first: GPU).
@@ -61,6 +64,7 @@ SETTINGS = {
     "cnn-lowrank-svd-cka": {"recipe": CNN_LOW, **_CNN, "override": {"similarity": {"kind": "cka"}}},
     "resnet18-separable": {"recipe": "recipes/resnet18_to_mlp.yaml", **_CNN, "default": False, "override": {"replace": [
         {"match": "re:.*conv\\d", "with": "separable_conv"}]}},
+    "resnet18-mobilenetv3": {"recipe": "recipes/resnet18_to_mobilenetv3.yaml", "guide_epochs": 15, "guide_lr": 1e-3},
     "minilm-edge": {"recipe": "recipes/edge_minilm.yaml", "override": {"data": {"train_limit": 2000}}},
     "gpt2-edge-1000": {**_GPT2, "override": {"data": {"train_limit": 1000}}},
     "gpt2-edge": _GPT2,
@@ -134,7 +138,8 @@ def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str = "aut
     guide = the_guide(name, spec, raw, device, small)
     run, recipe = out_root / name, parse_recipe(raw, f"{name} seed {seed}")
     report = finished_report(run, recipe.digest(), guide) or run_conversion(
-        recipe, run, ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=True))
+        recipe, run, ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=not (run / ".resume").is_dir(),
+                                    resume=(run / ".resume").is_dir()))  # a killed run goes on from its last stage
     m, dep = report["metric"], report["deployment"]
     onnx_t = on_onnxruntime(run, run / "onnx")
     onnx_g = on_onnxruntime(guide_as_target(raw, guide, run / "guide"), run / "guide" / "onnx")

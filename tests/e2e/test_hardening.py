@@ -140,7 +140,7 @@ def _npz_recipe(tmp_path: Path, data: Path) -> Path:
 def test_data_with_more_classes_than_the_guide_is_refused_before_alignment(tmp_path):
     recipe = _npz_recipe(tmp_path, _npz(tmp_path / "d.npz", 12))
     res, line = _invoke(["convert", "--recipe", recipe, "--out", tmp_path / "run", "--device", "cpu"])
-    assert res.exit_code == 6 and "labels go up to 11 (12 classes), but the guide outputs 10 logits" in line
+    assert res.exit_code == 6 and "data: 12 classes, but the guide outputs 10 logits per example" in line
     assert not (tmp_path / "run").exists()
 
 

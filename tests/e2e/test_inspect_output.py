@@ -46,3 +46,22 @@ def test_the_alignment_plot_of_many_stages_warns_nothing(tmp_path, capfd):
         plot_alignment(tmp_path / "a.png", stages, layer_sim, "cka", "many stages")
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert "Tight layout" not in capfd.readouterr().err
+
+
+def test_inspect_estimates_the_alignment_and_suggests_grouping_many_stages(tmp_path):
+    recipe = {"guide": {"arch": "theseus_cli.zoo:resnet_small",
+                        "kwargs": {"num_classes": 10, "in_chans": 1, "widths": [4, 4, 8], "blocks": [5, 5, 5]}},
+              "data": {"source": "digits", "train_limit": 300, "batch_size": 64},
+              "replace": [{"match": "Conv2d", "with": "lowrank_conv"}], "align": {"epochs": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "r.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    cost = __import__("json").loads(res.stdout)["cost"]
+    assert cost["stages"] == 33 and cost["steps_per_stage"] == 2 * (300 // 64) and cost["align_steps"] == 33 * 8
+    assert cost["grouped"]["2"] < cost["grouped"]["3"] < cost["stages"]
+    res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "r.yaml")])
+    assert "alignment: 264 steps (33 stages × 8 steps" in res.output and "set schedule.group_depth" in res.output
+    recipe["schedule"] = {"group_depth": 2}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "g.yaml")])
+    assert "set schedule.group_depth" not in res.output

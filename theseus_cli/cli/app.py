@@ -156,11 +156,23 @@ def inspect(
     _print_checkpoint_fit(g.get("checkpoint_fit"))
     out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
                       f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
+    _print_cost(plan["cost"])
     out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
                       f"(×{plan['param_ratio']:.2f})")
     if plan.get("flop_ratio") is not None:
         out_console.print(f"FLOPs per example: guide {plan['guide_flops']:,} → target {plan['target_flops']:,} "
                           f"(×{plan['flop_ratio']:.2f})")
+
+
+def _print_cost(cost: dict) -> None:
+    """The alignment's size (stages × steps), and grouping's stage counts when there are many stages."""
+    cap = " at most" if cost["epochs_are_a_cap"] else ""
+    out_console.print(f"alignment:{cap} {cost['align_steps']:,} steps ({cost['stages']} stages × {cost['steps_per_stage']:,} "
+                      "steps, each through the guide and the hybrid)")
+    if cost.get("grouped"):
+        options = ", ".join(f"group_depth: {d} → {n} stages" for d, n in cost["grouped"].items())
+        out_console.print(f"[yellow]{cost['stages']} stages, one per replaced module:[/] grouping modules by their "
+                          f"first path components makes fewer, longer stages ({options}); set schedule.group_depth")
 
 
 def _print_checkpoint_fit(fit: dict | None) -> None:
@@ -197,8 +209,10 @@ def _print_transfer(plan: dict) -> None:
         table.add_column(col, overflow="fold")
     for i, pair in enumerate(plan["pairs"]):
         group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
-        table.add_row(str(i + 1), _e(pair["target"]), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
-                      _e(", ".join(plan["stem"].get(pair["target"], []))))
+        targets = [*pair.get("trained_with", []), pair["target"]]
+        block = targets[0] if len(targets) == 1 else f"{targets[0]} … {targets[-1]} ({len(targets)}, the last aligned)"
+        table.add_row(str(i + 1), _e(block), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
+                      _e(", ".join(m for t in targets for m in plan["stem"].get(t, []))))
     out_console.print(table)
     g = plan["guide"]
     out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")

@@ -157,14 +157,16 @@ class RuleConfig(StrictModel):
 class MapEntry(StrictModel):
     """One alignment pair of an architecture transfer: a target module and the guide module(s) whose output it matches."""
 
-    target: str = Field(description="a target module: exact path, class name or 're:' pattern matching exactly one module")
+    target: Union[str, list[str]] = Field(description="target module(s): exact path, class name or 're:' pattern, each "
+                                          "matching exactly one module; several form a group trained together, the "
+                                          "last of them aligned")
     guide: Union[str, list[str]] = Field(description="guide module(s), same grammar; their group's output is the output of "
                                                      "the last of them to run")
 
     @field_validator("target")
     @classmethod
-    def _target(cls, v: str) -> str:
-        return check_pattern(v)
+    def _target(cls, v: Union[str, list[str]]) -> list[str]:
+        return check_patterns(v, "target")
 
     @field_validator("guide")
     @classmethod

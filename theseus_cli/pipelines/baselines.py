@@ -68,7 +68,7 @@ def baseline_model(conv: "Conversion", from_guide: bool) -> torch.nn.Module:
     if recipe.target is not None:
         model = conv.rt.prepare(build_model(recipe.target.arch, recipe.target.kwargs, seed, recipe.task).to(dev))
         if from_guide:
-            inherit_weights(conv.guide, model, conv.plan_.align_points)
+            inherit_weights(conv.guide, model, conv.plan_.blocks)
         return model
     if from_guide:
         model = copy.deepcopy(conv.guide)

@@ -7,7 +7,11 @@ widths, so no adapters are needed). The recipe gives the pairs explicitly
 (``target.map``) or as two block lists (``target.blocks``) that are split
 evenly: consecutive guide blocks are shared out over the target blocks in
 execution order, the first groups taking one extra block when the division is
-not exact (16 → 8 gives 2 each; 3 → 2 gives 2, 1). With a ``re:`` capture group
+not exact (16 → 8 gives 2 each; 3 → 2 gives 2, 1). A target with more blocks than
+its guide (a thin, deep edge network) is split the other way: consecutive target
+blocks are grouped under one guide block (11 → 8: 2, 2, 2, 1, 1, 1, 1, 1), all of
+a group trained in its stage and only its last block aligned; ``map`` entries may
+list several target blocks (``target: [a, b]``) the same way. With a ``re:`` capture group
 the split happens within each captured value, e.g. per ResNet stage, so no group
 straddles a change of resolution.
 
@@ -40,14 +44,19 @@ from theseus_cli.surgery.schedule import Stage
 
 @dataclass
 class TransferPair:
-    target: str
+    target: str  # the target block aligned (the last of its group)
     guide: list[str]  # in execution order; the group's output is the last one's
     target_shape: tuple[int, ...]
     guide_shape: tuple[int, ...]
+    trained_with: list[str] = field(default_factory=list)  # earlier target blocks of the group: trained, not aligned
 
     @property
     def guide_point(self) -> str:
         return self.guide[-1]
+
+    @property
+    def targets(self) -> list[str]:
+        return [*self.trained_with, self.target]
 
 
 @dataclass
@@ -67,6 +76,11 @@ class TransferPlan:
     @property
     def align_points(self) -> list[str]:
         return [p.target for p in self.pairs]
+
+    @property
+    def blocks(self) -> list[str]:
+        """Every mapped target block, aligned or trained with the one aligned after it."""
+        return [b for p in self.pairs for b in p.targets]
 
     @property
     def guide_points(self) -> list[str]:
@@ -104,66 +118,83 @@ def _key(pattern: str, path: str) -> str | None:
     return None
 
 
-def resolve_pairs(cfg: TargetConfig, guide: nn.Module, target: nn.Module, g_info: dict, t_info: dict) -> list[tuple[str, list[str]]]:
-    """(target block, guide group) pairs from ``target.map`` or ``target.blocks``, checked (see the module docstring)."""
-    if cfg.blocks is not None:
-        t_blocks = _listed(target, cfg.blocks.target, t_info, "target.blocks.target")
-        g_blocks = _listed(guide, cfg.blocks.guide, g_info, "target.blocks.guide")
-        t_keys = [_key(cfg.blocks.target, p) for p in t_blocks]
-        g_keys = [_key(cfg.blocks.guide, p) for p in g_blocks]
-        if any(k is not None for k in t_keys + g_keys):
-            t_groups = {k: [p for p, kk in zip(t_blocks, t_keys) if kk == k] for k in dict.fromkeys(t_keys)}
-            g_groups = {k: [p for p, kk in zip(g_blocks, g_keys) if kk == k] for k in dict.fromkeys(g_keys)}
-            if list(t_groups) != list(g_groups):
-                raise MatchError(f"target.blocks: captured groups differ: target {list(t_groups)}, guide {list(g_groups)}")
-        else:
-            t_groups, g_groups = {None: t_blocks}, {None: g_blocks}
-        pairs = []
-        for key, ts in t_groups.items():
-            gs = g_groups[key]
-            if len(gs) < len(ts):
-                label = f" (group {key!r})" if key is not None else ""
-                raise MatchError(f"target.blocks{label}: {len(ts)} target blocks but only {len(gs)} guide blocks; "
-                                 "each target block needs at least one guide block")
-            start = 0
-            for t, size in zip(ts, split_sizes(len(gs), len(ts))):
-                pairs.append((t, gs[start : start + size]))
-                start += size
-        return pairs
-    pairs = []
-    for i, entry in enumerate(cfg.map):
-        ts = _listed(target, entry.target, t_info, f"target.map[{i}].target")
-        if len(ts) != 1:
-            raise MatchError(f"target.map[{i}].target: {entry.target!r} matches {len(ts)} modules ({', '.join(ts[:3])}); "
-                             "name exactly one")
-        gs: list[str] = []
-        for pattern in entry.guide:
-            gs += [p for p in _listed(guide, pattern, g_info, f"target.map[{i}].guide") if p not in gs]
-        pairs.append((ts[0], sorted(gs, key=lambda p: g_info[p].order)))
+Pairs = list[tuple[list[str], list[str]]]  # (target group, guide group), each in execution order
+
+
+def _even_split(ts: list[str], gs: list[str]) -> Pairs:
+    """Share the longer list out over the shorter one in consecutive, near-equal groups (larger first)."""
+    pairs, start = [], 0
+    if len(gs) >= len(ts):
+        for t, size in zip(ts, split_sizes(len(gs), len(ts))):
+            pairs.append(([t], gs[start:start + size]))
+            start += size
+    else:  # a thin, deep target: several target blocks per guide block, the last of them aligned
+        for g, size in zip(gs, split_sizes(len(ts), len(gs))):
+            pairs.append((ts[start:start + size], [g]))
+            start += size
     return pairs
 
 
-def check_pairs(pairs: list[tuple[str, list[str]]], g_info: dict, t_info: dict) -> None:
-    """Target blocks distinct and in execution order; guide groups disjoint and in order; every point a tensor."""
+def _grouped(pattern: str, blocks: list[str]) -> dict:
+    keys = [_key(pattern, p) for p in blocks]
+    return {k: [p for p, kk in zip(blocks, keys) if kk == k] for k in dict.fromkeys(keys)}
+
+
+def resolve_pairs(cfg: TargetConfig, guide: nn.Module, target: nn.Module, g_info: dict, t_info: dict) -> Pairs:
+    """(target group, guide group) pairs from ``target.map`` or ``target.blocks``, checked (see the module docstring)."""
+    if cfg.blocks is not None:
+        t_blocks = _listed(target, cfg.blocks.target, t_info, "target.blocks.target")
+        g_blocks = _listed(guide, cfg.blocks.guide, g_info, "target.blocks.guide")
+        t_groups, g_groups = _grouped(cfg.blocks.target, t_blocks), _grouped(cfg.blocks.guide, g_blocks)
+        if (list(t_groups) != [None] or list(g_groups) != [None]) and list(t_groups) != list(g_groups):
+            raise MatchError(f"target.blocks: captured groups differ: target {list(t_groups)}, guide {list(g_groups)}")
+        return [pair for key, ts in t_groups.items() for pair in _even_split(ts, g_groups[key])]
+    pairs = []
+    for i, entry in enumerate(cfg.map):
+        ts: list[str] = []
+        for pattern in entry.target:
+            hits = _listed(target, pattern, t_info, f"target.map[{i}].target")
+            if len(hits) != 1:
+                raise MatchError(f"target.map[{i}].target: {pattern!r} matches {len(hits)} modules ({', '.join(hits[:3])}); "
+                                 "name exactly one per pattern (list several for a group of target blocks)")
+            ts += [h for h in hits if h not in ts]
+        gs: list[str] = []
+        for pattern in entry.guide:
+            gs += [p for p in _listed(guide, pattern, g_info, f"target.map[{i}].guide") if p not in gs]
+        pairs.append((sorted(ts, key=lambda p: t_info[p].order), sorted(gs, key=lambda p: g_info[p].order)))
+    return pairs
+
+
+def check_pairs(pairs: Pairs, g_info: dict, t_info: dict) -> None:
+    """Target groups disjoint and in execution order; guide groups disjoint and in order; every point a tensor."""
     problems = []
-    for i, (t, gs) in enumerate(pairs):
-        for side, path, info in (("target", t, t_info), ("guide", gs[-1], g_info)):
+    for i, (ts, gs) in enumerate(pairs):
+        for side, path, info in (("target", ts[-1], t_info), ("guide", gs[-1], g_info)):
             if info[path].output is None:
                 problems.append(f"pair {i + 1}: {side} module '{path}' returns no tensor")
             elif info[path].calls > 1:
                 problems.append(f"pair {i + 1}: {side} module '{path}' runs {info[path].calls} times per forward pass")
-        if i:
-            pt, pgs = pairs[i - 1]
-            if t == pt or t.startswith(pt + ".") or pt.startswith(t + "."):
-                problems.append(f"pairs {i} and {i + 1}: target modules '{pt}' and '{t}' overlap")
-            elif t_info[t].order < t_info[pt].order:
-                problems.append(f"pairs {i} and {i + 1}: target '{t}' runs before '{pt}'; give pairs in execution order")
-            if set(gs) & set(pgs):
-                problems.append(f"pairs {i} and {i + 1}: guide module '{sorted(set(gs) & set(pgs))[0]}' is in both groups")
-            elif g_info[gs[0]].order < g_info[pgs[-1]].order:
-                problems.append(f"pairs {i} and {i + 1}: guide group '{gs[0]}'… runs before the previous group ends")
+        problems += _order_problems(i, ts, gs, pairs[i - 1] if i else None, g_info, t_info)
     if problems:
         raise MatchError("; ".join(problems))
+
+
+def _order_problems(i: int, ts: list[str], gs: list[str], previous, g_info: dict, t_info: dict) -> list[str]:
+    nested = [(a, b) for a in ts for b in ts if a != b and b.startswith(a + ".")]
+    out = [f"pair {i + 1}: target modules '{a}' and '{b}' overlap" for a, b in nested[:1]]
+    if previous is None:
+        return out
+    pts, pgs = previous
+    clash = [(a, b) for a in pts for b in ts if a == b or a.startswith(b + ".") or b.startswith(a + ".")]
+    if clash:
+        out.append(f"pairs {i} and {i + 1}: target modules '{clash[0][0]}' and '{clash[0][1]}' overlap")
+    elif t_info[ts[0]].order < t_info[pts[-1]].order:
+        out.append(f"pairs {i} and {i + 1}: target '{ts[0]}' runs before '{pts[-1]}'; give pairs in execution order")
+    if set(gs) & set(pgs):
+        out.append(f"pairs {i} and {i + 1}: guide module '{sorted(set(gs) & set(pgs))[0]}' is in both groups")
+    elif g_info[gs[0]].order < g_info[pgs[-1]].order:
+        out.append(f"pairs {i} and {i + 1}: guide group '{gs[0]}'… runs before the previous group ends")
+    return out
 
 
 def _own_params(module: nn.Module) -> bool:
@@ -205,15 +236,16 @@ def inherit_weights(guide: nn.Module, target: nn.Module, blocks: list[str]) -> l
 
 
 def transfer_stages(pairs: list[TransferPair], stem: dict[str, list[str]], kind: str) -> list[Stage]:
-    """Progressive: stage t trains target blocks 1..t (and what feeds them) against guide groups 1..t."""
-    blocks = [p.target for p in pairs]
-    feeds = lambda bs: [m for b in bs for m in stem[b] + [b]]  # noqa: E731  (execution order)
+    """Progressive: stage t trains target groups 1..t (and what feeds them) against guide groups 1..t; a target
+    group's blocks are all trained, its last block's output aligned."""
+    feeds = lambda ps: [m for p in ps for b in p.targets for m in stem[b] + [b]]  # noqa: E731  (execution order)
     if kind == "joint":
-        return [Stage(list(blocks), feeds(blocks), list(blocks), guide_points=[p.guide_point for p in pairs])]
+        return [Stage([b for p in pairs for b in p.targets], feeds(pairs), [p.target for p in pairs],
+                      guide_points=[p.guide_point for p in pairs])]
     stages = []
     for t, pair in enumerate(pairs):
         upto = pairs[: t + 1] if kind == "progressive" else [pair]
-        stages.append(Stage([pair.target], feeds([p.target for p in upto]), [p.target for p in upto],
+        stages.append(Stage(list(pair.targets), feeds(upto), [p.target for p in upto],
                             guide_points=[p.guide_point for p in upto]))
     return stages
 
@@ -223,8 +255,8 @@ def build_transfer_plan(guide: nn.Module, target: nn.Module, recipe: Recipe, sam
     g_info, t_info = dry_trace(guide, sample, "guide"), dry_trace(target, sample, "target")
     raw = resolve_pairs(recipe.target, guide, target, g_info, t_info)
     check_pairs(raw, g_info, t_info)
-    pairs = [TransferPair(t, gs, t_info[t].output, g_info[gs[-1]].output) for t, gs in raw]
-    blocks = [p.target for p in pairs]
+    pairs = [TransferPair(ts[-1], gs, t_info[ts[-1]].output, g_info[gs[-1]].output, ts[:-1]) for ts, gs in raw]
+    blocks = [b for p in pairs for b in p.targets]
     stem, head = stem_and_head(target, blocks, t_info)
     inherited = inherit_weights(guide, target, blocks) if recipe.target.inherit else []
     one = sample[:1]

@@ -86,7 +86,6 @@ def test_sequential_and_joint_transfer_stages():
      "guide group 'layers.0.0'… runs before the previous group ends"),
     ({"map": [{"target": "layers.0", "guide": "layers.0.0"}, {"target": "layers.0.1", "guide": "layers.1.0"}]},
      "target modules 'layers.0' and 'layers.0.1' overlap"),
-    ({"blocks": {"guide": r"re:layers\.1\.\d", "target": "BasicBlock"}}, "3 target blocks but only 2 guide blocks"),
     ({"blocks": {"guide": r"re:layers\.(\d)\.\d+", "target": r"re:(layers)\.\d\.\d"}}, "captured groups differ"),
     ({"blocks": {"guide": r"re:layers(\.\d)?", "target": "BasicBlock"}}, "matches modules inside each other"),
 ])
@@ -160,3 +159,31 @@ def test_gpt2_of_different_depth_and_width():
         ("transformer.h.1", ["transformer.h.2", "transformer.h.3"], (12, 16), (12, 32))]
     assert plan.stem["transformer.h.0"] == ["transformer.wte", "transformer.wpe"]
     assert plan.head == ["transformer.ln_f", "lm_head"] and plan.inherited == []  # widths differ: nothing fits
+
+
+def test_a_deeper_target_groups_its_blocks_under_one_guide_block():
+    """A thin, deep target (more blocks than the guide): consecutive target blocks share a guide block, all of the
+    group trained in its stage, only the last aligned; the same with an explicit map's target list."""
+    guide = build_model("theseus_cli.zoo:resnet_small", TARGET_KW, 0)  # 2 + 1 blocks
+    deep_kw = {**TARGET_KW, "blocks": [3, 2]}
+    deep = build_model("theseus_cli.zoo:resnet_small", deep_kw, 1)  # 3 + 2 blocks
+    data = {"source": "digits", "train_limit": 200, "test_limit": 100, "batch_size": 32}
+    for target in ({"blocks": STAGED},
+                   {"map": [{"target": ["layers.0.0", "layers.0.1"], "guide": "layers.0.0"},
+                            {"target": "layers.0.2", "guide": "layers.0.1"},
+                            {"target": [r"re:layers\.1\.0", "layers.1.1"], "guide": "layers.1.0"}]}):
+        recipe = parse_recipe({"guide": {"arch": "theseus_cli.zoo:resnet_small", "kwargs": TARGET_KW}, "data": data,
+                               "target": {"arch": "theseus_cli.zoo:resnet_small", "kwargs": deep_kw, **target}})
+        plan = build_transfer_plan(guide, deep, recipe, torch.randn(2, 1, 8, 8))
+        assert [(p.targets, p.guide) for p in plan.pairs] == [
+            (["layers.0.0", "layers.0.1"], ["layers.0.0"]), (["layers.0.2"], ["layers.0.1"]),
+            (["layers.1.0", "layers.1.1"], ["layers.1.0"])]
+        assert plan.align_points == ["layers.0.1", "layers.0.2", "layers.1.1"] and len(plan.blocks) == 5
+        first = plan.stages[0]
+        assert first.introduced == ["layers.0.0", "layers.0.1"] and first.aligned == ["layers.0.1"]
+        assert {"layers.0.0", "layers.0.1", "conv1"} <= set(first.trained)
+    with pytest.raises(MatchError, match=r"pair 1: target modules 'layers.0' and 'layers.0.1' overlap"):
+        bad = parse_recipe({"guide": {"arch": "theseus_cli.zoo:resnet_small", "kwargs": TARGET_KW}, "data": data,
+                            "target": {"arch": "theseus_cli.zoo:resnet_small", "kwargs": deep_kw,
+                                       "map": [{"target": ["layers.0", "layers.0.1"], "guide": "layers.0"}]}})
+        build_transfer_plan(guide, deep, bad, torch.randn(2, 1, 8, 8))

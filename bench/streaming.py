@@ -34,6 +34,7 @@ from common import ROOT, device_name
 
 from theseus_cli.config.recipe import parse_recipe
 from theseus_cli.models.build import build_model
+from theseus_cli.replacements.state import returned_cache
 from theseus_cli.surgery.plan import apply_entries, build_plan
 
 PROMPT = 16
@@ -87,7 +88,7 @@ def run_torch(model, ids: torch.Tensor, tokens: int, use_cache: bool, device: st
         hook.remove()
     _sync(device)
     total = time.perf_counter() - started
-    return _row(total, stamps, tokens, cache_bytes(out.past_key_values) if use_cache else 0, device)
+    return _row(total, stamps, tokens, cache_bytes(returned_cache(out)) if use_cache else 0, device)
 
 
 def _row(total: float, stamps: list[float], tokens: int, held: int, device: str) -> dict:

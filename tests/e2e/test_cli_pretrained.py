@@ -69,7 +69,7 @@ def test_a_1000_class_guide_gets_a_new_head_for_a_10_class_task(tmp_path):
 def test_the_lite0_recipe_converts_the_real_imagenet_weights(tmp_path):
     recipe = yaml.safe_load((REPO / "recipes" / "efficientnet_lite0_pretrained.yaml").read_text())
     recipe["guide"]["head_probe_steps"] = 20
-    recipe["data"].update(train_limit=48, label_limit=32, test_limit=16, batch_size=16, eval_batch_size=16)
+    recipe["data"].update(image_size=32, train_limit=48, label_limit=32, test_limit=16, batch_size=16, eval_batch_size=16)
     recipe.update(align={"epochs": 1, "max_steps_per_epoch": 1}, finetune={"epochs": 1}, bn_recalibration={"batches": 1})
     (tmp_path / "lite0.yaml").write_text(yaml.safe_dump(recipe))
     res = runner.invoke(app, ["convert", "-r", str(tmp_path / "lite0.yaml"), "-o", str(tmp_path / "run"), "--device", "cpu",
@@ -80,3 +80,17 @@ def test_the_lite0_recipe_converts_the_real_imagenet_weights(tmp_path):
     assert sum(r["keys"] for r in fit["renamed"]) >= 296 and all(r["keys"] > 0 for r in fit["renamed"])
     assert fit["head"]["classes_before"] == 1000 and fit["head"]["classes"] == 10
     assert len(report["plan"]["entries"]) == 15 and report["params"]["target"] < report["params"]["guide"]
+
+
+def test_key_map_on_the_command_line_renames_a_foreign_checkpoint(tmp_path):
+    from theseus_cli.zoo import cnn_small
+
+    state = {f"net._{k}": v for k, v in cnn_small(width=4).state_dict().items()}
+    save_file(state, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe_dict()))
+    args = ["inspect", str(tmp_path / "foreign.safetensors"), "-r", str(tmp_path / "r.yaml")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 4 and "keys differ like 'net.' ↔" in res.output and "--key-map" in res.output
+    res = runner.invoke(app, [*args, "--key-map", r"re:^net\._=>"])
+    assert res.exit_code == 0, res.output
+    assert rf"key_map: re:^net\._ →  renamed {len(state)} keys" in res.output

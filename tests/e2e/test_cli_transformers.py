@@ -140,18 +140,17 @@ def test_shipped_transformer_recipes_plan_on_their_guides(name, replaced, points
 
 def test_t5_embeds_sentences_with_its_encoder_and_refuses_causal_lm(tmp_path):
     """An encoder–decoder config for sentence embeddings builds the encoder alone (the decoder would need target
-    ids); the dry forward, alignment, fine-tuning and the saved target all work on it."""
+    ids), whose dry forward runs on the token batch (inputs by keyword)."""
     t5 = {"arch": "hf:t5", "kwargs": {"d_model": 32, "num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 64,
                                       "vocab_size": 50304}}
     recipe = {**MINILM, "guide": t5, "data": {**MINILM["data"], "tokenizer": "gpt2"},
               "replace": [{"match": r"re:encoder\.block\.\d+\.layer\.1\.DenseReluDense", "with": "token_mlp"}]}
     (tmp_path / "t5.yaml").write_text(yaml.safe_dump(recipe))
-    res = runner.invoke(app, ["convert", "-r", str(tmp_path / "t5.yaml"), "-o", str(tmp_path / "run"), "--device", "cpu",
-                              "--no-latency", "--json"])
+    res = runner.invoke(app, ["inspect", "-r", str(tmp_path / "t5.yaml"), "--json"])
     assert res.exit_code == 0, res.output
-    target = theseus_cli.load_target(tmp_path / "run")
-    assert type(target).__name__ == "T5EncoderModel"
-    assert type(target.encoder.block[1].layer[1].DenseReluDense).__name__ == "TokenMLP"
+    plan = json.loads(res.stdout)
+    assert [e["path"] for e in plan["entries"]] == [f"encoder.block.{i}.layer.1.DenseReluDense" for i in (0, 1)]
+    assert plan["entries"][0]["input_shape"] == [24, 32]  # (tokens, d_model): the encoder ran on the token batch
     causal = {**GPT2, "guide": t5}
     (tmp_path / "causal.yaml").write_text(yaml.safe_dump(causal))
     res = runner.invoke(app, ["inspect", "-r", str(tmp_path / "causal.yaml")])

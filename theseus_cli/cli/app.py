@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from theseus_cli.cli.inspect_view import print_plan
 from theseus_cli.errors import TheseusError, disk_error, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -94,14 +95,6 @@ def _e(value: Any) -> str:
     return escape(str(value))
 
 
-def _count(paths: list[str]) -> str:
-    return _e(paths[0]) if len(paths) == 1 else f"{len(paths)} modules ({_e(paths[0])} … {_e(paths[-1])})"
-
-
-def _shape(shape) -> str:
-    return "×".join(map(str, shape)) if shape else "-"
-
-
 @app.command()
 def inspect(
     guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the recipe's, else untrained"),
@@ -123,105 +116,7 @@ def inspect(
     if as_json:
         _emit_json(plan)
         return
-    if plan["kind"] == "transfer":
-        _print_transfer(plan)
-        return
-    table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
-    for col in ("path", "type", "output", "params", "FLOPs", "rule", "becomes", "target params", "target FLOPs"):
-        table.add_column(col, justify="right" if "params" in col or "FLOPs" in col else "left", overflow="fold")
-    for row in plan["rows"]:
-        becomes = None
-        if row["becomes"]:
-            args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items() if v is not None)
-            becomes = f"[green]{_e(row['becomes'])}[/]({_e(args)})"
-        replaced = row["becomes"] is not None
-        table.add_row(_e(row["path"]), _e(row["module_type"]), _shape(row["output_shape"]), f"{row['params']:,}",
-                      _flops(row["flops"]), f"replace[{row['rule']}]" if row["rule"] is not None else "",
-                      becomes or "[dim]kept[/]",
-                      f"{row['target_params']:,}" if replaced else f"{row['params']:,}",
-                      _flops(row["target_flops"] if replaced else row["flops"]))
-    out_console.print(table)
-    for u in plan.get("unclaimed", []):
-        out_console.print(f"[yellow]not converted:[/] {_e(u['path'])} ({_e(u['type'])}) is a {_e(u['class'])}, the class "
-                          f"replace[{u['rule']}] names, but that rule does not claim it (ignore / exact:)")
-    stages = Table(title=f"stages: {plan['schedule']['kind']}, {plan['schedule']['order']}"
-                   + (f", grouped by the first {plan['schedule']['group_depth']} path components" if plan["schedule"]["group_depth"] else ""))
-    for col in ("stage", "introduces", "trains", "aligns", "fed by"):
-        stages.add_column(col, overflow="fold")
-    for i, st in enumerate(plan["stages"]):
-        stages.add_row(str(i + 1), _e(", ".join(st["introduced"])), _count(st["trained"]), _count(st["aligned"]), st["feed"])
-    out_console.print(stages)
-    g = plan["guide"]
-    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
-    _print_checkpoint_fit(g.get("checkpoint_fit"))
-    out_console.print(f"replaced: {len(plan['entries'])} modules in {len(plan['stages'])} stages "
-                      f"({plan['schedule']['kind']}, {plan['schedule']['order']}, similarity {plan['similarity']})")
-    _print_cost(plan["cost"])
-    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} "
-                      f"(×{plan['param_ratio']:.2f})")
-    if plan.get("flop_ratio") is not None:
-        out_console.print(f"FLOPs per example: guide {plan['guide_flops']:,} → target {plan['target_flops']:,} "
-                          f"(×{plan['flop_ratio']:.2f})")
-
-
-def _print_cost(cost: dict) -> None:
-    """The alignment's size (stages × steps), and grouping's stage counts when there are many stages."""
-    cap = " at most" if cost["epochs_are_a_cap"] else ""
-    out_console.print(f"alignment:{cap} {cost['align_steps']:,} steps ({cost['stages']} stages × {cost['steps_per_stage']:,} "
-                      "steps, each through the guide and the hybrid)")
-    if cost.get("grouped"):
-        options = ", ".join(f"group_depth: {d} → {n} stages" for d, n in cost["grouped"].items())
-        out_console.print(f"[yellow]{cost['stages']} stages, one per replaced module:[/] grouping modules by their "
-                          f"first path components makes fewer, longer stages ({options}); set schedule.group_depth")
-
-
-def _print_checkpoint_fit(fit: dict | None) -> None:
-    """What guide.key_map, guide.head and guide.ignore_keys did to the checkpoint."""
-    if not fit:
-        return
-    for rule in fit["renamed"]:
-        out_console.print(f"key_map: {_e(rule['rule'])} renamed {rule['keys']} keys"
-                          + (" [yellow](renamed nothing)[/]" if not rule["keys"] else ""))
-    head = fit.get("head")
-    if head:
-        out_console.print(f"head reset: {_e(head['path'])} ({head['classes_before']} → {head['classes']} classes; "
-                          f"{len(head.get('dropped_keys', []))} checkpoint tensors dropped; fitted as a linear probe "
-                          "before conversion, trained again in fine-tuning)")
-    for kind, keys in fit["ignored"].items():
-        out_console.print(f"ignored {kind} keys: {len(keys)} ({_e(', '.join(keys[:4]))}{' …' if len(keys) > 4 else ''})")
-
-
-def _flops(n: int | None) -> str:
-    """FLOPs per example, short (12.3M); "?" where a replacement's cost could not be counted before building it."""
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def _print_transfer(plan: dict) -> None:
-    """``inspect`` for architecture transfer: the map with shapes on both sides, what else is trained, the ratios."""
-    t = plan["target"]
-    table = Table(title=f"{_e(plan['guide']['arch'])} → {_e(t['arch'])} on input {_shape(plan['input_shape'])}")
-    for col in ("stage", "target block", "target output", "guide group", "guide output", "also trained from here"):
-        table.add_column(col, overflow="fold")
-    for i, pair in enumerate(plan["pairs"]):
-        group = pair["guide"][0] if len(pair["guide"]) == 1 else f"{pair['guide'][0]} … {pair['guide'][-1]} ({len(pair['guide'])})"
-        targets = [*pair.get("trained_with", []), pair["target"]]
-        block = targets[0] if len(targets) == 1 else f"{targets[0]} … {targets[-1]} ({len(targets)}, the last aligned)"
-        table.add_row(str(i + 1), _e(block), _shape(pair["target_shape"]), _e(group), _shape(pair["guide_shape"]),
-                      _e(", ".join(m for t in targets for m in plan["stem"].get(t, []))))
-    out_console.print(table)
-    g = plan["guide"]
-    out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
-    _print_checkpoint_fit(g.get("checkpoint_fit"))
-    out_console.print(f"schedule: {plan['schedule']['kind']}, similarity {plan['similarity']}; head (fine-tuning only): "
-                      f"{_e(', '.join(plan['head'])) or '-'}; inherited from the guide: {len(plan['inherited'])} tensors"
-                      + (f" ({_e(', '.join(sorted({k.rpartition('.')[0] or k for k in plan['inherited']})))})" if plan["inherited"] else ""))
-    out_console.print(f"params: guide {plan['guide_params']:,} → target {plan['target_params']:,} (×{plan['param_ratio']:.2f}); "
-                      f"FLOPs per example: {plan['guide_flops']:,} → {plan['target_flops']:,} (×{plan['flop_ratio']:.2f})")
+    print_plan(plan, out_console)
 
 
 @app.command()

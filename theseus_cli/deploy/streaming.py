@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from theseus_cli.replacements.linear_attention import LinearAttention
 from theseus_cli.replacements.sequence import ElmanRNN, TokenMLP
-from theseus_cli.replacements.state import recurrent_layer_class
+from theseus_cli.replacements.state import cache_keyword, recurrent_layer_class
 
 STREAMING_KEY = "theseus_streaming"
 _STATEFUL = (ElmanRNN, LinearAttention, TokenMLP)
@@ -88,7 +88,7 @@ class PrefillGraph(nn.Module):
         hooks = [m.register_forward_pre_hook(lambda mod, args, kw: (args, {**kw, "attention_mask": attention_mask}),
                                              with_kwargs=True) for _, m in self.modules_]
         try:
-            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **{cache_keyword(self.model): cache})
         finally:
             for hook in hooks:
                 hook.remove()
@@ -107,7 +107,8 @@ class StepGraph(nn.Module):
 
         cache = DynamicCache()
         _install(cache, self.modules_, states, seen=1)  # the count only sizes masks no replaced module reads
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                         **{cache_keyword(self.model): cache})
         return (out.logits, *_collect(cache, self.modules_))
 
 

@@ -1,7 +1,8 @@
 """Recurrent state for sequence replacements, kept in transformers' cache during generation.
 
 A converted decoder generates the way its guide did: ``model.generate(..., use_cache=True)`` feeds one new token
-per step and hands every attention module the model's cache (``past_key_values``). A replaced module cannot store
+per step and hands every attention module the model's cache (``cache`` from transformers 5.24 on,
+``past_key_values`` before). A replaced module cannot store
 keys and values there — it has none — so it takes its own slot of that cache (its guide module's ``layer_idx``)
 and puts a :class:`RecurrentSlot` in it: the module's state after the tokens seen so far (an Elman RNN's hidden
 states, linear attention's running sums; nothing for a token MLP) and how many tokens that is. The model reads
@@ -20,10 +21,26 @@ like keys (``reorder_cache``).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# the keyword an attention module gets the cache by: transformers 5.24 renamed ``past_key_values`` to ``cache``
+# (the old name is deprecated there, to be removed in 5.40); older releases and other models use the rest
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward takes a cache by: ``cache`` on transformers >= 5.24, else ``past_key_values``
+    (passing the old name to a new release works but warns once per call, and stops working in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output):
+    """The cache a transformers model returned (``output.cache`` on >= 5.24, ``output.past_key_values`` before)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
 
 
 class StreamingError(RuntimeError):

@@ -101,3 +101,15 @@ def test_streaming_benchmark_runs_small_and_reports_every_model(tmp_path):
     assert by[("guide+kv", 12)]["cache_bytes"] > by[("guide+kv", 6)]["cache_bytes"] > 0
     assert by[("rnn-stream", 12)]["cache_bytes"] == by[("rnn-stream", 6)]["cache_bytes"] == by[("rnn-ort-step", 12)]["cache_bytes"] > 0
     assert all(r["ms_per_token"] > 0 for r in rows) and "cache/state bytes" in (tmp_path / "streaming.md").read_text()
+
+
+def test_stage_grouping_benchmark_runs_small_and_compares_at_equal_alignment_steps(tmp_path):
+    run = _bench("stage_grouping.py", tmp_path, "--small", "--device", "cpu", "--seeds", "0")
+    row = json.loads((tmp_path / "stage_grouping.json").read_text())["rows"][0]
+    assert (row["per-module_stages"], row["grouped_stages"], row["grouped-equal-steps_stages"]) == (39, 11, 11)
+    assert row["grouped_align_steps"] == 11 < row["per-module_align_steps"] == 39
+    # the equal-budget variant gets the per-module total, up to rounding to whole steps per stage
+    assert abs(row["grouped-equal-steps_align_steps"] - row["per-module_align_steps"]) <= row["grouped_stages"]
+    assert {b: row["baselines"][b]["steps"] for b in ("scratch", "distill")} == {"scratch": row["per-module_steps"],
+                                                                               "distill": row["per-module_steps"]}
+    assert "(seed 0 only)" in run.stdout and "SMOKE RUN" in run.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -116,6 +117,15 @@ def aggregate_seeds(rows: list[dict], seeds: list[int]) -> dict:
             out[key], out["std"][key] = mean_std([r[key] for r in rows])
     if isinstance(rows[0].get("wall_time"), dict):
         out["wall_time"] = {k: mean_std([r["wall_time"][k] for r in rows])[0] for k in rows[0]["wall_time"]}
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, nested dicts key by key (a raw recipe with a setting's overrides); ``base``
+    is left as it was."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

@@ -35,12 +35,11 @@ Writes runs/bench-edge/edge.{json,md} and prints the markdown table.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, pm, run_settings,
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, merge, pm, run_settings,
                     settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -76,13 +75,6 @@ SMALL = {"classification": {"data": {"train_limit": 256, "label_limit": 64, "tes
                   "align": {"epochs": 1, "max_steps_per_epoch": 1}, "finetune": {"epochs": 1}}}
 GPT2_SMALL = {"guide": {"kwargs": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16}}}
 ONNX_THREADS = 1
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def raw_recipe(spec: dict, seed: int, small: bool) -> dict:

@@ -28,8 +28,8 @@ import math
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, fmt_mean_std, parse_seeds,
-                    pm, run_settings, settings_parser, smoke_note)
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, fmt_mean_std, merge,
+                    parse_seeds, pm, run_settings, settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -42,13 +42,6 @@ SETTINGS = {"mobilenetv3-small": {"recipe": RECIPE}}
 VARIANTS = ("per-module", "grouped", "grouped-equal-steps")
 SMALL = {"data": {"train_limit": 256, "label_limit": 64, "test_limit": 64, "batch_size": 32},
          "align": {"epochs": 1, "max_steps_per_epoch": 1}, "finetune": {"epochs": 1}, "bn_recalibration": {"batches": 2}}
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def equal_budget(raw: dict, per_module_steps: int, stages: int) -> dict:

@@ -64,7 +64,6 @@ def print_plan(plan: dict, out_console: Console) -> None:
                           f"(×{plan['flop_ratio']:.2f})")
 
 
-
 def _print_cost(cost: dict, out_console: Console) -> None:
     """The alignment's size (stages × steps), and grouping's stage counts when there are many stages."""
     cap = " at most" if cost["epochs_are_a_cap"] else ""

@@ -20,7 +20,11 @@ Settings:
   from the trained guide and from an untrained one (a fixed seeded initialisation): the paper's claim is that
   distillation cannot use an untrained teacher and NoT can.
 * ``gpt2-rnn-1000`` — recipes/gpt2_attention_to_rnn.yaml with 1,000 training sequences (perplexity). Its guide
-  trains for 10 epochs on the whole corpus: a GPU setting (not in the default CPU run).
+  (16M parameters) trains for 10 epochs on the whole corpus: a GPU setting (not in the default CPU run).
+* ``gpt2-rnn-1000-cpu`` — the same conversion of a CPU-sized GPT-2 (4 blocks of width 64, the corpus's own 2,048-token
+  BPE: ``common.cpu_sized_gpt2``), whose guide a 2-core CPU trains on the whole corpus in minutes.
+
+A GPT-2 guide trains on every training sequence (``common.full_data_guide``); only the conversion gets 1,000.
 
 Usage: python bench/distillation.py [--settings demo,...] [--seeds 0,1,2] [--device auto] [--small]
 Writes runs/bench/distillation.{json,md} and prints the markdown table.
@@ -28,15 +32,14 @@ Writes runs/bench/distillation.{json,md} and prints the markdown table.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import sys
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, device_name, finished_report, mean_std,
-                    parse_seeds, settings_parser, smoke_note, untrained_guide)
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, cpu_sized_gpt2, device_name, finished_report,
+                    full_data_guide, mean_std, merge, parse_seeds, settings_parser, smoke_note, untrained_guide)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -47,7 +50,10 @@ SETTINGS = {
     "resnet50-resnet18": {"recipe": RESNET, "guide_epochs": 30, "guide_lr": 2e-3},
     "resnet50-resnet18-untrained": {"recipe": RESNET},
     "gpt2-rnn-1000": {"recipe": "recipes/gpt2_attention_to_rnn.yaml", "guide_epochs": 10, "guide_lr": 2e-3,
-                      "override": {"data": {"train_limit": 1000}}, "default": False},
+                      "override": {"data": {"train_limit": 1000}}, "default": False, "guide_data": "all"},
+    "gpt2-rnn-1000-cpu": {"recipe": "recipes/gpt2_attention_to_rnn.yaml", "guide_epochs": 10, "guide_lr": 2e-3,
+                          "override": {"data": {"train_limit": 1000}}, "default": False, "guide_data": "all",
+                          "cpu_gpt2": True, "guide_name": "kjv-gpt2-cpu"},
 }
 METHODS = {  # name → (recipe changes, baselines trained in that conversion)
     "not": ({}, ["scratch", "distill"]),
@@ -63,15 +69,10 @@ SMALL = {"data": {"train_limit": 128, "label_limit": 32, "test_limit": 64, "batc
          "bn_recalibration": {"batches": 2}}
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def raw_recipe(spec: dict, small: bool) -> dict:
     raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
+    if spec.get("cpu_gpt2"):
+        raw = cpu_sized_gpt2(raw)
     raw = merge(raw, {"data": {"seed": 0}, "seed": 0})
     if small:
         raw = merge(raw, SMALL)
@@ -83,9 +84,10 @@ def raw_recipe(spec: dict, small: bool) -> dict:
 
 def fixed_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> tuple[Path, dict]:
     """The setting's guide: trained once with seed 0 (cached), or a fixed seeded initialisation saved to a file."""
-    recipe = parse_recipe(raw, spec["recipe"])
+    recipe = parse_recipe(full_data_guide(raw) if spec.get("guide_data") == "all" and not small else raw, spec["recipe"])
     if "guide_epochs" in spec:
-        return cached_guide(f"distill-{name}", recipe, 1 if small else spec["guide_epochs"], spec["guide_lr"], device)
+        return cached_guide(spec.get("guide_name", f"distill-{name}"), recipe, 1 if small else spec["guide_epochs"],
+                            spec["guide_lr"], device)
     return untrained_guide(f"distill-{name}", recipe), {"trained": False}
 
 

@@ -27,7 +27,9 @@ Settings (CPU by default; ``"default": False`` ones need a GPU-sized budget):
   guide's 8 (issue 19; CPU-sized: the guide trains 15 epochs on the 12,000 images first).
 * ``minilm-edge`` — recipes/edge_minilm.yaml (linear attention + low-rank FFN), on 2,000 sentences (CPU-sized).
 * ``gpt2-edge-1000`` / ``gpt2-edge`` — recipes/edge_gpt2_linear_attention.yaml with 1,000 training sequences and
-  with all of them (the guide trains 10 epochs on the whole corpus first: GPU).
+  with all of them (the guide trains 10 epochs on the whole corpus first: GPU); ``gpt2-edge-1000-cpu`` the same
+  few-data conversion of a CPU-sized GPT-2 (4 blocks of width 64, the corpus's own 2,048-token BPE:
+  ``common.cpu_sized_gpt2``). A GPT-2 guide trains on every training sequence (``common.full_data_guide``).
 
 Usage: python bench/edge.py [--settings cnn-separable,...] [--seeds 0,1,2] [--device auto] [--small]
 Writes runs/bench-edge/edge.{json,md} and prints the markdown table.
@@ -39,8 +41,8 @@ import json
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, merge, pm, run_settings,
-                    settings_parser, smoke_note)
+from common import (ROOT, add_seeds_option, add_small_option, cached_guide, cpu_sized_gpt2, finished_report,
+                    full_data_guide, merge, pm, run_settings, settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.artifacts import save_target
@@ -53,7 +55,8 @@ from theseus_cli.training.session import open_session
 
 CNN_SEP, CNN_LOW = "recipes/edge_cnn_separable.yaml", "recipes/edge_cnn_lowrank.yaml"
 _CNN = {"guide_epochs": 30, "guide_lr": 2e-3}
-_GPT2 = {"recipe": "recipes/edge_gpt2_linear_attention.yaml", "guide_epochs": 10, "guide_lr": 2e-3, "default": False}
+_GPT2 = {"recipe": "recipes/edge_gpt2_linear_attention.yaml", "guide_epochs": 10, "guide_lr": 2e-3, "default": False,
+         "guide_data": "all"}
 SETTINGS = {
     "cnn-separable": {"recipe": CNN_SEP, **_CNN},
     "cnn-lowrank-svd": {"recipe": CNN_LOW, **_CNN},
@@ -67,6 +70,8 @@ SETTINGS = {
     "minilm-edge": {"recipe": "recipes/edge_minilm.yaml", "override": {"data": {"train_limit": 2000}}},
     "gpt2-edge-1000": {**_GPT2, "override": {"data": {"train_limit": 1000}}},
     "gpt2-edge": _GPT2,
+    "gpt2-edge-1000-cpu": {**_GPT2, "cpu_gpt2": True, "guide_name": "kjv-gpt2-cpu",
+                           "override": {"data": {"train_limit": 1000}}},
 }
 SMALL = {"classification": {"data": {"train_limit": 256, "label_limit": 64, "test_limit": 64, "batch_size": 32},
                             "align": {"epochs": 1, "max_steps_per_epoch": 2}, "finetune": {"epochs": 1},
@@ -79,6 +84,8 @@ ONNX_THREADS = 1
 
 def raw_recipe(spec: dict, seed: int, small: bool) -> dict:
     raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
+    if spec.get("cpu_gpt2"):
+        raw = cpu_sized_gpt2(raw)
     raw = merge(raw, {"seed": seed, "data": {"seed": 0}, "baseline": {"runs": ["scratch", "distill"]}})
     if small:
         raw = merge(raw, SMALL["classification" if raw.get("task", "classification") == "classification" else "text"])
@@ -91,8 +98,10 @@ def the_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> Pat
     """The setting's trained guide (cached, seed 0), or None where the recipe's guide is pretrained (MiniLM)."""
     if "guide_epochs" not in spec:
         return None
-    recipe = parse_recipe(merge(raw, {"seed": 0}), spec["recipe"])
-    return cached_guide(f"edge-{name}", recipe, 1 if small else spec["guide_epochs"], spec["guide_lr"], device)[0]
+    recipe = parse_recipe(full_data_guide(raw) if spec.get("guide_data") == "all" and not small else merge(raw, {"seed": 0}),
+                          spec["recipe"])
+    return cached_guide(spec.get("guide_name", f"edge-{name}"), recipe, 1 if small else spec["guide_epochs"],
+                        spec["guide_lr"], device)[0]
 
 
 def guide_as_target(raw: dict, guide: Path | None, out: Path) -> Path:

@@ -77,6 +77,55 @@ def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
     assert recipe.seed == 5 and recipe.data.seed == 0
 
 
+def _bench_common():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return common
+
+
+def test_corpus_tokenizer_is_a_deterministic_loadable_bpe_of_the_asked_size(tmp_path):
+    from theseus_cli.data.text import load_tokenizer
+
+    common = _bench_common()
+    first = common.corpus_tokenizer(320, cache=tmp_path / "a")
+    again = common.corpus_tokenizer(320, cache=tmp_path / "b")
+    assert (first / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
+    assert not list(tmp_path.glob("*/*.partial"))  # staged, then renamed
+    tok = load_tokenizer(str(first))
+    verse = "In the beginning God created the heaven and the earth."
+    ids = tok(verse, add_special_tokens=False)["input_ids"]
+    assert len(tok) == 320 and max(ids) < 320 and tok.decode(ids) == verse
+    assert len(ids) < len(verse)  # merges learned from the corpus, not bytes only
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+
+
+def test_guide_cache_key_ignores_what_train_guide_does_not_read(tmp_path, monkeypatch):
+    from theseus_cli.config.recipe import parse_recipe
+    from tests.conftest import tiny_recipe_dict
+
+    common = _bench_common()
+    trained = []
+
+    def fake_train_guide(recipe, out, **_):
+        trained.append(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"weights")
+        return {"metric": "accuracy", "accuracy": 0.5}
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common, "train_guide", fake_train_guide)
+    raw = tiny_recipe_dict(seed=0)
+    a, _ = common.cached_guide("g", parse_recipe(raw), 1, 1e-3, "cpu")
+    b, info = common.cached_guide("g", parse_recipe({**raw, "align": {"epochs": 3}}), 1, 1e-3, "cpu")
+    c, _ = common.cached_guide("g", parse_recipe({**raw, "data": {**raw["data"], "train_limit": 64}}), 1, 1e-3, "cpu")
+    assert a == b and info["cached"] and len(trained) == 2 and c != a  # the data changes the guide; align does not
+    full = common.full_data_guide({**raw, "data": {**raw["data"], "train_limit": 64, "label_limit": 8}})
+    assert full["data"]["train_limit"] is None and full["data"]["label_limit"] is None and full["seed"] == 0
+
+
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):
     run = _bench("edge.py", tmp_path, "--small", "--device", "cpu", "--settings", "cnn-separable", "--seeds", "0")
     row = json.loads((tmp_path / "edge.json").read_text())["rows"][0]

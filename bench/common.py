@@ -249,6 +249,21 @@ def cpu_sized_gpt2(raw: dict) -> dict:
                        "data": {"tokenizer": str(corpus_tokenizer())}})
 
 
+def setting_raw(spec: dict) -> dict:
+    """A benchmark setting's raw recipe: its ``recipe`` file with its ``override`` merged in, shrunk by
+    :func:`cpu_sized_gpt2` where the setting says ``cpu_gpt2``."""
+    import yaml
+
+    raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
+    return cpu_sized_gpt2(raw) if spec.get("cpu_gpt2") else raw
+
+
+def guide_raw(spec: dict, raw: dict, small: bool) -> dict:
+    """The raw recipe a setting's guide trains on (seed 0): :func:`full_data_guide` where the setting says
+    ``guide_data: all`` (not in a ``--small`` smoke run, whose guide must stay toy-sized), else the conversion's."""
+    return full_data_guide(raw) if spec.get("guide_data") == "all" and not small else merge(raw, {"seed": 0})
+
+
 def full_data_guide(raw: dict) -> dict:
     """The recipe the guide trains on: every training example with its label (``train-guide`` trains on the labelled
     subset, and a few-data setting's ``train_limit`` would starve it): the guide a user brings was trained on all

@@ -37,9 +37,8 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, cpu_sized_gpt2, device_name, finished_report,
-                    full_data_guide, mean_std, merge, parse_seeds, settings_parser, smoke_note, untrained_guide)
+from common import (add_seeds_option, add_small_option, cached_guide, device_name, finished_report, guide_raw, mean_std,
+                    merge, parse_seeds, setting_raw, settings_parser, smoke_note, untrained_guide)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
@@ -70,10 +69,7 @@ SMALL = {"data": {"train_limit": 128, "label_limit": 32, "test_limit": 64, "batc
 
 
 def raw_recipe(spec: dict, small: bool) -> dict:
-    raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
-    if spec.get("cpu_gpt2"):
-        raw = cpu_sized_gpt2(raw)
-    raw = merge(raw, {"data": {"seed": 0}, "seed": 0})
+    raw = merge(setting_raw(spec), {"data": {"seed": 0}, "seed": 0})
     if small:
         raw = merge(raw, SMALL)
         if raw.get("task") == "causal-lm":
@@ -84,7 +80,7 @@ def raw_recipe(spec: dict, small: bool) -> dict:
 
 def fixed_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> tuple[Path, dict]:
     """The setting's guide: trained once with seed 0 (cached), or a fixed seeded initialisation saved to a file."""
-    recipe = parse_recipe(full_data_guide(raw) if spec.get("guide_data") == "all" and not small else raw, spec["recipe"])
+    recipe = parse_recipe(guide_raw(spec, raw, small), spec["recipe"])
     if "guide_epochs" in spec:
         return cached_guide(spec.get("guide_name", f"distill-{name}"), recipe, 1 if small else spec["guide_epochs"],
                             spec["guide_lr"], device)

@@ -37,12 +37,10 @@ Writes runs/bench-edge/edge.{json,md} and prints the markdown table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, cpu_sized_gpt2, finished_report,
-                    full_data_guide, merge, pm, run_settings, settings_parser, smoke_note)
+from common import (add_seeds_option, add_small_option, cached_guide, finished_report, guide_raw, merge, pm,
+                    run_settings, setting_raw, settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.artifacts import save_target
@@ -83,10 +81,7 @@ ONNX_THREADS = 1
 
 
 def raw_recipe(spec: dict, seed: int, small: bool) -> dict:
-    raw = merge(yaml.safe_load((ROOT / spec["recipe"]).read_text()), spec.get("override", {}))
-    if spec.get("cpu_gpt2"):
-        raw = cpu_sized_gpt2(raw)
-    raw = merge(raw, {"seed": seed, "data": {"seed": 0}, "baseline": {"runs": ["scratch", "distill"]}})
+    raw = merge(setting_raw(spec), {"seed": seed, "data": {"seed": 0}, "baseline": {"runs": ["scratch", "distill"]}})
     if small:
         raw = merge(raw, SMALL["classification" if raw.get("task", "classification") == "classification" else "text"])
         if raw.get("task") == "causal-lm":
@@ -98,8 +93,7 @@ def the_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> Pat
     """The setting's trained guide (cached, seed 0), or None where the recipe's guide is pretrained (MiniLM)."""
     if "guide_epochs" not in spec:
         return None
-    recipe = parse_recipe(full_data_guide(raw) if spec.get("guide_data") == "all" and not small else merge(raw, {"seed": 0}),
-                          spec["recipe"])
+    recipe = parse_recipe(guide_raw(spec, raw, small), spec["recipe"])
     return cached_guide(spec.get("guide_name", f"edge-{name}"), recipe, 1 if small else spec["guide_epochs"],
                         spec["guide_lr"], device)[0]
 

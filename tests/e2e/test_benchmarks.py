@@ -59,12 +59,19 @@ def test_distillation_benchmark_runs_small_over_two_seeds(tmp_path):
     assert "best: " in run.stdout and " ± " in run.stdout and "SMOKE RUN" in run.stdout
 
 
-def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
+def _bench_common():
+    """bench/common.py as a module (the benchmark scripts import it from their own folder)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from common import aggregate_seeds, pm, with_seed
+        import common
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return common
+
+
+def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
+    common = _bench_common()
+    aggregate_seeds, pm, with_seed = common.aggregate_seeds, common.pm, common.with_seed
     rows = [{"setting": "s", "not": v, "wall_time": {"total": 2.0 * v}, "ok": True} for v in (0.5, 0.7, 0.9)]
     row = aggregate_seeds(rows, [0, 1, 2])
     assert row["not"] == pytest.approx(0.7) and row["std"]["not"] == pytest.approx(0.2)
@@ -75,15 +82,6 @@ def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
 
     recipe = with_seed(parse_recipe(tiny_recipe_dict(seed=0)), 5)
     assert recipe.seed == 5 and recipe.data.seed == 0
-
-
-def _bench_common():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return common
 
 
 def test_corpus_tokenizer_is_a_deterministic_loadable_bpe_of_the_asked_size(tmp_path):
@@ -124,6 +122,23 @@ def test_guide_cache_key_ignores_what_train_guide_does_not_read(tmp_path, monkey
     assert a == b and info["cached"] and len(trained) == 2 and c != a  # the data changes the guide; align does not
     full = common.full_data_guide({**raw, "data": {**raw["data"], "train_limit": 64, "label_limit": 8}})
     assert full["data"]["train_limit"] is None and full["data"]["label_limit"] is None and full["seed"] == 0
+
+
+def test_cpu_gpt2_settings_shrink_the_guide_and_train_it_on_all_data_except_in_smoke_runs(monkeypatch):
+    common = _bench_common()
+    monkeypatch.setattr(common, "corpus_tokenizer", lambda: REPO / "bpe")
+    spec = {"recipe": "recipes/gpt2_attention_to_rnn.yaml", "override": {"data": {"train_limit": 1000}},
+            "cpu_gpt2": True, "guide_data": "all"}
+    raw = common.setting_raw(spec)
+    kwargs = raw["guide"]["kwargs"]
+    assert (kwargs["n_embd"], kwargs["vocab_size"], kwargs["eos_token_id"]) == (64, common.CPU_BPE_VOCAB, 0)
+    assert raw["data"]["tokenizer"] == str(REPO / "bpe") and raw["data"]["train_limit"] == 1000
+    assert raw["replace"][0]["with"] == "elman_rnn"  # the recipe's conversion stays
+    assert common.guide_raw(spec, raw, small=False)["data"]["train_limit"] is None
+    assert common.guide_raw(spec, raw, small=True)["data"]["train_limit"] == 1000
+    plain = {"recipe": spec["recipe"]}
+    assert common.setting_raw(plain)["guide"]["kwargs"]["n_embd"] == 256
+    assert common.guide_raw(plain, {"seed": 3}, small=False) == {"seed": 0}
 
 
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):

@@ -141,6 +141,28 @@ def test_cpu_gpt2_settings_shrink_the_guide_and_train_it_on_all_data_except_in_s
     assert common.guide_raw(plain, {"seed": 3}, small=False) == {"seed": 0}
 
 
+def test_both_resnet18_edge_settings_convert_one_guide():
+    """The separable and the MobileNetV3-small rows compare two edge targets of one ResNet-18: their guides must hit
+    one cache entry (same name, same fields that train-guide reads)."""
+    from theseus_cli.config.recipe import parse_recipe, recipe_hash
+
+    common = _bench_common()
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import edge
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    keys = []
+    for name in ("resnet18-separable", "resnet18-mobilenetv3"):
+        spec = edge.SETTINGS[name]
+        raw = edge.raw_recipe(spec, seed=2, small=False)
+        fields = {k: v for k, v in parse_recipe(common.guide_raw(spec, raw, small=False)).resolved().items()
+                  if k in ("task", "guide", "data", "runtime", "seed")}
+        keys.append((spec["guide_name"], spec["guide_epochs"], recipe_hash(fields)))
+    assert keys[0] == keys[1]
+    assert edge.raw_recipe(edge.SETTINGS["resnet18-separable"], 0, False)["replace"][0]["with"] == "separable_conv"
+
+
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):
     run = _bench("edge.py", tmp_path, "--small", "--device", "cpu", "--settings", "cnn-separable", "--seeds", "0")
     row = json.loads((tmp_path / "edge.json").read_text())["rows"][0]

@@ -34,11 +34,17 @@ def device_name(device: str) -> str:
     return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
 
 
-def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str) -> tuple[Path, dict]:
-    """Train the recipe's guide once per (name, epochs, and the recipe fields ``train-guide`` reads: task, guide,
-    data, runtime, seed); later calls reuse the file, also from another benchmark's recipe with other replacements."""
+def guide_cache_path(name: str, recipe: Recipe, epochs: int) -> Path:
+    """Where :func:`cached_guide` keeps the guide: one file per (name, epochs, and the recipe fields ``train-guide``
+    reads: task, guide, data, runtime, seed), so recipes that differ only in their conversion share it."""
     fields = {k: v for k, v in recipe.resolved().items() if k in ("task", "guide", "data", "runtime", "seed")}
-    cache = ROOT / ".cache" / "bench" / f"{name}-{recipe_hash(fields)[:12]}-e{epochs}.safetensors"
+    return ROOT / ".cache" / "bench" / f"{name}-{recipe_hash(fields)[:12]}-e{epochs}.safetensors"
+
+
+def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str) -> tuple[Path, dict]:
+    """Train the recipe's guide once per :func:`guide_cache_path`; later calls reuse the file, also from another
+    benchmark's recipe with other replacements."""
+    cache = guide_cache_path(name, recipe, epochs)
     started = time.perf_counter()
     if cache.is_file():
         return cache, {"cached": True, "epochs": epochs, "seconds": 0.0}

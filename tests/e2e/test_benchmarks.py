@@ -59,14 +59,19 @@ def test_distillation_benchmark_runs_small_over_two_seeds(tmp_path):
     assert "best: " in run.stdout and " ± " in run.stdout and "SMOKE RUN" in run.stdout
 
 
-def _bench_common():
-    """bench/common.py as a module (the benchmark scripts import it from their own folder)."""
+def _bench_module(name: str):
+    """bench/<name>.py as a module (the benchmark scripts import each other from their own folder)."""
+    import importlib
+
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        import common
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "bench"))
-    return common
+
+
+def _bench_common():
+    return _bench_module("common")
 
 
 def test_seed_aggregation_gives_mean_and_sample_std_and_marks_single_seeds():
@@ -144,22 +149,16 @@ def test_cpu_gpt2_settings_shrink_the_guide_and_train_it_on_all_data_except_in_s
 def test_both_resnet18_edge_settings_convert_one_guide():
     """The separable and the MobileNetV3-small rows compare two edge targets of one ResNet-18: their guides must hit
     one cache entry (same name, same fields that train-guide reads)."""
-    from theseus_cli.config.recipe import parse_recipe, recipe_hash
+    from theseus_cli.config.recipe import parse_recipe
 
-    common = _bench_common()
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import edge
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    keys = []
-    for name in ("resnet18-separable", "resnet18-mobilenetv3"):
+    common, edge = _bench_common(), _bench_module("edge")
+    paths = set()
+    for name in ("resnet18-separable", "resnet18-separable-kd", "resnet18-mobilenetv3"):
         spec = edge.SETTINGS[name]
         raw = edge.raw_recipe(spec, seed=2, small=False)
-        fields = {k: v for k, v in parse_recipe(common.guide_raw(spec, raw, small=False)).resolved().items()
-                  if k in ("task", "guide", "data", "runtime", "seed")}
-        keys.append((spec["guide_name"], spec["guide_epochs"], recipe_hash(fields)))
-    assert keys[0] == keys[1]
+        recipe = parse_recipe(common.guide_raw(spec, raw, small=False))
+        paths.add(common.guide_cache_path(spec["guide_name"], recipe, spec["guide_epochs"]))
+    assert len(paths) == 1
     assert edge.raw_recipe(edge.SETTINGS["resnet18-separable"], 0, False)["replace"][0]["with"] == "separable_conv"
 
 

@@ -22,6 +22,7 @@ _OFFSETS = {
     "distill_teacher": 5,  # the distill baseline's teacher batches over all training inputs
     "finetune_teacher": 6,  # fine-tuning's teacher batches (finetune.distill with inputs: all)
     "baseline_init": 7,  # the baselines' fresh weights (scratch and distill start from the same ones)
+    "calibration": 8,  # which training inputs estimate a replaced module's input statistics (init: activation_svd)
     "train_guide": 11,  # train-guide's batch order
     "transport_split": 11,  # transport's calibration / validation split
     "target_init": 1000,  # an architecture-transfer target's initial weights

@@ -176,6 +176,17 @@ def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_pa
     assert "goal: ×" in run.stdout and "SMOKE RUN" in run.stdout
 
 
+def test_lowrank_start_benchmark_runs_small_and_the_activation_weighted_start_is_closer(tmp_path):
+    """The MiniLM feed-forward layers at half rank, before any training: the SVD weighted by the layers' inputs keeps
+    more of the guide's embeddings than the plain SVD (the full run: docs/BENCHMARKS.md)."""
+    run = _bench("lowrank_start.py", tmp_path, "--small", "--device", "cpu", "--ratios", "0.5", "--calibration-seeds", "0")
+    row = json.loads((tmp_path / "lowrank_start.json").read_text())["rows"][0]
+    (cell,) = row["cells"]
+    assert row["guide"] == pytest.approx(1.0) and cell["params"] < row["guide_params"]
+    assert cell["activation_svd"][0] > cell["svd"] + 0.05, cell
+    assert "SMOKE RUN" in run.stdout and "activation_svd" in run.stdout
+
+
 def test_streaming_benchmark_runs_small_and_reports_every_model(tmp_path):
     _bench("streaming.py", tmp_path, "--lengths", "6,12", "--batches", "2", "--rerun-max", "6", "--max-positions", "32")
     rows = json.loads((tmp_path / "streaming.json").read_text())["rows"]

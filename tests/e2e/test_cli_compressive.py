@@ -56,3 +56,36 @@ def test_linear_attention_gpt2_converts_and_exports_with_a_dynamic_sequence_axis
         expected = model(ids).logits
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]), expected,
                                atol=1e-4, rtol=1e-3)
+
+
+def test_activation_svd_start_runs_through_convert_measures_each_stage_and_is_exact_at_full_rank(tmp_path, monkeypatch):
+    """GPT-2's MLP projections (transformers' Conv1D) factorised at full rank from the activation-weighted SVD, no
+    training: each stage measures its modules' inputs on the hybrid, and the target reproduces the guide; reloading
+    the saved target computes nothing."""
+    from theseus_cli.surgery import plan as plan_module
+
+    recipe = copy.deepcopy(GPT2)
+    recipe["replace"] = [{"match": r"re:transformer\.h\.\d+\.mlp\.(c_fc|c_proj)", "with": "lowrank_linear",
+                          "params": {"rank_ratio": 1.0, "init": "activation_svd", "calibration": 32}}]
+    recipe["align"], recipe["finetune"] = {"epochs": 0}, {"epochs": 0}
+    measured = []
+    real = plan_module.input_moments
+
+    def counting(model, paths, batches):
+        batches = list(batches)
+        measured.append((paths, sum(len(b) for b in batches)))
+        return real(model, paths, batches)
+
+    monkeypatch.setattr(plan_module, "input_moments", counting)
+    path = tmp_path / "asvd.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = runner.invoke(app, ["convert", "--recipe", str(path), "--out", str(tmp_path / "run"), "--device", "cpu",
+                              "--quiet", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert [paths for paths, _ in measured] == [[f"transformer.h.{i}.mlp.{m}"] for i in (0, 1) for m in ("c_fc", "c_proj")]
+    assert all(n == 32 for _, n in measured)
+    metric = json.loads((tmp_path / "run" / "report.json").read_text())["metric"]
+    assert metric["target"] == pytest.approx(metric["guide"], rel=1e-4)
+    measured.clear()
+    load_target(tmp_path / "run")
+    assert measured == []

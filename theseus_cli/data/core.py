@@ -77,5 +77,13 @@ def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None, 
         yield order[start : start + batch_size]
 
 
+def sample_batches(x, n: int, batch_size: int, generator: torch.Generator, device) -> Iterator:
+    """``n`` of the inputs ``x`` (a tensor or a token batch) drawn without replacement in ``generator``'s order, in
+    batches of ``batch_size`` on ``device``: calibration inputs, a fair sample wherever the data is stored in order."""
+    order = torch.randperm(len(x), generator=generator)[:n]
+    for start in range(0, len(order), batch_size):
+        yield x[order[start:start + batch_size]].to(device)
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // min(batch_size, n))

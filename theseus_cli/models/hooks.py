@@ -9,12 +9,12 @@ rest of the network — often most of its cost.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
-from theseus_cli.batch import run_model
+from theseus_cli.batch import run_model, token_mask
 from theseus_cli.shapes import OTHER_OUTPUT, ShapeRecord
 
 
@@ -123,3 +123,26 @@ def trace_shapes(model: nn.Module) -> Iterator[dict[str, ShapeRecord]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_moments(model: nn.Module, paths: list[str], batches: Iterable) -> dict[str, torch.Tensor]:
+    """The second moment ``E[x xᵀ]`` (in × in, float64 on the CPU) of the features each module in ``paths`` receives,
+    over ``batches`` run through ``model`` in eval mode without gradients. A row is one position of the input's last
+    axis; for a token batch only real tokens count (padding would pull the moment toward what the mask hides)."""
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            mask = token_mask(x)
+            with torch.no_grad(), capture(model, paths, inputs=(seen := {})):
+                run_model(model, x)
+            for path, inp in seen.items():
+                feats = inp[mask.bool()] if mask is not None and inp.shape[:2] == mask.shape else inp.reshape(-1, inp.shape[-1])
+                feats = feats.detach().to("cpu", torch.float64)
+                sums[path] = sums.get(path, 0) + feats.T @ feats
+                rows[path] = rows.get(path, 0) + feats.shape[0]
+    finally:
+        model.train(was_training)
+    return {path: sums[path] / max(rows[path], 1) for path in sums}

@@ -22,13 +22,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from theseus_cli.artifacts import REPORT_FILE
 from theseus_cli.config.recipe import Recipe
-from theseus_cli.data.dataset import batches_per_epoch
+from theseus_cli.data.core import batches_per_epoch, sample_batches
 from theseus_cli.deploy.gates import Gates, evaluate_gates
 from theseus_cli.errors import DataError, OutputError, RecipeError
 from theseus_cli.models.build import build_model
@@ -173,7 +173,8 @@ class Conversion:
             self.plan_ = build_plan(self.guide, recipe, sample)
             by_path = {e.path: e for e in self.plan_.entries}
             self.target = copy.deepcopy(self.guide)
-            self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced])
+            self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced],
+                                                                 self.calibration)
         else:
             self.target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs,
                                                                    self.seeds.target_init, recipe.task).to(dev))
@@ -305,6 +306,12 @@ class Conversion:
                                                           ft.label_smoothing, self.recipe.data.batch_size,
                                                           self.seeds.generator(stream), self.session.device, label,
                                                           self.progress, teacher))
+
+    def calibration(self, n: int) -> Iterator[Any]:
+        """``n`` training inputs in a seeded random order, in evaluation-sized batches on the device: what a replacement
+        whose start depends on its inputs (``init: activation_svd``) measures them on."""
+        return sample_batches(self.session.data.x_train, n, self.recipe.data.eval_batch_size,
+                              self.seeds.generator("calibration"), self.session.device)
 
     def evaluate(self, model) -> float:
         data = self.session.data

@@ -129,6 +129,8 @@ def _full_rank(old: nn.Module) -> int:
 
 
 def _lowrank_conv_fits(old: nn.Module, params: LowRankConvParams, shapes: IOShapes) -> str | None:
+    if params.init == "activation_svd":
+        return "init activation_svd weights a Linear/Conv1D layer's inputs; a convolution starts from init svd"
     return _dense_only(old) or params.too_high(
         _full_rank(old), f"its unfolded weight ({old.out_channels} × {old.weight[0].numel()})")
 

@@ -89,8 +89,8 @@ def _dense_weight(old: nn.Module) -> torch.Tensor:
 
 def _lowrank_fits(old: nn.Module, params: LowRankLinearParams, shapes: IOShapes) -> str | None:
     if isinstance(old, nn.modules.conv._ConvNd):
-        if params.init == "svd":
-            return ("init svd factorises a weight matrix; a convolution's flattened map is not one (use "
+        if params.init != "random":
+            return (f"init {params.init} factorises a weight matrix; a convolution's flattened map is not one (use "
                     "lowrank_conv for an SVD start that keeps the convolution)")
         return None
     out_f, in_f = _dense_weight(old).shape
@@ -111,8 +111,9 @@ def build_lowrank_linear(old: nn.Module, params: LowRankLinearParams, shapes: IO
     weight = _dense_weight(old)
     rank = params.resolve(min(weight.shape), DEFAULT_RANK)
     new = LowRankDense(weight.shape[1], weight.shape[0], rank, params.bias)
-    if params.init == "svd":
-        load_factors(new.down.weight, new.up.weight, weight, rank)
+    if params.init != "random":  # svd, or activation_svd weighted by the inputs the module receives
+        load_factors(new.down.weight, new.up.weight, weight, rank,
+                     shapes.input_moment if params.wants_input_moment else None)
         if params.bias and old.bias is not None and not new.up.bias.is_meta:
             new.up.bias.data.copy_(old.bias.detach())
     return new

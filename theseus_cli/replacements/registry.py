@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 from pydantic import BaseModel
@@ -37,6 +37,9 @@ class IOShapes:
     input: tuple[int, ...]
     output: tuple[int, ...]
     output_arity: int | None = None  # None: the old module returned a tensor; n: a tuple of n items
+    # the second moment (in × in, float64) of the module's input features on calibration inputs, for builders whose
+    # params ask for it (``wants_input_moment``); None at plan time and wherever no inputs are given
+    input_moment: Any = field(default=None, compare=False)
 
 
 Builder = Callable[[nn.Module, BaseModel, IOShapes], nn.Module]

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from theseus_cli.errors import MatchError
 from theseus_cli.models.cost import count_flops, count_flops_by_module, count_params
-from theseus_cli.models.hooks import trace_shapes
+from theseus_cli.models.hooks import input_moments, trace_shapes
 from theseus_cli.shapes import ShapeRecord
 from theseus_cli.surgery.matching import resolve_matches, unclaimed_instances
 from theseus_cli.config.recipe import Recipe, RuleConfig
-from theseus_cli.replacements import IOShapes, get_replacement
+from theseus_cli.replacements import IOShapes, get_replacement, start_from_weights
 from theseus_cli.surgery.schedule import Stage, build_stages
 from theseus_cli.batch import run_model
 
@@ -104,10 +104,13 @@ class Plan:
         return sorted(seen, key=self.align_order.__getitem__)
 
 
-def build_replacement(entry: PlanEntry, old: nn.Module) -> nn.Module:
-    replacement = get_replacement(entry.replacement)
-    params = replacement.params_model.model_validate(entry.params)
-    return replacement.build(old, params, IOShapes(entry.input_shape, entry.output_shape, entry.output_arity))
+def _params(entry: PlanEntry):
+    return get_replacement(entry.replacement).params_model.model_validate(entry.params)
+
+
+def build_replacement(entry: PlanEntry, old: nn.Module, input_moment: torch.Tensor | None = None) -> nn.Module:
+    shapes = IOShapes(entry.input_shape, entry.output_shape, entry.output_arity, input_moment)
+    return get_replacement(entry.replacement).build(old, _params(entry), shapes)
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -117,12 +120,21 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def apply_entries(model: nn.Module, entries: list[PlanEntry]) -> list[nn.Module]:
-    """Replace each entry's module in ``model`` (in place); return the new modules."""
+def apply_entries(model: nn.Module, entries: list[PlanEntry],
+                  calibration: Callable[[int], Iterable] | None = None) -> list[nn.Module]:
+    """Replace each entry's module in ``model`` (in place); return the new modules.
+
+    ``calibration(n)`` yields batches of ``n`` training inputs: entries whose params want the second moment of their
+    module's inputs (``init: activation_svd``) get it, measured on ``model`` as it is before this call (for a
+    progressive conversion the hybrid, whose earlier replacements feed the new one). Without it they get none."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    wanted = {e.path: _params(e).calibration for e in entries if getattr(_params(e), "wants_input_moment", False)}
+    moments = {}
+    if wanted and calibration is not None and start_from_weights():
+        moments = input_moments(model, list(wanted), calibration(max(wanted.values())))
     new_modules = []
     for entry in entries:
-        new = build_replacement(entry, model.get_submodule(entry.path)).to(device)
+        new = build_replacement(entry, model.get_submodule(entry.path), moments.get(entry.path)).to(device)
         replace_module(model, entry.path, new)
         new_modules.append(new)
     return new_modules

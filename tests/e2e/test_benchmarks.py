@@ -146,20 +146,25 @@ def test_cpu_gpt2_settings_shrink_the_guide_and_train_it_on_all_data_except_in_s
     assert common.guide_raw(plain, {"seed": 3}, small=False) == {"seed": 0}
 
 
-def test_both_resnet18_edge_settings_convert_one_guide():
-    """The separable and the MobileNetV3-small rows compare two edge targets of one ResNet-18: their guides must hit
-    one cache entry (same name, same fields that train-guide reads)."""
+@pytest.mark.parametrize("names", [("resnet18-separable", "resnet18-separable-kd", "resnet18-mobilenetv3"),
+                                   ("gpt2-edge-1000-cpu", "gpt2-edge-cpu")], ids=["resnet18", "cpu-gpt2"])
+def test_edge_settings_of_one_family_convert_one_guide(names, monkeypatch):
+    """The ResNet-18 rows compare edge targets of one ResNet-18, the CPU GPT-2 rows few and all data for one GPT-2:
+    their guides must hit one cache entry (same name, same fields that train-guide reads)."""
     from theseus_cli.config.recipe import parse_recipe
 
     common, edge = _bench_common(), _bench_module("edge")
+    monkeypatch.setattr(common, "corpus_tokenizer", lambda: REPO / "bpe")
     paths = set()
-    for name in ("resnet18-separable", "resnet18-separable-kd", "resnet18-mobilenetv3"):
+    for name in names:
         spec = edge.SETTINGS[name]
         raw = edge.raw_recipe(spec, seed=2, small=False)
         recipe = parse_recipe(common.guide_raw(spec, raw, small=False))
         paths.add(common.guide_cache_path(spec["guide_name"], recipe, spec["guide_epochs"]))
     assert len(paths) == 1
     assert edge.raw_recipe(edge.SETTINGS["resnet18-separable"], 0, False)["replace"][0]["with"] == "separable_conv"
+    full = edge.raw_recipe(edge.SETTINGS["gpt2-edge-cpu"], 0, False)
+    assert "train_limit" not in full["data"] and full["align"]["max_steps_per_epoch"] == 15  # all data, capped steps
 
 
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):

@@ -130,6 +130,7 @@ def test_transformers_benchmark_runs_small(tmp_path):
     ("gpt2_attention_to_rnn", 4, "transformer.h.3"),
     ("vit_attention_to_mlp", 6, "blocks.5"),
     ("minilm_attention_to_mlp", 6, "encoder.layer.5"),
+    ("edge_minilm", 12, "encoder.layer.5.output.dense"),
 ])
 def test_shipped_transformer_recipes_plan_on_their_guides(name, replaced, points):
     from theseus_cli.pipelines.inspect import inspect_guide

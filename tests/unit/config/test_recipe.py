@@ -31,7 +31,8 @@ def test_defaults_are_filled_and_hash_is_stable():
     b = parse_recipe(tiny_recipe_dict())
     assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None,
                                         "objective": "similarity", "temperature": 4.0}
-    assert a.resolved()["replace"][0]["params"] == {"rank": 16, "rank_ratio": None, "init": "random", "bias": True}
+    assert a.resolved()["replace"][0]["params"] == {"rank": 16, "rank_ratio": None, "init": "random",
+                                                    "calibration": 512, "bias": True}
     assert a.digest() == b.digest()
     assert parse_recipe(tiny_recipe_dict(seed=1)).digest() != a.digest()
 

@@ -187,7 +187,7 @@ def verdict(r: dict) -> str:
     same_kind = " / ".join(f"{k} ×{r[f'guide_{k}_b1_ms'] / r[f'target_{k}_b1_ms']:.2f}" for k in ("fp32", "int8")
                            if math.isfinite(r.get(f"guide_{k}_b1_ms", math.nan) / r.get(f"target_{k}_b1_ms", math.nan)))
     return (f"{'meets' if ok else 'misses'} the goal: ×{speed:.2f} faster than the float guide on ONNX Runtime at "
-            f"batch 1 (best target file), retention {r['retention']:.3f}, NoT better than "
+            f"batch 1 (best target file), retention {r['retention']:.4f}, NoT better than "
             f"{' and '.join(beats) if beats else 'neither baseline'} (means over seeds); target against the guide's "
             f"file of the same kind: {same_kind or 'n/a'}")
 

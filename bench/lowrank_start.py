@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import time
 
-from common import ROOT, add_small_option, fmt_mean_std, merge, parse_seeds, run_settings, settings_parser, smoke_note
+from common import (add_small_option, fmt_mean_std, merge, parse_seeds, run_settings, settings_parser, setting_raw,
+                    smoke_note)
 
 from theseus_cli.config.recipe import parse_recipe
 from theseus_cli.data import sample_batches
@@ -50,7 +51,7 @@ def hybrid_metric(session, raw: dict, ratio: float, init: str, seed: int) -> tup
 
 def run_one(name: str, spec: dict, args) -> dict:
     started = time.perf_counter()
-    raw = yaml_recipe(spec["recipe"], args.small)
+    raw = merge(setting_raw(spec), SMALL) if args.small else setting_raw(spec)
     session = open_session(parse_recipe(raw, spec["recipe"]), None, args.device if args.device != "auto" else "cpu")
     if session.recipe.task == "sentence-embedding":  # the reference embeddings: the test split's alone is needed
         data = session.data
@@ -66,13 +67,6 @@ def run_one(name: str, spec: dict, args) -> dict:
             "metric_name": get_task(session.recipe.task).metric, "guide": guide_metric, "seeds": parse_seeds(args.calibration_seeds),
             "guide_params": profile_model(session.guide, session.data.x_test[:1], session.device, ())["params"],
             "cells": cells, "wall_time": {"total": time.perf_counter() - started}}
-
-
-def yaml_recipe(path: str, small: bool) -> dict:
-    import yaml
-
-    raw = yaml.safe_load((ROOT / path).read_text())
-    return merge(raw, SMALL) if small else raw
 
 
 def markdown(rows: list, device: str) -> str:

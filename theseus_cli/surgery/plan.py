@@ -128,7 +128,8 @@ def apply_entries(model: nn.Module, entries: list[PlanEntry],
     module's inputs (``init: activation_svd``) get it, measured on ``model`` as it is before this call (for a
     progressive conversion the hybrid, whose earlier replacements feed the new one). Without it they get none."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    wanted = {e.path: _params(e).calibration for e in entries if getattr(_params(e), "wants_input_moment", False)}
+    params = {e.path: _params(e) for e in entries}
+    wanted = {path: p.calibration for path, p in params.items() if getattr(p, "wants_input_moment", False)}
     moments = {}
     if wanted and calibration is not None and start_from_weights():
         moments = input_moments(model, list(wanted), calibration(max(wanted.values())))

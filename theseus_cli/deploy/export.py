@@ -30,54 +30,26 @@ causal LM, the pooled, L2-normalised sentence embedding for ``sentence-embedding
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from theseus_cli.artifacts import atomic_write, current_umask, load_target
-from theseus_cli.batch import TokenBatch, run_model
+from theseus_cli.artifacts import atomic_write, load_target
 from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY
+from theseus_cli.deploy.parity import Deployable, check_parity, quiet_exporters, sample_inputs
 from theseus_cli.errors import ExportError, OutputError
 from theseus_cli.target_meta import TargetMeta
-
-UNKNOWN_VOCAB = 1000  # token ids drawn below this when a model has no input embedding to read the vocabulary from
 
 FORMATS = ("onnx", "torchscript", "hf")
 DEFAULT_NAME = {"onnx": "target.onnx", "torchscript": "target.torchscript.pt", "hf": "hf"}
 INT8_NAME = "target.int8.onnx"
 ONNX_LIMIT = 2 * 1024**3  # protobuf's file limit: larger models would need external data files
-
-
-class Deployable(nn.Module):
-    """The target as a plain tensor function of its inputs: what the task evaluates."""
-
-    def __init__(self, model: nn.Module, task: str):
-        super().__init__()
-        self.model, self.task = model, task
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from theseus_cli.models.hf import model_output
-        from theseus_cli.tasks import sentence_embedding
-
-        if attention_mask is None and self.task == "causal-lm":
-            # the same as no mask for the model; passing it keeps transformers off its packed-sequence detection
-            # (torch.diff over positions), which the TorchScript-based ONNX exporter cannot export
-            attention_mask = torch.ones_like(x)
-        batch = TokenBatch(x, attention_mask) if attention_mask is not None else x
-        out = model_output(run_model(self.model, batch))
-        if self.task == "sentence-embedding":
-            return sentence_embedding(out, batch)
-        return out
 
 
 def _meta_summary(meta: TargetMeta) -> dict[str, Any]:
@@ -87,89 +59,10 @@ def _meta_summary(meta: TargetMeta) -> dict[str, Any]:
             "theseus_version": meta.theseus_version}
 
 
-def sample_inputs(model: nn.Module, meta: TargetMeta, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """Seeded inputs of several batch sizes (and sequence lengths): the first is the export example."""
-    g = torch.Generator().manual_seed(seed)
-    shape = list(meta.input_shape)
-    task = meta.task
-    if task == "classification" and len(shape) != 1:
-        return [(torch.randn(b, *shape, generator=g),) for b in (2, 1, 5)]
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = emb.num_embeddings if emb is not None else UNKNOWN_VOCAB
-    t = shape[0]
-    cases = []
-    # an odd length too: a capture that froze a length-dependent shape (padding to a multiple) fails there
-    for b, length in ((2, t), (1, t), (3, max(2, t // 2)), (2, max(2, t - 3 if t % 2 == 0 else t - 2))):
-        ids = torch.randint(0, vocab, (b, length), generator=g)
-        if task == "sentence-embedding":
-            mask = torch.ones_like(ids)
-            if b > 1:
-                mask[0, length - max(1, length // 3):] = 0  # right padding on one row
-            cases.append((ids, mask))
-        else:
-            cases.append((ids,))
-    return cases
-
-
 def _names(inputs: tuple[torch.Tensor, ...]) -> list[str]:
     if len(inputs) == 1:
         return ["pixel_values" if inputs[0].is_floating_point() else "input_ids"]
     return ["input_ids", "attention_mask"]
-
-
-def _compare(expected: torch.Tensor, got: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
-    got = torch.as_tensor(got).to(expected.dtype)
-    if got.shape != expected.shape:
-        return float("inf"), False
-    diff = (got - expected).abs()
-    return float(diff.max()) if diff.numel() else 0.0, bool((diff <= atol + rtol * expected.abs()).all())
-
-
-def _check(run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], wrapper: Deployable,
-           cases: list[tuple[torch.Tensor, ...]], atol: float, rtol: float, what: str) -> dict[str, Any]:
-    worst, checked = 0.0, []
-    for inputs in cases:
-        with torch.no_grad():
-            expected = wrapper(*inputs)
-        try:
-            with torch.no_grad(), _quiet():
-                got = run(inputs)
-        except Exception as exc:
-            raise ExportError(f"{what} fails on inputs of shape {tuple(inputs[0].shape)}: "
-                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-        diff, ok = _compare(expected, got, atol, rtol)
-        worst = max(worst, diff)
-        checked.append(list(inputs[0].shape))
-        if not ok:
-            raise ExportError(f"{what} differs from PyTorch on inputs of shape {tuple(inputs[0].shape)}: "
-                              f"max |Δ| {diff:.3g} > atol {atol:g} + rtol {rtol:g}·|expected| (nothing was written)")
-    return {"inputs": checked, "max_abs_diff": worst, "atol": atol, "rtol": rtol, "passed": True}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress, warnings and (from C++, on failure) whole graphs of their own; the CLI owns
-    stdout (``--json``) and stderr. Both are redirected at the file-descriptor level while they run."""
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = []
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            for fd in (1, 2):
-                saved.append((fd, os.dup(fd)))
-                os.dup2(sink.fileno(), fd)
-        except OSError:  # no real descriptors (embedded use): Python-level redirection only
-            pass
-        try:
-            yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
 
 
 def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str, meta: dict) -> int:
@@ -178,7 +71,7 @@ def _onnx_export(wrapper: Deployable, example, tmp: Path, opset: int, kind: str,
 
     names = _names(example)
     tokens = not example[0].is_floating_point()
-    with _quiet():
+    with quiet_exporters():
         if kind == "dynamo":
             from torch.export import Dim
 
@@ -262,7 +155,7 @@ def export_onnx(wrapper, cases, out: Path, meta, atol, rtol, opset: int = 18, ex
                                        f"{' '.join(str(exc).split())[:200]}")
                 continue
             try:
-                result["parity"] = _check(run, wrapper, cases, atol, rtol, f"the ONNX file ({kind} exporter) under ONNX Runtime")
+                result["parity"] = check_parity(run, wrapper, cases, atol, rtol, f"the ONNX file ({kind} exporter) under ONNX Runtime")
             except ExportError as exc:
                 result["tried"].append(f"{kind}: {exc}")
                 continue
@@ -279,94 +172,16 @@ def export_torchscript(wrapper, cases, out: Path, meta, atol, rtol) -> dict[str,
 
     def write(tmp: Path):
         try:
-            with _quiet():
+            with quiet_exporters():
                 traced = torch.jit.trace(wrapper, cases[0], check_trace=False, strict=False)
                 torch.jit.save(traced, str(tmp), _extra_files={"theseus.json": json.dumps(_meta_summary(meta))})
         except Exception as exc:
             raise ExportError(f"TorchScript tracing failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
         loaded = torch.jit.load(str(tmp))
-        result["parity"] = _check(lambda inputs: loaded(*inputs), wrapper, cases, atol, rtol, "the TorchScript module")
+        result["parity"] = check_parity(lambda inputs: loaded(*inputs), wrapper, cases, atol, rtol, "the TorchScript module")
 
     atomic_write(out, write)
     return result
-
-
-def _modeling_file(base: str) -> str:
-    return f'''"""Written by `theseus export --format hf`: a {base} some of whose modules theseus replaced.
-
-The replacement plan is ``config.theseus_entries``; the new modules come from theseus_cli
-(pip install theseus-cli), then transformers loads the saved weights into them.
-"""
-
-from transformers import {base} as _Base
-
-from theseus_cli.surgery import PlanEntry, apply_entries
-
-
-class Theseus{base}(_Base):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        apply_entries(self, [PlanEntry.from_dict(e) for e in config.theseus_entries])
-'''
-
-
-def export_hf(model: nn.Module, wrapper, cases, out: Path, meta, atol, rtol) -> dict[str, Any]:
-    import transformers
-
-    from theseus_cli.models.hf import HEADS
-
-    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        raise ExportError(f"--format hf needs a transformers target; this one is a {type(model).__name__} "
-                          "(export onnx or torchscript instead)")
-    task = meta.task
-    auto = HEADS[task]
-    entries = meta.entries
-    base = type(model).__name__
-    config = model.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        if entries:
-            config.theseus_entries = entries
-            config.auto_map = {auto: f"modeling_theseus.Theseus{base}"}
-            (tmp / "modeling_theseus.py").write_text(_modeling_file(base))
-        with _quiet():
-            model.save_pretrained(str(tmp))
-        tokenizer = meta.tokenizer
-        if tokenizer:
-            from theseus_cli.data.text import load_tokenizer
-
-            load_tokenizer(tokenizer, meta.guide.arch).save_pretrained(str(tmp))
-        try:
-            with _quiet():
-                loaded = getattr(transformers, auto).from_pretrained(str(tmp), trust_remote_code=bool(entries),
-                                                                      local_files_only=True).eval()
-        except Exception as exc:
-            raise ExportError(f"the saved directory does not load with {auto}.from_pretrained: "
-                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-        again = Deployable(loaded, task)
-        parity = _check(lambda inputs: again(*inputs).detach(), wrapper, cases, atol, rtol, f"{auto}.from_pretrained")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        for attr in ("theseus_entries", "auto_map"):
-            if entries and hasattr(config, attr):
-                delattr(config, attr)
-    return {"parity": parity, "load_with": f"transformers.{auto}.from_pretrained(dir"
-            + (", trust_remote_code=True)" if entries else ")"), "remote_code": bool(entries)}
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Put directory ``new`` at ``out``: an old export there is swapped out by renames, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        os.replace(out, old)
-    os.replace(new, out)
-    os.chmod(out, 0o777 & ~current_umask())
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,7 +229,7 @@ def _export_decoder_onnx(model: nn.Module, wrapper, cases, out: Path, o: ExportO
         raise OutputError(f"{clash}: exists (use --overwrite to replace it)")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stream.") as tmp:
         try:
-            with _quiet():
+            with quiet_exporters():
                 paths, layout, prompt = write_graphs(model, modules, Path(tmp), o.opset)
             parity = check_streaming(model, modules, paths, prompt, o.atol, o.rtol)
         except AssertionError as exc:
@@ -463,6 +278,8 @@ def export_target(path: str | Path, fmt: str = "onnx", options: ExportOptions | 
     elif fmt == "torchscript":
         result = export_torchscript(wrapper, cases, out, meta, atol, rtol)
     else:
+        from theseus_cli.deploy.export_hf import export_hf
+
         result = export_hf(model, wrapper, cases, out, meta, atol, rtol)
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     return {"format": fmt, "out": str(out), "size_bytes": size, "task": task, "inputs": _names(cases[0]),

@@ -165,6 +165,8 @@ def test_edge_settings_of_one_family_convert_one_guide(names, monkeypatch):
     assert edge.raw_recipe(edge.SETTINGS["resnet18-separable"], 0, False)["replace"][0]["with"] == "separable_conv"
     full = edge.raw_recipe(edge.SETTINGS["gpt2-edge-cpu"], 0, False)
     assert "train_limit" not in full["data"] and full["align"]["max_steps_per_epoch"] == 15  # all data, capped steps
+    assert "train_limit" not in edge.raw_recipe(edge.SETTINGS["minilm-edge-all"], 0, False)["data"]  # as shipped
+    assert "minilm-edge-all" not in common.settings_parser("edge", edge.SETTINGS, "x").parse_args([]).settings.split(",")
 
 
 def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_path):

@@ -109,8 +109,13 @@ def _params(entry: PlanEntry):
 
 
 def build_replacement(entry: PlanEntry, old: nn.Module, input_moment: torch.Tensor | None = None) -> nn.Module:
+    return _build(entry, _params(entry), old, input_moment)
+
+
+def _build(entry: PlanEntry, params, old: nn.Module, input_moment: torch.Tensor | None) -> nn.Module:
+    """The entry's new module from its already validated ``params``."""
     shapes = IOShapes(entry.input_shape, entry.output_shape, entry.output_arity, input_moment)
-    return get_replacement(entry.replacement).build(old, _params(entry), shapes)
+    return get_replacement(entry.replacement).build(old, params, shapes)
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -135,7 +140,7 @@ def apply_entries(model: nn.Module, entries: list[PlanEntry],
         moments = input_moments(model, list(wanted), calibration(max(wanted.values())))
     new_modules = []
     for entry in entries:
-        new = build_replacement(entry, model.get_submodule(entry.path), moments.get(entry.path)).to(device)
+        new = _build(entry, params[entry.path], model.get_submodule(entry.path), moments.get(entry.path)).to(device)
         replace_module(model, entry.path, new)
         new_modules.append(new)
     return new_modules

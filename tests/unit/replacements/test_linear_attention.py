@@ -45,8 +45,38 @@ def test_equals_the_quadratic_reference(feature_map, causal, t, chunk):
             m.phi.weight.add_(0.3 * torch.randn_like(m.phi.weight))
     x = torch.randn(2, t, 12)
     torch.testing.assert_close(m(x), reference(m, x), atol=1e-5, rtol=1e-5)
-    m.chunk = 0  # the per-token form that exports run
+    m.chunk = 0  # the per-token form that a torch.jit.trace runs
     torch.testing.assert_close(m(x), reference(m, x), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_keeps_the_chunked_form_with_the_length_symbolic(tmp_path):
+    """The ONNX exporter built on torch.export exports the chunked causal form (a masked product within each chunk:
+    the graph has a Trilu) and the padding to a multiple of ``chunk`` is computed from the length at run time, so
+    ONNX Runtime gives PyTorch's outputs at lengths below, at and past the chunk, none of them the example's. Length
+    3 with chunk 4 once crashed ONNX Runtime: ``-(-t // chunk)`` exported as a truncating division."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = LinearAttention(12, 12, heads=3, feature_map="hedgehog", causal=True, chunk=4).eval()
+    path = tmp_path / "la.onnx"
+    t = torch.export.Dim("t", min=2, max=64)
+    torch.onnx.export(m, (torch.randn(1, 6, 12),), str(path), dynamo=True, input_names=["x"],
+                      dynamic_shapes={"hidden_states": {1: t}}, verbose=False)
+    assert "Trilu" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path))
+    for length in (2, 3, 4, 5, 13):
+        x = torch.randn(1, length, 12)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), reference(m, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_trace_runs_the_per_token_form_and_generalises_to_other_lengths():
+    torch.manual_seed(0)
+    m = LinearAttention(8, 8, heads=2, feature_map="elu1", causal=True, chunk=4).eval()
+    traced = torch.jit.trace(m, (torch.randn(1, 6, 8),), check_trace=False)
+    x = torch.randn(1, 11, 8)  # not the traced length, not a multiple of the chunk
+    torch.testing.assert_close(traced(x), reference(m, x), atol=1e-5, rtol=1e-5)
 
 
 def test_causal_form_reads_no_future_token():

@@ -16,7 +16,7 @@ reported, so the extra cost is visible.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -33,14 +33,21 @@ LABELS = {"scratch": "target from scratch", "guide-init": "target from the guide
           "distill": "target distilled from the guide"}
 
 
-def train_baselines(conv: "Conversion") -> dict[str, dict[str, Any]]:
-    """Every run of ``baseline.runs`` in order: metric, steps, learning rate, seconds and loss per epoch."""
+def train_baselines(conv: "Conversion", finished: dict[str, dict[str, Any]] | None = None,
+                    on_finished: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Every run of ``baseline.runs`` in order: metric, steps, learning rate, seconds and loss per epoch. Runs in
+    ``finished`` (a resumed conversion's) are taken as they are; ``on_finished`` gets the results so far after each
+    run (the resume checkpoint). Each run is seeded on its own, so skipping one changes no other."""
     recipe = conv.recipe
     ft_steps, warmup = conv.task_steps()  # the same warm-up as fine-tuning, over all its steps
     total = conv.align_steps + ft_steps
     lr = recipe.baseline.lr or recipe.finetune.lr
     out = {}
     for run in recipe.baseline.runs:
+        if finished and run in finished:
+            out[run] = finished[run]
+            conv.progress.log(f"baseline: {LABELS[run]} finished before the resume")
+            continue
         model = baseline_model(conv, from_guide=run == "guide-init")
         teacher = distill_teacher(conv, recipe.baseline.distill, "distill_teacher") if run == "distill" else None
         res = conv.train_on_task(model, total, warmup, lr, "baseline", f"baseline: {LABELS[run]}", teacher)
@@ -48,6 +55,8 @@ def train_baselines(conv: "Conversion") -> dict[str, dict[str, Any]]:
                     "epoch_losses": res.epoch_losses, "compile": res.compile}
         if teacher is not None:
             out[run]["distill"] = recipe.baseline.distill.model_dump()
+        if on_finished is not None:
+            on_finished(out)
     return out
 
 

@@ -239,7 +239,9 @@ class Conversion:
 
     def baselines(self) -> None:
         """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
-        self.baselines_ = train_baselines(self)
+        finished = resume_stages.load_baselines(self.out, self.fingerprint) if self.options.resume else {}
+        save = (lambda so_far: resume_stages.save_baselines(self.out, so_far, self.fingerprint)) if self.main else None
+        self.baselines_ = train_baselines(self, finished, save)
 
     def profile(self) -> None:
         """What guide and target cost to deploy, on this device."""

@@ -8,8 +8,11 @@ fine-tuning, it replaces ``OUT/.resume/phase.pt`` (the target and the results so
 ``convert --resume`` continues from the latest of these: it rebuilds the hybrid, loads the
 state and carries on; everything later (stage seeds, batch order, recalibration,
 fine-tuning, baseline) is seeded, so the resumed run reaches the same target as an
-uninterrupted one. The work of a stage or phase that was cut short is redone. Files are
-read with ``weights_only=True`` and removed when the run finishes.
+uninterrupted one. Each baseline run (``baseline.runs``) that finishes adds its result to
+``OUT/.resume/baselines.pt`` (figures only: a baseline's weights are never kept), and a
+resumed run skips it: each run starts from its own seeds, so the others come out the same.
+The work of a stage, phase or baseline run that was cut short is redone. Files are read
+with ``weights_only=True`` and removed when the run finishes.
 """
 
 from __future__ import annotations
@@ -81,8 +84,24 @@ def load_phase(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     return _load_checked(out / RESUME_DIR / PHASE_FILE, fingerprint)
 
 
+BASELINES_FILE = "baselines.pt"
+
+
+def save_baselines(out: Path, finished: dict[str, dict[str, Any]], fingerprint: dict[str, Any]) -> None:
+    """The results of the baseline runs finished so far (plain figures), so a resumed run skips them."""
+    payload = {"fingerprint": fingerprint, "finished": finished}
+    atomic_write(out / RESUME_DIR / BASELINES_FILE, lambda tmp: torch.save(payload, tmp))
+
+
+def load_baselines(out: Path, fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The finished baseline runs' results in ``out`` (none: empty); refuses those of another recipe or guide."""
+    payload = _load_checked(out / RESUME_DIR / BASELINES_FILE, fingerprint)
+    return {} if payload is None else payload["finished"]
+
+
 def describe_phase(phase: str) -> str:
-    return "after fine-tuning (the baseline is redone)" if phase == "finetuned" else "from the aligned target"
+    return ("after fine-tuning (baseline runs not yet finished are redone)" if phase == "finetuned"
+            else "from the aligned target")
 
 
 def describe(out: Path) -> str:

@@ -80,3 +80,36 @@ def test_killed_transfer_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["metric"] == full["metric"]
     a, b = load_file(str(tmp_path / "full" / "target.safetensors")), load_file(str(tmp_path / "killed" / "target.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_run_killed_between_baselines_resumes_without_redoing_the_finished_one(tmp_path, monkeypatch):
+    """A conversion stopped during its second baseline run goes on from there: the first run's figures come from
+    the checkpoint (not retrained), the second is redone, and the report equals an uninterrupted run's."""
+    import theseus_cli.pipelines.baselines as baselines_module
+
+    recipe = _recipe(baseline={"runs": ["scratch", "distill"]})
+    full = run_conversion(recipe, tmp_path / "full", ConvertOptions(device="cpu", baseline=True))
+    real = baselines_module.baseline_model
+
+    def build_or_die(conv, from_guide):
+        if built:
+            raise KeyboardInterrupt  # the second baseline run is stopped as it starts
+        built.append(1)
+        return real(conv, from_guide)
+
+    built = []
+    with monkeypatch.context() as m:
+        m.setattr(baselines_module, "baseline_model", build_or_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu", baseline=True))
+    assert not (tmp_path / "killed" / "report.json").exists()
+    assert (tmp_path / "killed" / ".resume" / "baselines.pt").is_file()
+
+    trained = []
+    monkeypatch.setattr(baselines_module, "baseline_model", lambda conv, from_guide: trained.append(1) or real(conv, from_guide))
+    resumed = run_conversion(recipe, tmp_path / "killed", ConvertOptions(device="cpu", baseline=True, resume=True))
+    assert len(trained) == 1  # only the distillation run was trained again
+    strip = lambda runs: {r: {k: v for k, v in d.items() if k != "seconds"} for r, d in runs.items()}  # noqa: E731
+    assert strip(resumed["baselines"]) == strip(full["baselines"])
+    assert resumed["metric"] == full["metric"]
+    assert not (tmp_path / "killed" / ".resume").exists()

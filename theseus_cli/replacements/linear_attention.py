@@ -22,7 +22,7 @@ and the sums are computed once (non-causal) or as running sums (causal) instead 
   ``torch.jit.trace`` (TorchScript, and the older ONNX exporter that traces) the per-token form runs instead (one
   cumulative sum of φ(k)vᵀ over all tokens, O(T·d²) memory): the same numbers, without a padding that a trace
   would freeze to the example's length. On ONNX Runtime the chunked graph is the faster one (the edge benchmark's
-  GPT-2 target at 128 tokens: about a third less time per call).
+  GPT-2 target at 128 tokens: 23 % less time per call in fp32, 33 % less as int8; docs/BENCHMARKS.md).
 
 Masks and padding as ``elman_rnn``: the padding read from the ``attention_mask``/``attn_mask`` handed in is kept
 out of every sum (its φ(k) and v are zero) and its outputs are zero, so a padded batch gives each sequence's own

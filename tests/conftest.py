@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -90,14 +91,44 @@ def cli_conversion(tmp: Path, recipe: dict, guide_epochs: int | None = None, *ar
 HANG_S = 3600
 
 
-# Tests that run for tens of seconds (smoke runs of examples and benchmarks, multi-process runs). `make test` runs two
-# workers; starting these first, alternately on each, lets both finish together instead of one waiting on the last.
+# Tests that run for tens of seconds (smoke runs of examples and benchmarks, multi-process runs). They run first, so
+# that the two workers of `make test` finish together instead of one waiting on the last (see below).
 HEAVY = ("test_gpt2_to_rnn_example", "test_gpu_conversion_time_benchmark", "test_transformers_benchmark_runs_small",
          "test_minilm_attention_to_token_mlp", "test_transport_benchmark_runs_small", "test_two_gloo_processes",
          "test_killed_at_random_moments", "test_trust_checkpoint_reads_a_whole_pickled_module",
          "test_deployment_cost_benchmark", "test_a_pickle_that_would_run_code_is_refused",
-         "test_gpu_throughput_benchmark", "test_deploy_onnx_example", "test_library_conversion_example")
+         "test_gpu_throughput_benchmark", "test_deploy_onnx_example", "test_library_conversion_example",
+         "test_stage_grouping_benchmark", "test_edge_benchmark_runs_small", "test_lowrank_start_benchmark",
+         "test_distillation_benchmark", "test_linear_attention_gpt2_converts")
 
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.name.startswith(HEAVY))  # stable: the rest keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s scheduler (``-n 2``): one test at a time to whichever worker is free, in collection order
+    (heavy tests first), except that a module with a module-scoped fixture (a finished conversion, a trained GPT-2)
+    goes to one worker whole, which builds the fixture once.
+
+    xdist's default (``--dist load``) hands each worker a block of consecutive tests at first: a quarter of the
+    suite, every heavy test on the first worker. Its ``--dist loadgroup`` cannot group here: xdist 3.8 tags a
+    grouped test by setting ``item._nodeid``, which pytest 9.2 no longer reads."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the collection order: heavy tests first
+
+    class FixtureModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if _has_module_fixture(module) else nodeid
+
+    return FixtureModuleScheduling(config, log)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_module_fixture(module: str) -> bool:
+    path = REPO / module
+    return path.suffix == ".py" and path.is_file() and 'scope="module"' in path.read_text(encoding="utf-8")

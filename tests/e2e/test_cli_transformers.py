@@ -84,7 +84,9 @@ def test_gpt2_target_reloads_with_one_call_and_scores_the_same(gpt2_run):
 
 def test_minilm_attention_to_token_mlp(tmp_path):
     recipe = tmp_path / "minilm.yaml"
-    recipe.write_text(yaml.safe_dump(MINILM))
+    # the real 22M-parameter encoder trains three times here (NoT and both baselines): batches of 8 × 16 tokens
+    recipe.write_text(yaml.safe_dump({**MINILM, "data": {**MINILM["data"], "sequence_length": 16, "train_limit": 24,
+                                                         "batch_size": 8}}))
     out = tmp_path / "out"
     res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(out), "--baseline", "--json", "--device", "cpu",
                               "--no-latency"])

@@ -179,9 +179,16 @@ def tokenize_sentences(lines: tuple[str, ...], tok, max_length: int) -> TokenBat
     return TokenBatch(enc["input_ids"].long(), enc["attention_mask"].long())
 
 
+@lru_cache(maxsize=2)
+def corpus_sentences(source: str, path: str | None, tokenizer: str, guide_arch: str | None, max_length: int) -> TokenBatch:
+    """Every line of the corpus tokenised as one padded batch, once per process, as :func:`corpus_stream` is (the
+    tokeniser takes seconds over the Bible's 31,102 verses). Callers index it into copies and never write to it."""
+    return tokenize_sentences(corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch), max_length)
+
+
 def load_text_dataset(cfg, seed: int, task: str, guide_arch: str | None):
     """A :class:`theseus_cli.data.dataset.Dataset` of token sequences for ``task`` (see the module docstring)."""
-    lines = corpus_lines(cfg.source, cfg.path)
+    corpus_lines(cfg.source, cfg.path)  # a missing or empty corpus fails before the tokeniser loads
     tok = load_tokenizer(cfg.tokenizer, guide_arch)
     gen = torch.Generator().manual_seed(seed)
     where = cfg.source if cfg.path is None else f"{cfg.source} {cfg.path}"
@@ -192,7 +199,7 @@ def load_text_dataset(cfg, seed: int, task: str, guide_arch: str | None):
             raise DataError(f"{where}: {stream.numel()} tokens make fewer than 2 sequences of {cfg.sequence_length}")
         x_all = stream[: n * cfg.sequence_length].view(n, cfg.sequence_length)
     else:
-        x_all = tokenize_sentences(lines, tok, cfg.sequence_length)
+        x_all = corpus_sentences(cfg.source, cfg.path, cfg.tokenizer, guide_arch, cfg.sequence_length)
     perm = torch.randperm(len(x_all), generator=gen)
     n_test = max(1, int(round(cfg.test_fraction * len(x_all))))
     test_idx, train_idx = perm[:n_test], perm[n_test:]

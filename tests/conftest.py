@@ -106,6 +106,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.name.startswith(HEAVY))  # stable: the rest keep their order
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `pytest -p no:xdist` must still load this file
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s scheduler (``-n 2``): one test at a time to whichever worker is free, in collection order
     (heavy tests first), except that a module with a module-scoped fixture (a finished conversion, a trained GPT-2)

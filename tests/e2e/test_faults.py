@@ -269,3 +269,22 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers put back
+
+
+def test_a_signal_stops_evaluation_and_embedding_after_their_current_batch():
+    """Passes that are not training steps (on a large corpus the guide's sentence embeddings take minutes) stop at
+    the next batch too, not after them."""
+    from theseus_cli.training.faults import Interrupted, graceful_stop
+    from theseus_cli.training.loops import embed, evaluate
+
+    model, x, y = nn.Linear(8, 3).eval(), torch.randn(64, 8), torch.randint(0, 3, (64,))
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(1))
+    with graceful_stop():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        with pytest.raises(Interrupted, match="after a finished batch of evaluation"):
+            evaluate(model, get_task("classification"), x, y, 8, CPU)
+        assert len(seen) == 1  # one batch of eight, not all of them
+        with pytest.raises(Interrupted, match="after a finished batch of the guide's sentence embeddings"):
+            embed(nn.Identity(), torch.randn(64, 4, 8), 8, CPU)  # token states (B, T, D) pooled to (B, D)

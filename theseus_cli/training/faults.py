@@ -12,7 +12,8 @@
   ``data.batch_size``).
 * **SIGINT / SIGTERM**: the current step finishes, the run stops at that step boundary with its
   resumable checkpoint in place, and the CLI exits 130 / 143 with one line saying how to resume.
-  A second signal stops at once.
+  Passes that are not training (evaluation, the guide's sentence embeddings: minutes on a large
+  corpus) stop the same way after their current batch. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def graceful_stop() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def check_stop(where: str) -> None:
-    """Raise :class:`Interrupted` if a stop was requested; called between steps (``convert`` adds how to resume)."""
+def check_stop(where: str, unit: str = "step") -> None:
+    """Raise :class:`Interrupted` if a stop was requested; called between training steps, and between the batches
+    (``unit="batch"``) of passes that are not training (``convert`` adds how to resume)."""
     requested = run_state().stop_signals
     if requested:
         signum = requested[0]
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} after a finished step of {where}", signum)
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} after a finished {unit} of {where}", signum)
 
 
 # ---------------------------------------------------------------- divergence

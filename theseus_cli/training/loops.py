@@ -228,6 +228,7 @@ def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size
         s, c = task.metric_sums(out, xb, y[idx].to(device) if y is not None else None)
         total += s
         count += c
+        check_stop("evaluation", unit="batch")
     sums = dist.all_sum(torch.stack([total, count]))
     return task.finish(float(sums[0]), float(sums[1]))
 
@@ -246,6 +247,7 @@ def embed(model: nn.Module, x, batch_size: int, device: torch.device) -> torch.T
         with rt.autocast():
             hidden = model_output(run_model(model, xb))
         out.append(sentence_embedding(hidden, xb).cpu())
+        check_stop("the guide's sentence embeddings", unit="batch")
     return torch.cat(out)
 
 

@@ -49,16 +49,18 @@ def test_equals_the_quadratic_reference(feature_map, causal, t, chunk):
     torch.testing.assert_close(m(x), reference(m, x), atol=1e-5, rtol=1e-5)
 
 
-def test_onnx_export_keeps_the_chunked_form_with_the_length_symbolic(tmp_path):
+@pytest.mark.parametrize("feature_map", ["elu1", "hedgehog"])
+def test_onnx_export_keeps_the_chunked_form_with_the_length_symbolic(tmp_path, feature_map):
     """The ONNX exporter built on torch.export exports the chunked causal form (a masked product within each chunk:
     the graph has a Trilu) and the padding to a multiple of ``chunk`` is computed from the length at run time, so
     ONNX Runtime gives PyTorch's outputs at lengths below, at and past the chunk, none of them the example's. Length
-    3 with chunk 4 once crashed ONNX Runtime: ``-(-t // chunk)`` exported as a truncating division."""
+    3 with chunk 4 once crashed ONNX Runtime: ``-(-t // chunk)`` exported as a truncating division. Each feature
+    map here; the whole convert → export path of a GPT-2 runs once, in tests/e2e/test_cli_compressive.py."""
     import onnx
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    m = LinearAttention(12, 12, heads=3, feature_map="hedgehog", causal=True, chunk=4).eval()
+    m = LinearAttention(12, 12, heads=3, feature_map=feature_map, causal=True, chunk=4).eval()
     path = tmp_path / "la.onnx"
     t = torch.export.Dim("t", min=2, max=64)
     torch.onnx.export(m, (torch.randn(1, 6, 12),), str(path), dynamo=True, input_names=["x"],

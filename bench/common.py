@@ -139,7 +139,10 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def pm(row: dict, key: str, fmt: str = "{:.4f}") -> str:
-    """``row[key]`` for a table: ``mean ± std`` over the row's seeds, or the value marked as one seed."""
+    """``row[key]`` for a table: ``mean ± std`` over the row's seeds, or the value marked as one seed; "—" where there
+    is none (a retention is None when the guide or the target scores 0)."""
+    if row.get(key) is None:
+        return "—"
     value = fmt.format(row[key])
     if len(row.get("seeds", [])) > 1:
         return f"{value} ± {fmt.format(row['std'][key])}"

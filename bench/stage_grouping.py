@@ -40,7 +40,7 @@ RECIPE = "bench/recipes/mobilenetv3_lowrank_many_stages.yaml"
 GUIDE_EPOCHS, GUIDE_LR = 10, 2e-3
 SETTINGS = {"mobilenetv3-small": {"recipe": RECIPE}}
 VARIANTS = ("per-module", "grouped", "grouped-equal-steps")
-SMALL = {"data": {"train_limit": 256, "label_limit": 64, "test_limit": 64, "batch_size": 32},
+SMALL = {"data": {"train_limit": 128, "label_limit": 16, "test_limit": 32, "batch_size": 8},
          "align": {"epochs": 1, "max_steps_per_epoch": 1}, "finetune": {"epochs": 1}, "bn_recalibration": {"batches": 2}}
 
 

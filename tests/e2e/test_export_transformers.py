@@ -45,10 +45,12 @@ def _ids(batch=3, length=11):
 def test_rnn_target_exports_to_onnx_with_a_dynamic_sequence_axis(rnn_run):
     import onnxruntime as ort
 
-    res = runner.invoke(app, ["export", str(rnn_run), "--json"])
+    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "named.onnx"), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info["inputs"] == ["input_ids"] and [3, 8] in info["parity"]["inputs"]
+    # --out names the streaming graphs too
+    assert (rnn_run / "named.prefill.onnx").is_file() and (rnn_run / "named.step.onnx").is_file()
     # torch.export unrolls the RNN's time loop to the example's length; that file fails the check on 8 tokens
     # and the TorchScript-based exporter writes the one that lands
     assert info["exporter"] == "torchscript" and info["tried"] and info["tried"][0].startswith("dynamo")
@@ -62,7 +64,7 @@ def test_rnn_target_exports_to_onnx_with_a_dynamic_sequence_axis(rnn_run):
 
 def test_rnn_target_streams_on_onnx_runtime_with_numpy_only(rnn_run):
     """The prefill and decode-step graphs (issue 18): the example's numpy loop gives PyTorch's greedy tokens for a
-    left-padded batch, the state layout travels in the files, and a second export without --overwrite is refused."""
+    left-padded batch, the state layout travels in the files, and an export onto an existing graph is refused."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("stream_example", REPO / "examples" / "stream_generate_onnx.py")
@@ -73,12 +75,11 @@ def test_rnn_target_streams_on_onnx_runtime_with_numpy_only(rnn_run):
     assert streaming["written"] and streaming["parity"]["passed"] and streaming["parity"]["prompt_padding"] == [0, 3, 1]
     assert [s["module"] for s in streaming["state"]] == ["ElmanRNN"] * len(streaming["state"]) and streaming["state"]
     assert result["same"] and result["onnx"].shape[1] == result["torch"].shape[1]
-    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "again.onnx")])
-    assert res.exit_code == 0, res.output
-    assert (rnn_run / "again.prefill.onnx").is_file() and (rnn_run / "again.step.onnx").is_file()
-    (rnn_run / "again.onnx").unlink()
-    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "again.onnx")])
-    assert res.exit_code == 8 and "again.prefill.onnx: exists" in res.output and not (rnn_run / "again.onnx").exists()
+    # a streaming graph already there (the whole-sequence file is not) is refused before anything is exported
+    (rnn_run / "clash.prefill.onnx").write_bytes(b"kept")
+    res = runner.invoke(app, ["export", str(rnn_run), "--out", str(rnn_run / "clash.onnx")])
+    assert res.exit_code == 8 and "clash.prefill.onnx: exists" in res.output and not (rnn_run / "clash.onnx").exists()
+    assert (rnn_run / "clash.prefill.onnx").read_bytes() == b"kept" and not (rnn_run / "clash.step.onnx").exists()
 
 
 def test_rnn_target_as_a_transformers_directory_with_remote_code(rnn_run):

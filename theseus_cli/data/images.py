@@ -98,12 +98,20 @@ def _mnist_5k():
 
 
 def _digits():
+    """scikit-learn's 8×8 digits, read from the CSV inside the installed package (importing scikit-learn costs about
+    a second of start-up, which every command on this source would pay for a 1,797-row file)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("digits: scikit-learn is not installed (pip install scikit-learn)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
     try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("digits: scikit-learn is not installed") from None
-    d = load_digits()
-    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
+        rows = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable digits file: {exc}") from None
+    if rows.ndim != 2 or rows.shape[1] != 65:
+        raise DataError(f"{path}: expected 65 columns (8×8 pixels and the digit), got shape {rows.shape}")
+    images = rows[:, :64].reshape(-1, 8, 8)
+    return (images * (255.0 / 16.0)).round().astype(np.uint8), rows[:, 64].astype(np.int64)
 
 
 def _load_npz(path: Path):
@@ -195,7 +203,9 @@ def _raw(source: str, path: str | None, size_hint: int | None):
 # ---------------------------------------------------------------- transforms
 
 
-def _to_tensor(x: np.ndarray, where: str, split: str) -> torch.Tensor:
+def _as_nchw(x: np.ndarray, where: str, split: str) -> np.ndarray:
+    """The raw images as an (N, C, H, W) array, still in their stored dtype (a view where possible: only the rows a
+    recipe keeps are converted to float, see :func:`_to_float`), checked for shape and, if float, finite values."""
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[:, None]
@@ -203,14 +213,22 @@ def _to_tensor(x: np.ndarray, where: str, split: str) -> torch.Tensor:
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
         raise DataError(f"{where}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
-    t = torch.from_numpy(np.array(x, copy=True))
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    finite = torch.isfinite(t).flatten(1).all(1)
-    if not bool(finite.all()):  # found here, not 20 s into alignment as a "diverged" loss
-        bad = (~finite).nonzero().flatten()
-        raise DataError(f"{where}: non-finite values (NaN or Inf) in {bad.numel():,} of {t.shape[0]:,} images of {split}, the "
-                        f"first at index {int(bad[0])}")
-    return t
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{where}: images of {split} must be numbers; got dtype {x.dtype}")
+    if not np.issubdtype(x.dtype, np.integer):  # integers are always finite
+        finite = np.isfinite(x).reshape(x.shape[0], -1).all(1)
+        if not finite.all():  # found here, not 20 s into alignment as a "diverged" loss
+            bad = np.flatnonzero(~finite)
+            raise DataError(f"{where}: non-finite values (NaN or Inf) in {bad.size:,} of {x.shape[0]:,} images of {split}, "
+                            f"the first at index {int(bad[0])}")
+    return x
+
+
+def _to_float(x: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` as float tensors, bytes scaled to [0, 1]. Converting the kept rows only matters: Fashion-MNIST as
+    float is 188 MB, and a recipe with ``train_limit`` keeps a few thousand of its 60,000 images."""
+    t = torch.from_numpy(np.ascontiguousarray(x[rows.numpy()]))
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
 
 
 def _labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
@@ -255,24 +273,25 @@ def load_image_dataset(cfg: DataConfig, seed: int = 0, normalization: dict | Non
     raw = _raw(cfg.source, cfg.path, cfg.image_size)
     gen = torch.Generator().manual_seed(seed)
     if len(raw) == 2:
-        x_all, y_all = _to_tensor(raw[0], where, "x"), None
-        y_all = _labels(raw[1], x_all.shape[0], where)
-        perm = torch.randperm(x_all.shape[0], generator=gen)
-        n_test = max(1, int(round(cfg.test_fraction * x_all.shape[0])))
-        test_idx, train_idx = perm[:n_test], perm[n_test:]
-        x_tr, y_tr, x_te, y_te = x_all[train_idx], y_all[train_idx], x_all[test_idx], y_all[test_idx]
+        x_tr_all = x_te_all = _as_nchw(raw[0], where, "x")
+        y_all = _labels(raw[1], x_tr_all.shape[0], where)
+        perm = torch.randperm(x_tr_all.shape[0], generator=gen)
+        n_test = max(1, int(round(cfg.test_fraction * x_tr_all.shape[0])))
+        train_rows, test_rows = perm[n_test:], perm[:n_test]
+        y_tr, y_te = y_all[train_rows], y_all[test_rows]
     else:
-        x_tr, x_te = _to_tensor(raw[0], where, "x_train"), _to_tensor(raw[2], where, "x_test")
-        y_tr, y_te = _labels(raw[1], x_tr.shape[0], where), _labels(raw[3], x_te.shape[0], where)
-    if x_tr.shape[0] == 0 or x_te.shape[0] == 0:
+        x_tr_all, x_te_all = _as_nchw(raw[0], where, "x_train"), _as_nchw(raw[2], where, "x_test")
+        y_tr, y_te = _labels(raw[1], x_tr_all.shape[0], where), _labels(raw[3], x_te_all.shape[0], where)
+        train_rows, test_rows = torch.arange(x_tr_all.shape[0]), torch.arange(x_te_all.shape[0])
+    if train_rows.numel() == 0 or test_rows.numel() == 0:
         raise DataError(f"{where}: empty train or test split")
-    if x_tr.shape[1:] != x_te.shape[1:]:
-        raise DataError(f"{where}: train images {tuple(x_tr.shape[1:])} and test images {tuple(x_te.shape[1:])} differ")
+    if x_tr_all.shape[1:] != x_te_all.shape[1:]:
+        raise DataError(f"{where}: train images {tuple(x_tr_all.shape[1:])} and test images {tuple(x_te_all.shape[1:])} differ")
 
-    keep = subset(x_tr.shape[0], cfg.train_limit, gen)
-    x_tr, y_tr = x_tr[keep], y_tr[keep]
-    keep = subset(x_te.shape[0], cfg.test_limit, gen)
-    x_te, y_te = x_te[keep], y_te[keep]
+    keep = subset(train_rows.numel(), cfg.train_limit, gen)
+    x_tr, y_tr = _to_float(x_tr_all, train_rows[keep]), y_tr[keep]
+    keep = subset(test_rows.numel(), cfg.test_limit, gen)
+    x_te, y_te = _to_float(x_te_all, test_rows[keep]), y_te[keep]
     x_tr, x_te = _transform(x_tr, cfg, gen), _transform(x_te, cfg, gen)
 
     mean = x_tr.mean(dim=(0, 2, 3))

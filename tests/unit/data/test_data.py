@@ -80,6 +80,36 @@ def test_digits_builtin():
     assert ds.x_train.shape == (100, 1, 8, 8) and ds.num_classes == 10
 
 
+def test_digits_read_from_the_package_file_are_scikit_learns_digits():
+    """The CSV is read directly (importing scikit-learn costs a second of every command's start-up): it must give
+    exactly what ``load_digits`` gives, scaled from 0–16 to bytes."""
+    from sklearn.datasets import load_digits
+
+    from theseus_cli.data.images import _digits
+
+    images, labels = _digits()
+    reference = load_digits()
+    assert np.array_equal(images, (reference.images * (255.0 / 16.0)).round().astype(np.uint8))
+    assert np.array_equal(labels, reference.target) and images.dtype == np.uint8
+
+
+def test_only_the_kept_rows_are_converted_and_a_subset_is_the_same_images(monkeypatch):
+    """Subsetting happens before the float conversion: the kept rows are converted, not all 1,797 (Fashion-MNIST's
+    60,000 as float are 188 MB), and they are the same images with the same labels."""
+    from theseus_cli.data import images
+
+    converted = []
+    real = images._to_float
+    monkeypatch.setattr(images, "_to_float", lambda x, rows: converted.append(rows.numel()) or real(x, rows))
+    small = load_dataset(DataConfig(source="digits", train_limit=50, test_limit=20), normalization={"mean": [0.0], "std": [1.0]})
+    assert converted == [50, 20]
+    raw_x, raw_y = images._digits()
+    flat = torch.from_numpy(raw_x.reshape(len(raw_x), -1).astype(np.float32) / 255.0)
+    for row, label in zip(small.x_train.flatten(1), small.y_train):
+        match = (flat == row).all(1).nonzero().flatten()
+        assert match.numel() >= 1 and bool((torch.from_numpy(raw_y)[match] == label).any())
+
+
 @pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_debian_package():
     ds = load_dataset(DataConfig(source="fashion-mnist", test_limit=100))

@@ -23,6 +23,11 @@ os.environ.setdefault("THESEUS_LATENCY_BUDGET_S", "0.02")
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in tests/unit/<subpackage> and tests/e2e)
 
+# tokenised corpora are kept between processes (theseus_cli.data.token_cache): in the repository's ignored .cache, not
+# the user's home, shared by both workers and every subprocess; entries are named by the corpus, the tokenizer and the
+# call, so a changed input is a new entry, never a stale one
+os.environ.setdefault("THESEUS_CACHE_DIR", str(REPO / ".cache" / "tests"))
+
 TINY = {
     "guide": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}},
     "data": {"source": "digits", "train_limit": 400, "test_limit": 200, "batch_size": 64, "eval_batch_size": 256},

@@ -38,6 +38,7 @@ import torch
 from theseus_cli.batch import TokenBatch
 from theseus_cli.data.core import Dataset, subset
 from theseus_cli.data.sources import get_source, register_source
+from theseus_cli.data.token_cache import cached_tokens
 from theseus_cli.errors import DataError
 
 _VERSE = re.compile(r"^\s+\d+\s+(.*)$")
@@ -170,8 +171,10 @@ def tokenize_stream(lines: tuple[str, ...], tok) -> torch.Tensor:
 @lru_cache(maxsize=2)
 def corpus_stream(source: str, path: str | None, tokenizer: str, guide_arch: str | None) -> torch.Tensor:
     """The whole corpus as one token stream, tokenised once per process (a conversion loads its data more than
-    once: train-guide, convert, eval). Callers index it into copies and never write to it."""
-    return tokenize_stream(corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch))
+    once: train-guide, convert, eval) and kept on disk between processes (:mod:`theseus_cli.data.token_cache`).
+    Callers index it into copies and never write to it."""
+    lines, tok = corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch)
+    return cached_tokens(lines, tok, {"kind": "stream"}, ("ids",), lambda: {"ids": tokenize_stream(lines, tok)})["ids"]
 
 
 def tokenize_sentences(lines: tuple[str, ...], tok, max_length: int) -> TokenBatch:
@@ -182,8 +185,17 @@ def tokenize_sentences(lines: tuple[str, ...], tok, max_length: int) -> TokenBat
 @lru_cache(maxsize=2)
 def corpus_sentences(source: str, path: str | None, tokenizer: str, guide_arch: str | None, max_length: int) -> TokenBatch:
     """Every line of the corpus tokenised as one padded batch, once per process, as :func:`corpus_stream` is (the
-    tokeniser takes seconds over the Bible's 31,102 verses). Callers index it into copies and never write to it."""
-    return tokenize_sentences(corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch), max_length)
+    tokeniser takes seconds over the Bible's 31,102 verses), and kept on disk as :func:`corpus_stream` is. Callers
+    index it into copies and never write to it."""
+    lines, tok = corpus_lines(source, path), load_tokenizer(tokenizer, guide_arch)
+
+    def compute() -> dict[str, torch.Tensor]:
+        batch = tokenize_sentences(lines, tok, max_length)
+        return {"input_ids": batch.ids, "attention_mask": batch.mask}
+
+    found = cached_tokens(lines, tok, {"kind": "sentences", "max_length": max_length}, ("input_ids", "attention_mask"),
+                          compute, rows=len(lines))
+    return TokenBatch(found["input_ids"], found["attention_mask"])
 
 
 def load_text_dataset(cfg, seed: int, task: str, guide_arch: str | None):

@@ -80,15 +80,26 @@ def test_digits_builtin():
     assert ds.x_train.shape == (100, 1, 8, 8) and ds.num_classes == 10
 
 
-def test_digits_read_from_the_package_file_are_scikit_learns_digits():
-    """The CSV is read directly (importing scikit-learn costs a second of every command's start-up): it must give
-    exactly what ``load_digits`` gives, scaled from 0–16 to bytes."""
+def test_digits_read_from_the_package_file_are_scikit_learns_digits(monkeypatch):
+    """The CSV is read without importing scikit-learn (that costs a second of every command's start-up): it must
+    give exactly what ``load_digits`` gives, scaled from 0–16 to bytes."""
+    import builtins
+
     from sklearn.datasets import load_digits
 
     from theseus_cli.data.images import _digits
 
-    images, labels = _digits()
     reference = load_digits()
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.split(".")[0] == "sklearn":
+            raise AssertionError(f"imported {name}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    images, labels = _digits()
+    monkeypatch.undo()
     assert np.array_equal(images, (reference.images * (255.0 / 16.0)).round().astype(np.uint8))
     assert np.array_equal(labels, reference.target) and images.dtype == np.uint8
 

@@ -39,11 +39,15 @@ OFF = "off"
 
 
 def cache_folder() -> Path | None:
-    """The token cache folder (not created here), or None when ``THESEUS_CACHE_DIR=off``."""
+    """The token cache folder (not created here), or None when ``THESEUS_CACHE_DIR=off`` or there is no home folder
+    to put it in (a container user without one)."""
     chosen = os.environ.get(CACHE_ENV)
-    if chosen is not None:
-        return None if chosen.strip().lower() == OFF else Path(chosen).expanduser() / "tokens"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        if chosen is not None:
+            return None if chosen.strip().lower() == OFF else Path(chosen).expanduser() / "tokens"
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # Path.home(): no $HOME and no password entry
+        return None
     return Path(base) / "theseus" / "tokens"
 
 

@@ -97,8 +97,9 @@ def cached_tokens(lines: tuple[str, ...], tok, call: dict, names: tuple[str, ...
     """``compute()``'s tensors (named ``names``, int64), read from the cache when an entry for exactly this corpus,
     tokenizer and call exists, else computed and stored. ``rows``: the first tensor's row count for padded
     sentences (None: one 1-D stream)."""
-    folder, fingerprint = cache_folder(), tokenizer_fingerprint(tok)
-    if folder is None or fingerprint is None:
+    folder = cache_folder()
+    fingerprint = None if folder is None else tokenizer_fingerprint(tok)  # serialising the tokenizer takes ~0.3 s
+    if fingerprint is None:
         return compute()
     path = folder / f"{entry_key(lines, fingerprint, call)}.safetensors"
     vocab = len(tok)

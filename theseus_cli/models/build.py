@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import pickle
 import re
 import stat
@@ -26,6 +25,7 @@ import torch.nn as nn
 
 from theseus_cli.context import changed, run_state
 from theseus_cli.errors import ModelError
+from theseus_cli.packages import package_folder
 from theseus_cli.models.checkpoint_fit import CheckpointFit, FitReport, fit_state, key_differences, reset_head
 from theseus_cli.models.sources import MODEL_SOURCES, register_model_source
 
@@ -171,10 +171,10 @@ def resolve_checkpoint(text: str | Path) -> Path:
     if not text.startswith("pkg:"):
         return Path(text)
     package, _, inner = text[4:].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(package)
+    if folder is None:
         raise ModelError(f"guide.checkpoint {text}: Python package {package!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / inner
+    return folder / inner
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

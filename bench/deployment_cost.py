@@ -6,8 +6,9 @@ weights (every layer here is dense), so each pair is rebuilt from its recipe exa
 target architecture of a transfer — with seeded weights, and measured with the same code as
 ``theseus eval`` and ``convert``'s report (:mod:`theseus_cli.deploy.profile`): FLOPs counted by
 ``torch.utils.flop_counter`` (plus recurrent layers), latency the median wall time of a
-forward in PyTorch eager at batch 1 and batch 64, on one device, guide and target in the same
-run. Quality figures for these pairs are in docs/BENCHMARKS.md's earlier sections.
+forward in PyTorch eager at batch 1 and batch 64, on one device, guide and target timed in one
+process in alternating rounds (:func:`theseus_cli.deploy.profile.profile_pair`): each ratio is the median of
+the per-round target/guide ratios, with their range. Quality figures for these pairs are in docs/BENCHMARKS.md's earlier sections.
 
 Usage: python bench/deployment_cost.py [--settings ...] [--device cpu]
 Writes runs/bench/deployment_cost.{json,md} and prints the markdown table.
@@ -23,7 +24,7 @@ from common import ROOT, run_settings, settings_parser
 
 from theseus_cli.models.build import build_model
 from theseus_cli.surgery.plan import apply_entries, build_plan
-from theseus_cli.deploy.profile import compare, profile_model
+from theseus_cli.deploy.profile import profile_pair
 from theseus_cli.config.recipe import load_recipe
 from theseus_cli.training.session import open_session
 from theseus_cli.surgery.transfer import build_transfer_plan
@@ -60,10 +61,15 @@ def run_one(name: str, spec: dict, device: str) -> dict:
     started = time.perf_counter()
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     guide, target, sample = pair(spec["recipe"])
-    g = profile_model(guide.to(dev), sample, dev, (1, 64))
-    t = profile_model(target.to(dev), sample, dev, (1, 64))
-    return {"setting": name, "recipe": spec["recipe"], "what": spec["what"], "guide": g, "target": t, "ratios": compare(g, t),
-            "wall_time": {"total": time.perf_counter() - started}}
+    timed = profile_pair(guide.to(dev), target.to(dev), sample, dev, (1, 64))  # in alternating rounds
+    return {"setting": name, "recipe": spec["recipe"], "what": spec["what"], "guide": timed["guide"],
+            "target": timed["target"], "ratios": timed["ratios"], "wall_time": {"total": time.perf_counter() - started}}
+
+
+def _ratio(ratios: dict, batch: int) -> str:
+    """``×1.83, ×1.80–1.88``: target time over guide time, median of the per-round ratios and their range."""
+    lo, hi = ratios[f"latency_b{batch}_range"]
+    return f"×{ratios[f'latency_b{batch}']:.2f}, ×{lo:.2f}–{hi:.2f}"
 
 
 def markdown(rows: list, device: str) -> str:
@@ -74,8 +80,8 @@ def markdown(rows: list, device: str) -> str:
         lines.append(
             f"| {r['what']} | {g['params'] / 1e6:.2f}M → {t['params'] / 1e6:.2f}M (×{q['params']:.2f}) "
             f"| {g['flops_per_example'] / 1e6:.1f}M → {t['flops_per_example'] / 1e6:.1f}M (×{q['flops']:.2f}) "
-            f"| {g['latency']['1']['median_ms']:.2f} → {t['latency']['1']['median_ms']:.2f} (×{q['latency_b1']:.2f}) "
-            f"| {g['latency']['64']['median_ms']:.1f} → {t['latency']['64']['median_ms']:.1f} (×{q['latency_b64']:.2f}) |")
+            f"| {g['latency']['1']['median_ms']:.2f} → {t['latency']['1']['median_ms']:.2f} ({_ratio(q, 1)}) "
+            f"| {g['latency']['64']['median_ms']:.1f} → {t['latency']['64']['median_ms']:.1f} ({_ratio(q, 64)}) |")
     return "\n".join(lines)
 
 

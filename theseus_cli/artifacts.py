@@ -178,11 +178,25 @@ def unvouched(spec: str) -> str | None:
     reads whatever folder on this machine the file chose."""
     prefix, _, name = spec.partition(":")
     if prefix == "hf":
+        if name.startswith("pkg:"):
+            return _outside_package(name[4:])
         return f"the model directory {name!r}" if name.startswith((".", "/")) else None
     source = MODEL_SOURCES.get(prefix)
     if (source is not None and source.vouched) or prefix in VOUCHED_MODULES:
         return None
     return f"code ({spec!r}: importing {prefix!r} and calling {name!r})"
+
+
+def _outside_package(name: str) -> str | None:
+    """Why an ``hf:pkg:<package>/<dir>`` name is not vouched for: its folder, resolved, leaves the package's."""
+    from theseus_cli.packages import package_path
+
+    package, _, inner = name.partition("/")
+    try:
+        package_path(package, inner)
+    except ValueError:
+        return f"the model directory {'hf:pkg:' + name!r}, which leads outside the package {package!r}"
+    return None
 
 
 def check_vouched(spec: str, trust_code: bool, source: object) -> None:

@@ -35,6 +35,12 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     return f"{text[:limit]}… (cut: {len(text):,} characters in all)"
 
 
+class UsageError(TheseusError):
+    """The command line itself is wrong: flags that conflict, a file given to the wrong runtime."""
+
+    exit_code = 2
+
+
 class RecipeError(TheseusError):
     """The recipe file is missing, malformed or invalid."""
 
@@ -106,3 +112,9 @@ def disk_error(exc: BaseException, path: object | None = None) -> "OutputError |
         return None
     where = exc.filename or path or "output"
     return OutputError(f"{where}: cannot write: {_DISK_ERRNOS[name]} ({name})")
+
+
+class TheseusWarning(UserWarning):
+    """Something the user most likely did not mean, though the run can go on (an untrained guide where a trained
+    one was probably meant). The CLI prints it as one ``warning:`` line on stderr; a library caller sees it through
+    :mod:`warnings` as usual."""

@@ -20,3 +20,17 @@ def package_folder(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_path(package: str, inner: str) -> Path | None:
+    """``inner`` inside the installed package ``package``'s folder, resolved (``..`` and links followed), or None when
+    the package is not installed. :class:`ValueError` when the resolved path leaves the package's folder: a ``pkg:``
+    name read from a recipe or a downloaded target's metadata must not reach any other folder on the machine."""
+    root = package_folder(package)
+    if root is None:
+        return None
+    root = root.resolve()
+    path = (root / inner).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{inner!r} leads outside the package {package!r} ({root})")
+    return path

@@ -1,18 +1,30 @@
 """Progress reporting the library can call without knowing who listens.
 
-The library takes a :class:`Progress`; the default does nothing. The CLI
-passes a rich-backed one, or the silent one under ``CI=true``/``--quiet``.
+The library takes a :class:`Progress`; the default does nothing. The CLI passes a rich-backed one on a terminal,
+:class:`LineProgress` without one (CI logs, pipes: one plain line per phase, stage, epoch and baseline on stderr,
+with elapsed time and an estimate of what is left, so a job that prints nothing for minutes is never mistaken for a
+hung one), or :class:`NullProgress` under ``--quiet``.
+
+A bar's ``advance(loss=…)`` may be handed a device tensor: a bar reads it (a host sync) only when it is about to show
+it, at most every :data:`SHOW_EVERY_S` seconds, so progress costs no per-step synchronisation.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import sys
+import time
+from typing import Any, Callable, Protocol, TextIO
+
+SHOW_EVERY_S = 0.5  # a rich bar re-reads its loss at most this often
+LINE_EVERY_S = 60.0  # without a terminal, a long bar prints a line at most this often between its milestones
 
 
 class Bar(Protocol):
-    def advance(self, n: int = 1, **info: float) -> None: ...
+    def advance(self, n: int = 1, **info: Any) -> None: ...
 
-    def done(self) -> None: ...
+    def note(self, text: str) -> None: ...
+
+    def done(self, text: str = "", line: bool = True) -> None: ...
 
 
 class Progress(Protocol):
@@ -22,10 +34,13 @@ class Progress(Protocol):
 
 
 class _NullBar:
-    def advance(self, n: int = 1, **info: float) -> None:
+    def advance(self, n: int = 1, **info: Any) -> None:
         pass
 
-    def done(self) -> None:
+    def note(self, text: str) -> None:
+        pass
+
+    def done(self, text: str = "", line: bool = True) -> None:
         pass
 
 
@@ -37,3 +52,82 @@ class NullProgress:
 
     def log(self, message: str) -> None:
         pass
+
+
+def seconds(value: float) -> str:
+    """``7 s``, ``3 min 05 s``, ``1 h 02 min``: elapsed and remaining times in a progress line."""
+    value = max(0.0, value)
+    if value < 60:
+        return f"{value:.0f} s"
+    if value < 3600:
+        return f"{int(value // 60)} min {int(value % 60):02d} s"
+    return f"{int(value // 3600)} h {int(value % 3600 // 60):02d} min"
+
+
+def remaining(elapsed: float, done: float, total: float) -> str:
+    """``, ~62 s left`` by linear extrapolation of ``done`` of ``total`` units in ``elapsed`` seconds; empty before
+    the first unit (nothing to extrapolate from) and after the last."""
+    if done <= 0 or total <= done:
+        return ""
+    return f", ~{seconds(elapsed * (total - done) / done)} left"
+
+
+def info_text(info: dict[str, Any]) -> str:
+    """``loss 0.1234`` from a bar's latest info (tensors read here, not at every step)."""
+    return ", ".join(f"{key} {float(value):.4g}" for key, value in info.items())
+
+
+class LineProgress:
+    """Plain lines on ``stream`` (stderr): each :meth:`log` message, each bar's notes (an epoch, a stage) and its
+    end, and for a long bar a line at most every ``every_s`` seconds; each line with the time since this progress
+    began. ``clock`` is injectable so that tests check lines, not speed."""
+
+    def __init__(self, stream: TextIO | None = None, every_s: float = LINE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream, self.every_s, self.clock = stream, every_s, clock
+        self.started = clock()
+
+    def write(self, line: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(f"{line} [{seconds(self.clock() - self.started)}]\n")
+        stream.flush()
+
+    def task(self, description: str, total: int) -> "_LineBar":
+        return _LineBar(self, description, total)
+
+    def log(self, message: str) -> None:
+        self.write(message)
+
+
+class _LineBar:
+    def __init__(self, owner: LineProgress, description: str, total: int):
+        self.owner, self.description, self.total = owner, description, total
+        self.count, self.info = 0, {}
+        self.started = self.last_line = owner.clock()
+
+    def _status(self, with_info: bool = True) -> str:
+        elapsed = self.owner.clock() - self.started
+        info = info_text(self.info) if with_info else ""
+        return (f"{self.count:,}/{self.total:,} steps" + (f", {info}" if info else "")
+                + f", {seconds(elapsed)}{remaining(elapsed, self.count, self.total)}")
+
+    def advance(self, n: int = 1, **info: Any) -> None:
+        self.count += n
+        self.info.update(info)
+        now = self.owner.clock()
+        if now - self.last_line >= self.owner.every_s and self.count < self.total:
+            self.last_line = now
+            self.owner.write(f"{self.description}: {self._status()}")
+
+    def note(self, text: str) -> None:
+        self.last_line = self.owner.clock()
+        self.owner.write(f"{self.description}: {text}, {self._status(with_info=False)}")
+
+    def done(self, text: str = "", line: bool = True) -> None:
+        """The bar's last line (``line=False``: none; the caller reports the unit in its own words)."""
+        if not line:
+            return
+        elapsed = self.owner.clock() - self.started
+        info = info_text(self.info)
+        parts = [p for p in (text, f"{self.count:,} steps", info, seconds(elapsed)) if p]
+        self.owner.write(f"{self.description}: done, {', '.join(parts)}")

@@ -30,7 +30,10 @@ class _CountingProgress:
             def advance(self, n: int = 1, **info: float) -> None:
                 steps[counter] += n
 
-            def done(self) -> None:
+            def note(self, text: str) -> None:
+                pass
+
+            def done(self, text: str = "", line: bool = True) -> None:
                 pass
 
         return _Bar()

@@ -50,7 +50,7 @@ def gpt2_run(tmp_path_factory):
     guide = tmp / "guide.safetensors"
     res = runner.invoke(app, ["train-guide", "--recipe", str(recipe), "--out", str(guide), "--epochs", "1", "--json"])
     assert res.exit_code == 0, res.output
-    trained = json.loads(res.output)
+    trained = json.loads(res.stdout)
     out = tmp / "out"
     res = runner.invoke(app, ["convert", str(guide), "--recipe", str(recipe), "--out", str(out), "--baseline", "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -91,7 +91,7 @@ def test_minilm_attention_to_token_mlp(tmp_path):
     res = runner.invoke(app, ["convert", "--recipe", str(recipe), "--out", str(out), "--baseline", "--json", "--device", "cpu",
                               "--no-latency"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     m = report["metric"]
     assert m["name"] == "cosine_to_guide" and m["guide"] == pytest.approx(1.0, abs=1e-6)
     assert all(-1 <= m[k] <= 1 for k in ("target_after_alignment", "target", "baseline"))

@@ -108,3 +108,19 @@ def test_the_only_code_a_recipe_names_is_its_module_function_spec(tmp_path):
         build_model("no_such_module_xyz:f", {}, 0)
     readme = (REPO / "README.md").read_text()
     assert "module:function" in readme and "--trust-checkpoint" in readme
+
+
+def test_a_pkg_checkpoint_that_climbs_out_of_its_package_is_refused_through_the_real_cli(tmp_path):
+    import email
+
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    model = cnn_small(num_classes=10, in_chans=1, width=4)
+    torch.save(model.state_dict(), payload / "w.pt")
+    climb = os.path.relpath(payload / "w.pt", os.path.dirname(email.__file__))
+    recipe = tiny_recipe_dict()
+    recipe["guide"]["checkpoint"] = f"pkg:email/{climb}"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = _cli("inspect", "--recipe", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 4 and res.stdout == "", res.stderr
+    assert res.stderr.count("\n") == 1 and "leads outside the package 'email'" in res.stderr

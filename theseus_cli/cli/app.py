@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from theseus_cli.cli.inspect_view import print_plan
-from theseus_cli.errors import TheseusError, disk_error, one_line
+from theseus_cli.errors import TheseusError, TheseusWarning, disk_error, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
@@ -40,19 +41,24 @@ TrustTargetOpt = typer.Option(False, "--trust-target",
                                    "torchvision:, timm:, hf: model types or packages and theseus_cli.zoo)")
 KeyMapOpt = typer.Option(None, "--key-map", help="rename guide checkpoint keys before loading: 're:<regex>=><replacement>', "
                          "repeatable, applied after the recipe's guide.key_map, in order")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars (also under CI=true or without a terminal)")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress on stderr (bars on a terminal; under CI=true or "
+                        "without a terminal, one line per phase, stage and epoch)")
 
 
-def _quiet(flag: bool) -> bool:
+def _plain(flag: bool) -> bool:
+    """No rich bars: under CI=true or without a terminal on stderr (lines instead), or with ``--quiet``."""
     return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
 
 
-def _run(debug: bool, fn: Callable[[], Any], trust: bool = False) -> Any:
-    """``fn()``, with the tool's errors turned into one line and an exit code; ``trust`` is ``--trust-checkpoint``."""
+def _run(debug: bool, fn: Callable[[], Any], trust: bool = False, quiet: bool = False) -> Any:
+    """``fn()``, with the tool's errors turned into one line and an exit code; ``trust`` is ``--trust-checkpoint``;
+    ``quiet`` (``--quiet``) also silences the tool's warnings on stderr (``report.json`` still lists them)."""
     from theseus_cli.models.build import trusting_pickles
 
     try:
-        with trusting_pickles(trust):
+        with trusting_pickles(trust), warnings.catch_warnings():
+            warnings.simplefilter("ignore" if quiet else "always", TheseusWarning)
+            warnings.showwarning = _show_warning
             return fn()
     except TheseusError as exc:
         _error(exc)
@@ -70,6 +76,15 @@ def _run(debug: bool, fn: Callable[[], Any], trust: bool = False) -> Any:
         raise typer.Exit(1)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The tool's own warnings as one escaped ``warning:`` line on stderr; any other warning (a library's) as Python
+    prints it, which ``-W`` and ``PYTHONWARNINGS`` control."""
+    if issubclass(category, TheseusWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(one_line(str(message)))}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _error(exc: TheseusError) -> None:
     """One line on stderr, the message escaped (paths and patterns hold '[…]', which is not rich markup), and the exit."""
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -77,10 +92,15 @@ def _error(exc: TheseusError) -> None:
 
 
 def _progress(quiet: bool):
-    if _quiet(quiet):
-        from theseus_cli.progress import NullProgress
+    """Rich bars on a terminal; without one (CI logs, pipes) a plain line per phase, stage, epoch and baseline on
+    stderr with elapsed time and an estimate of what is left; nothing under ``--quiet``. Always stderr: ``--json``
+    keeps stdout one JSON document."""
+    from theseus_cli.progress import LineProgress, NullProgress
 
+    if quiet:
         return NullProgress()
+    if _plain(False):
+        return LineProgress()
     from theseus_cli.cli.progress import RichProgress
 
     return RichProgress(err_console)
@@ -150,10 +170,10 @@ def convert(
 
         return run_conversion(with_key_map(load_recipe(recipe), key_map or []), out, ConvertOptions(
             checkpoint=guide, device=device, baseline=baseline or None, overwrite=overwrite,
-            progress=_progress(quiet or as_json), resume=resume, gates=Gates(min_retention, max_latency_ms),
+            progress=_progress(quiet), resume=resume, gates=Gates(min_retention, max_latency_ms),
             latency=latency))
 
-    report = _run(debug, work, trust)
+    report = _run(debug, work, trust, quiet)
     if report is None:  # a non-main rank of a torchrun job: rank 0 prints
         return
     if as_json:
@@ -166,28 +186,21 @@ def convert(
 def _print_conversion(report: dict, out: Path) -> None:
     m = report["metric"]
     table = Table(title=f"{_e(report['guide']['arch'])} → target ({report['device']}, {report['wall_time']['total']:.0f}s)")
-    for col in ("model", "params", "steps", f"test {m['name'].replace('_', ' ')}"):
+    for col in ("model", "params", "steps", f"test {m['name'].replace('_', ' ')}", "retention"):
         table.add_column(col, justify="right" if col != "model" else "left")
     fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
     steps, target_params = report["steps"], f"{report['params']['target']:,}"
     not_steps = steps["alignment"] + steps["finetune"]
+    keep = lambda value: _retention(value, m)  # noqa: E731
     table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}",
-                  "", fmt.format(m["guide"]))
-    table.add_row("NoT target, aligned only", target_params, f"{steps['alignment']:,}", fmt.format(m["target_after_alignment"]))
-    table.add_row("NoT target", target_params, f"{not_steps:,}", fmt.format(m["target"]))
+                  "", fmt.format(m["guide"]), "")
+    table.add_row("NoT target, aligned only", target_params, f"{steps['alignment']:,}", fmt.format(m["target_after_alignment"]),
+                  keep(m["target_after_alignment"]))
+    table.add_row("NoT target", target_params, f"{not_steps:,}", fmt.format(m["target"]), keep(m["target"]))
     for run, value in m.get("baselines", {}).items():
-        table.add_row(_BASELINE_ROWS.get(run, run), target_params, f"{steps['baseline']:,}", fmt.format(value))
+        table.add_row(_BASELINE_ROWS.get(run, run), target_params, f"{steps['baseline']:,}", fmt.format(value), keep(value))
     out_console.print(table)
-    d = report["deployment"]
-    runtime = d["target"].get("latency_runtime")
-    cost = Table(title=f"deployment cost on {d['target'].get('latency_device', report['device'])}"
-                 + (f", {runtime}" if runtime else ""))
-    for col in ("model", "params", "FLOPs", "latency b=1", f"latency b={_big(d['target'])}"):
-        cost.add_column(col, justify="right" if col != "model" else "left")
-    for name in ("guide", "target"):
-        p = d[name]
-        cost.add_row(name, f"{p['params']:,}", f"{p['flops_per_example']:,}", *_latencies(p))
-    out_console.print(cost)
+    out_console.print(_deployment_table(report))
     for name, r in report.get("gates", {}).get("checks", {}).items():
         verdict = "[green]passed[/]" if r["passed"] else "[bold red]FAILED[/]"
         value = "none" if r["value"] is None else f"{r['value']:.4g}"
@@ -195,8 +208,40 @@ def _print_conversion(report: dict, out: Path) -> None:
     out_console.print(f"wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}, {_e(out / report['files']['plot'])}")
 
 
+def _retention(value: float, metric: dict) -> str:
+    """The share of the guide's metric a row keeps, as the report's ``retention`` defines it (guide / row for a
+    lower-is-better metric such as perplexity)."""
+    guide = metric["guide"]
+    if metric["higher_is_better"]:
+        share = value / guide if guide else float("nan")
+    else:
+        share = guide / value if value else float("nan")
+    return f"{share:.1%}"
+
+
 _BASELINE_ROWS = {"scratch": "baseline: from scratch", "guide-init": "baseline: guide weights, no alignment",
                   "distill": "baseline: distilled from the guide"}
+
+
+def _deployment_table(report: dict) -> Table:
+    """Params, FLOPs and (when timed) latency of guide and target, with the target/guide row: latency ratios are
+    medians of per-round ratios with their range (guide and target timed in alternating rounds)."""
+    d = report["deployment"]
+    timed = "latency" in d["target"]
+    runtime = d["target"].get("latency_runtime")
+    title = "deployment cost" + (f" on {d['target']['latency_device']}" if timed else "") + (f", {runtime}" if runtime else "")
+    cost = Table(title=_e(title))
+    batches = ("1", _big(d["target"])) if timed else ()
+    for col in ("model", "params", "FLOPs", *(f"latency b={b}" for b in batches)):
+        cost.add_column(col, justify="right" if col != "model" else "left")
+    for name in ("guide", "target"):
+        p = d[name]
+        cost.add_row(name, f"{p['params']:,}", f"{p['flops_per_example']:,}", *_latencies(p)[:len(batches)])
+    r = d["ratios"]
+    lat = [f"×{r[f'latency_b{b}']:.2f} (×{r[f'latency_b{b}_range'][0]:.2f}–{r[f'latency_b{b}_range'][1]:.2f})"
+           if f"latency_b{b}_range" in r else "-" for b in batches]
+    cost.add_row("target / guide", f"×{r['params']:.3g}", f"×{r['flops']:.3g}", *lat)
+    return cost
 
 
 def _big(profile: dict) -> str:
@@ -221,6 +266,9 @@ def eval_cmd(
     runtime: str = typer.Option("pytorch", "--runtime", help="pytorch, or onnxruntime (MODEL is an exported .onnx file; CPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime: intra-op threads (default: the CPUs "
                                           "this process may use)"),
+    against: Optional[Path] = typer.Option(None, "--against", help="another model of the same kind (e.g. the guide; "
+                                           "with --runtime onnxruntime its .onnx file): both are timed in alternating "
+                                           "rounds in this process, and the per-round latency ratio is reported"),
     trust: bool = TrustOpt,
     trust_target: bool = TrustTargetOpt,
     as_json: bool = JsonOpt,
@@ -230,13 +278,18 @@ def eval_cmd(
 
     def work():
         from theseus_cli.deploy.evaluate import evaluate_model, evaluate_onnx
-        from theseus_cli.errors import DeviceError
+        from theseus_cli.deploy.onnx_runtime import check_runtime_fits
+        from theseus_cli.errors import UsageError
 
         if runtime not in ("pytorch", "onnxruntime"):
-            raise DeviceError(f"--runtime {runtime!r}: choose pytorch or onnxruntime")
+            raise UsageError(f"--runtime {runtime!r}: choose pytorch or onnxruntime")
+        for path in (model, against):
+            if path is not None:
+                check_runtime_fits(path, runtime)
         if runtime == "onnxruntime":
-            return evaluate_onnx(model, recipe, data, (1, batch), threads=threads, trust_code=trust_target)
-        return evaluate_model(model, recipe, data, device, (1, batch), trust_code=trust_target)
+            return evaluate_onnx(model, recipe, data, (1, batch), threads=threads, trust_code=trust_target,
+                                 against=against)
+        return evaluate_model(model, recipe, data, device, (1, batch), trust_code=trust_target, against=against)
 
     result = _run(debug, work, trust)
     if as_json:
@@ -251,7 +304,13 @@ def eval_cmd(
         table.add_column(col, justify="right")
     table.add_row(f"{m['value']:.4f}", size_col[1], cost_col[1], *_latencies(result))
     out_console.print(table)
-    out_console.print(f"latency: median of repeated runs on {_e(result['latency_device'])}, {_e(result['latency_runtime'])}")
+    if "latency_device" in result:
+        out_console.print(f"latency: median of repeated runs on {_e(result['latency_device'])}, {_e(result['latency_runtime'])}")
+    if "against" in result and "ratios" in result["against"]:
+        for b, r in result["against"]["ratios"].items():
+            out_console.print(f"batch {b}: {r['median']:.3g}× the time of {_e(result['against']['model'])} "
+                              f"(×{r['min']:.3g}–{r['max']:.3g} over {r['rounds']} alternating rounds; "
+                              f"{1 / r['median']:.3g}× faster)" if r["median"] > 0 else "")
 
 
 @app.command()
@@ -303,7 +362,12 @@ def export(
             r = q[kind]
             out_console.print(f"{kind:>5} ONNX: {q['metric_name']} {r['metric']:.4f}, {r['size_bytes']:,} bytes, batch-1 "
                               f"latency {r['latency']['median_ms']:.3g} ms (onnxruntime, {q['threads']} thread)")
+        lat = q["int8_over_float"]["latency_b1"]
+        out_console.print(f"int8 against float: size ×{q['int8_over_float']['size']:.2f}, batch-1 time "
+                          f"×{lat['median']:.2f} (×{lat['min']:.2f}–{lat['max']:.2f} over {lat['rounds']} alternating rounds)")
         out_console.print(f"int8 {q['mode']} quantisation kept the metric within {q['max_metric_drop']:g}")
+        for warning in q["warnings"]:
+            err_console.print(f"[yellow]warning:[/] {_e(warning)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -321,6 +385,7 @@ def transport(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
     trust: bool = TrustOpt,
     as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Move the fine-tuning delta A′ − A to model B of another width, with Procrustes maps, no training."""
@@ -339,7 +404,7 @@ def transport(
                 raise RecipeError(f"--alpha-grid: {exc}") from None
         return run_transport(load_transport_recipe(recipe), out, TransportOptions(
             base_a=base_a, tuned_a=tuned_a, base_b=base_b, calib=calib, val=val, alpha=alpha, alpha_grid=alpha_grid,
-            device=device, overwrite=overwrite))
+            device=device, overwrite=overwrite, progress=_progress(quiet)))
 
     report = _run(debug, work, trust)
     if as_json:
@@ -375,7 +440,7 @@ def train_guide_cmd(
         from theseus_cli.pipelines.train_guide import train_guide
         from theseus_cli.config.recipe import load_recipe
 
-        return train_guide(load_recipe(recipe), out, epochs, lr, device=device, progress=_progress(quiet or as_json))
+        return train_guide(load_recipe(recipe), out, epochs, lr, device=device, progress=_progress(quiet))
 
     result = _run(debug, work)
     if as_json:

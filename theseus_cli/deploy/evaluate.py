@@ -178,11 +178,13 @@ def _check_batches(model, ds, cfg: DataConfig, latency_batches: tuple[int, ...],
 
 def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None, data: str | None = None,
                    device: str = "auto", batches: tuple[int, ...] = (1, 64), latency: bool = True,
-                   trust_code: bool = False) -> dict[str, Any]:
+                   trust_code: bool = False, against: str | Path | None = None) -> dict[str, Any]:
     """The task metric on the test split, params, FLOPs per example and latency of one model (``trust_code``: see
-    :func:`load_for_eval`)."""
+    :func:`load_for_eval`). With ``against`` (another target or guide checkpoint, e.g. the guide), both are timed in
+    this process in alternating rounds and ``result["against"]`` holds the other's latency and the per-round ratio
+    of this model's time to the other's (:mod:`theseus_cli.deploy.interleave`)."""
     from theseus_cli.artifacts import versions
-    from theseus_cli.deploy.profile import profile_model
+    from theseus_cli.deploy.profile import profile_model, profile_pair
     from theseus_cli.training.session import check_classes, check_vocabulary, resolve_device
     from theseus_cli.tasks import get_task
     from theseus_cli.training.loops import evaluate
@@ -196,25 +198,44 @@ def evaluate_model(model_path: str | Path, recipe_path: str | Path | None = None
     check_classes(model, ds, f"the {kind}")
     _check_batches(model, ds, cfg, batches, dev)
     value = evaluate(model, task, ds.x_test, ds.y_test, cfg.eval_batch_size, dev)
-    prof = profile_model(model, ds.x_test[:1], dev, batches, latency)
+    if against is None:
+        prof, other = profile_model(model, ds.x_test[:1], dev, batches, latency), None
+    else:
+        other_model, _, other_kind, _ = load_for_eval(against, recipe_path, dev, trust_code)
+        pair = profile_pair(other_model, model, ds.x_test[:1], dev, batches, latency)
+        prof = pair["target"]
+        other = {"model": str(against), "kind": other_kind, **pair["guide"], "ratios": _pair_ratios(pair["ratios"])}
     return {"model": str(model_path), "kind": kind, "task": recipe.task,
             "arch": recipe.arch,
             "data": ds.summary(), "split": "test",
             "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
-            **prof, "device": str(dev), "versions": versions()}
+            **prof, **({"against": other} if other is not None else {}), "device": str(dev), "versions": versions()}
+
+
+def _pair_ratios(ratios: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"1": {"median", "min", "max", "rounds"}, …}`` from :func:`profile_pair`'s ``latency_b<N>`` keys."""
+    out = {}
+    for key, value in ratios.items():
+        if key.startswith("latency_b") and key[9:].isdigit():
+            b = key[9:]
+            lo, hi = ratios[f"latency_b{b}_range"]
+            out[b] = {"median": value, "min": lo, "max": hi, "rounds": ratios[f"latency_b{b}_rounds"]}
+    return out
 
 
 def evaluate_onnx(path: str | Path, recipe_path: str | Path | None = None, data: str | None = None,
                   batches: tuple[int, ...] = (1, 64), latency: bool = True, threads: int | None = None,
-                  trust_code: bool = False) -> dict[str, Any]:
+                  trust_code: bool = False, against: str | Path | None = None) -> dict[str, Any]:
     """``theseus eval --runtime onnxruntime``: the task metric on the test split of an exported ``.onnx`` file run by
     ONNX Runtime's CPU provider, its file size, and batch-1 / batch-N latency (see
     :mod:`theseus_cli.deploy.onnx_runtime`). The data, normalisation and metric are those of ``theseus eval`` on
-    the PyTorch target, read from the metadata the export wrote into the file."""
+    the PyTorch target, read from the metadata the export wrote into the file. With ``against`` (another exported
+    ``.onnx`` file, e.g. the guide's), both run in alternating rounds with the same thread count, and
+    ``result["against"]`` holds the other's latency and the per-round ratio of this file's time to the other's."""
     import onnxruntime as ort
 
     from theseus_cli.artifacts import versions
-    from theseus_cli.deploy.onnx_runtime import onnx_latency, onnx_metric, open_onnx
+    from theseus_cli.deploy.onnx_runtime import onnx_latency, onnx_latency_pair, onnx_metric, open_onnx
     from theseus_cli.tasks import get_task
 
     model = open_onnx(path, threads)
@@ -227,8 +248,15 @@ def evaluate_onnx(path: str | Path, recipe_path: str | Path | None = None, data:
            "split": "test", "metric": {"name": task.metric, "value": value, "higher_is_better": task.higher_is_better},
            "size_bytes": model.path.stat().st_size, "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
            "threads": model.threads, "versions": versions()}
-    if latency:
+    if latency and against is None:
         out["latency"] = onnx_latency(model, ds.x_test[:1], batches)
+    elif latency:
+        other = open_onnx(against, model.threads)
+        timed = onnx_latency_pair({"against": other, "model": model}, ds.x_test[:1], batches)
+        out["latency"] = timed["latency"]["model"]
+        out["against"] = {"model": str(against), "kind": "onnx", "size_bytes": other.path.stat().st_size,
+                          "latency": timed["latency"]["against"], "ratios": timed["ratios"]["model"]}
+    if latency:
         out["latency_device"] = f"cpu ({model.threads} intra-op threads)"
         out["latency_runtime"] = out["runtime"]
     return out

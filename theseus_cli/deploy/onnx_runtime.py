@@ -65,6 +65,34 @@ def session_for(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def looks_like_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file by its content (a ModelProto opens with its ``ir_version`` field, tag 0x08)
+    or, where the content says nothing, its suffix; safetensors and PyTorch files are never taken for one."""
+    from theseus_cli.models.build import sniff_format
+
+    if not path.is_file():
+        return False
+    if sniff_format(path) in ("safetensors", "torch"):
+        return False
+    with open(path, "rb") as fh:
+        first = fh.read(1)
+    return first == b"\x08" or path.suffix.lower() == ".onnx"
+
+
+def check_runtime_fits(path: Path, runtime: str) -> None:
+    """:class:`UsageError` (exit 2) when ``path`` is an ONNX file given to PyTorch, or a PyTorch/safetensors file or a
+    run directory given to ONNX Runtime: the one-line fix, instead of a confusing error further on."""
+    from theseus_cli.errors import UsageError
+    from theseus_cli.models.build import sniff_format
+
+    if runtime == "pytorch" and looks_like_onnx(path):
+        raise UsageError(f"{path}: this is an ONNX file: add --runtime onnxruntime")
+    if runtime == "onnxruntime" and (path.is_dir() or (path.is_file() and sniff_format(path) in ("safetensors", "torch"))):
+        what = "a run directory" if path.is_dir() else "a PyTorch/safetensors file, not ONNX"
+        raise UsageError(f"{path}: this is {what}: drop --runtime onnxruntime to run it with PyTorch, or export it "
+                         "first (theseus export RUN --format onnx) and pass the .onnx file")
+
+
 def open_onnx(path: str | Path, threads: int | None = None) -> OnnxTarget:
     """Load ``path`` for ONNX Runtime's CPU provider; one-line :class:`ModelError` for a missing file, a file that is
     not ONNX, or one that carries no theseus metadata."""
@@ -119,3 +147,27 @@ def onnx_latency(model: OnnxTarget, sample, batches: tuple[int, ...]) -> dict[st
         feeds = model.feeds(repeat_example(sample[:1], b))
         out[str(b)] = time_calls(lambda feeds=feeds: model.session.run(None, feeds), b)
     return out
+
+
+def onnx_latency_pair(models: dict[str, OnnxTarget], sample, batches: tuple[int, ...]) -> dict[str, Any]:
+    """Every file of ``models`` (name → session; the first is the reference) timed in one process in alternating
+    rounds at each batch size (:func:`theseus_cli.deploy.interleave.interleaved`): ``{"latency": {name: {b: summary}},
+    "ratios": {name: {b: {"median", "min", "max", "rounds"}}}}``, each ratio the file's time over the reference's."""
+    from theseus_cli.deploy.interleave import interleaved
+    from theseus_cli.deploy.profile import repeat_example
+
+    names = list(models)
+    latency: dict[str, dict] = {n: {} for n in names}
+    ratios: dict[str, dict] = {n: {} for n in names[1:]}
+    for b in batches:
+        x = repeat_example(sample[:1], b)
+        calls = {}
+        for name, model in models.items():
+            feeds = model.feeds(x)
+            calls[name] = lambda model=model, feeds=feeds: model.session.run(None, feeds)
+        res = interleaved(calls, b)
+        for name in names:
+            latency[name][str(b)] = res["models"][name]
+        for name in names[1:]:
+            ratios[name][str(b)] = {**res["ratios"][name], "rounds": res["rounds"]}
+    return {"latency": latency, "ratios": ratios}

@@ -23,7 +23,10 @@ written only if the task metric survives.
   file is written only if its metric is within ``max_metric_drop`` of the float one — in points of the metric for
   accuracy and cosine (default 0.01: one point), as a fraction for perplexity (default 0.02: 2 % higher at most).
   Otherwise :class:`~theseus_cli.errors.ExportError` (exit 11) with both figures, and nothing is written.
-* **What is reported.** Float and int8 metric, file size and batch-1 latency, the mode, the calibration size.
+* **What is reported.** Float and int8 metric, file size and batch-1 latency (the two files timed in alternating
+  rounds in one process), the mode, the calibration size, and a warning when the int8 file is not smaller or not
+  faster than the float one: a valid int8 file is not always a better one (a depthwise-separable graph's
+  quantise/dequantise pairs can cost more than its small convolutions save).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY, OnnxTarget, onnx_latency, onnx_metric, open_onnx
+from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY, OnnxTarget, onnx_latency_pair, onnx_metric, open_onnx
 from theseus_cli.errors import ExportError
 
 DEFAULT_DROP = {"perplexity": 0.02, "accuracy": 0.01, "cosine_to_guide": 0.01}
@@ -116,9 +119,30 @@ def calibration_inputs(job: QuantizeJob) -> int:
     return sum(next(iter(feeds.values())).shape[0] for feeds in job.calibration)
 
 
-def judged(model: OnnxTarget, job: QuantizeJob) -> dict[str, Any]:
-    return {"metric": onnx_metric(model, job.task, job.x_test, job.y_test, job.batch_size),
-            "size_bytes": model.path.stat().st_size, "latency": onnx_latency(model, job.x_test[:1], (1,))["1"]}
+def judged(models: dict[str, OnnxTarget], job: QuantizeJob) -> dict[str, Any]:
+    """Metric and size of the float and int8 files, and their batch-1 latency timed alternately in this process
+    (:func:`onnx_latency_pair`): ``int8_over_float`` is the median of per-round int8/float ratios, with its range."""
+    timed = onnx_latency_pair(models, job.x_test[:1], (1,))
+    out = {name: {"metric": onnx_metric(m, job.task, job.x_test, job.y_test, job.batch_size),
+                  "size_bytes": m.path.stat().st_size, "latency": timed["latency"][name]["1"]}
+           for name, m in models.items()}
+    out["int8_over_float"] = {"size": out["int8"]["size_bytes"] / max(1, out["float"]["size_bytes"]),
+                              "latency_b1": timed["ratios"]["int8"]["1"]}
+    return out
+
+
+def int8_warnings(judgement: dict[str, Any]) -> list[str]:
+    """What makes an int8 file not worth shipping though its metric holds: not smaller, or not faster (per-round
+    median ratio ≥ 1), on this machine's ONNX Runtime."""
+    ratio, warnings = judgement["int8_over_float"], []
+    if ratio["size"] >= 1:
+        warnings.append(f"the int8 file is not smaller than the float one ({judgement['int8']['size_bytes']:,} against "
+                        f"{judgement['float']['size_bytes']:,} bytes)")
+    lat = ratio["latency_b1"]
+    if lat["median"] >= 1:
+        warnings.append(f"the int8 file is not faster than the float one at batch 1 on this CPU (×{lat['median']:.2f} "
+                        f"the float time, ×{lat['min']:.2f}–{lat['max']:.2f} over {lat['rounds']} alternating rounds)")
+    return warnings
 
 
 def drop_problem(task, fp: float, q: float, max_drop: float) -> str | None:
@@ -143,7 +167,8 @@ def quantize_onnx(job: QuantizeJob, out: Path) -> dict[str, Any]:
             raise
         except Exception as exc:  # noqa: BLE001 — the tools raise anything; one line, nothing written
             raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-        fp, q = judged(open_onnx(job.fp32, 1), job), judged(quantized, job)
+        judgement = judged({"float": open_onnx(job.fp32, 1), "int8": quantized}, job)
+        fp, q = judgement["float"], judgement["int8"]
         problem = drop_problem(job.task, fp["metric"], q["metric"], max_drop)
         if problem:
             raise ExportError(f"int8 export refused, nothing written: {problem} on the test split "
@@ -153,6 +178,7 @@ def quantize_onnx(job: QuantizeJob, out: Path) -> dict[str, Any]:
     calibrated = calibration_inputs(job) if mode == "static" else 0
     return {"quantization": {"dtype": "int8", "weight_bits": 7, "mode": mode, "calibration_inputs": calibrated,
                              "max_metric_drop": max_drop, "metric_name": job.task.metric, "float": fp, "int8": q,
+                             "int8_over_float": judgement["int8_over_float"], "warnings": int8_warnings(judgement),
                              "threads": 1, "metadata_key": ONNX_META_KEY}}
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from theseus_cli.context import changed, run_state
 from theseus_cli.errors import ModelError
-from theseus_cli.packages import package_folder
+from theseus_cli.packages import package_path
 from theseus_cli.models.checkpoint_fit import CheckpointFit, FitReport, fit_state, key_differences, reset_head
 from theseus_cli.models.sources import MODEL_SOURCES, register_model_source
 
@@ -171,10 +171,13 @@ def resolve_checkpoint(text: str | Path) -> Path:
     if not text.startswith("pkg:"):
         return Path(text)
     package, _, inner = text[4:].partition("/")
-    folder = package_folder(package)
-    if folder is None:
+    try:
+        path = package_path(package, inner)
+    except ValueError as exc:
+        raise ModelError(f"guide.checkpoint {text}: refused: {exc}") from None
+    if path is None:
         raise ModelError(f"guide.checkpoint {text}: Python package {package!r} is not installed")
-    return folder / inner
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

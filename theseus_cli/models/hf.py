@@ -29,7 +29,7 @@ from typing import Any
 import torch.nn as nn
 
 from theseus_cli.errors import ModelError
-from theseus_cli.packages import package_folder
+from theseus_cli.packages import package_path
 from theseus_cli.models.sources import register_model_source
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -41,10 +41,12 @@ def hf_directory(name: str) -> Path | None:
     """The local directory an ``hf:`` name points at, or None for a bare model type."""
     if name.startswith("pkg:"):
         package, _, sub = name[4:].partition("/")
-        root = package_folder(package)
-        if root is None:
+        try:
+            folder = package_path(package, sub)
+        except ValueError as exc:
+            raise ModelError(f"hf:{name}: refused: {exc}") from None
+        if folder is None:
             raise ModelError(f"hf:{name}: Python package {package!r} is not installed")
-        folder = root / sub
     elif name.startswith((".", "/")):
         folder = Path(name)
     else:

@@ -53,6 +53,8 @@ def train_baselines(conv: "Conversion", finished: dict[str, dict[str, Any]] | No
         res = conv.train_on_task(model, total, warmup, lr, "baseline", f"baseline: {LABELS[run]}", teacher)
         out[run] = {conv.task.metric: conv.evaluate(model), "steps": total, "lr": lr, "seconds": res.seconds,
                     "epoch_losses": res.epoch_losses, "compile": res.compile}
+        conv.progress.log(f"baseline {len(out)}/{len(recipe.baseline.runs)}: {LABELS[run]}: test {conv.task.metric} "
+                          f"{out[run][conv.task.metric]:.4f}")
         if teacher is not None:
             out[run]["distill"] = recipe.baseline.distill.model_dump()
         if on_finished is not None:

@@ -46,7 +46,7 @@ def conversion_report(conv: "Conversion") -> dict[str, Any]:
     sim, runs, dev = recipe.similarity, conv.baselines_ or {}, session.device
     base = runs.get("scratch")  # report["baseline"] and metric.baseline keep meaning the from-scratch one
     return {
-        "versions": versions(), "seed": recipe.seed, "device": str(dev),
+        "versions": versions(), "seed": recipe.seed, "device": str(dev), "warnings": conv.warnings,
         "runtime": {**conv.rt.summary(), "align_batch_size": align_batch_size(recipe, dev)},
         "distributed": {"world_size": dist.world, "backend": torch.distributed.get_backend() if dist.enabled else None},
         "recipe": recipe.resolved(), "recipe_hash": recipe.digest(), "guide": session.guide_info,

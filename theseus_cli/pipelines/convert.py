@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,12 +31,12 @@ from theseus_cli.artifacts import REPORT_FILE
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.data.core import batches_per_epoch, sample_batches
 from theseus_cli.deploy.gates import Gates, evaluate_gates
-from theseus_cli.errors import DataError, OutputError, RecipeError
+from theseus_cli.errors import DataError, OutputError, RecipeError, TheseusWarning
 from theseus_cli.models.build import build_model
 from theseus_cli.pipelines.baselines import distill_teacher, train_baselines
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
-from theseus_cli.progress import NullProgress, Progress
+from theseus_cli.progress import NullProgress, Progress, remaining, seconds
 from theseus_cli.rundir import check_out_path, finished, run_directory
 from theseus_cli.seeds import Seeds
 from theseus_cli.similarity import make_loss, min_batch
@@ -87,14 +88,18 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
     with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
         progress = options.progress if dist.main else NullProgress()
         session = open_session(recipe, options.checkpoint, device)
+        untrained = warn_untrained(session) if dist.main else None
         if options.resume and finished(out):
             return finished_run(out, session, options.gates) if dist.main else None
         check_world(session, dist)
+        progress.log(f"convert: guide {recipe.guide.arch} on {recipe.data.source} "  # after the set-up's checks
+                     f"({session.data.x_train.shape[0]:,} training inputs), device {session.device}")
         rt = resolve_runtime(recipe.runtime, session.device, session.data)
         if rt.data_on_device:
             session.data.to(session.device)
         rt.prepare(session.guide)
         conversion = Conversion(session, rt, out, options, progress, started)
+        conversion.warnings = [untrained] if untrained else []
         try:
             with using(rt), graceful_stop():
                 report = conversion.run()
@@ -103,6 +108,22 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
                               f"{resume_stages.describe(out)}", stop.exit_code - 128) from None
         dist.barrier()  # the other ranks wait until rank 0 has written every file
         return report if dist.main else None
+
+
+UNTRAINED_MATTERS = ("classification", "causal-lm")  # tasks whose guide is trained on labels or text before converting
+
+
+def warn_untrained(session: Session) -> str | None:
+    """One :class:`TheseusWarning` when a classification or language-model conversion starts from an untrained
+    guide (no checkpoint given, none in the recipe): converting random weights is seldom what was meant, and the
+    report would say so only in its tables. Sentence-embedding guides are always pretrained (their own check)."""
+    if session.guide_info["trained"] or session.recipe.task not in UNTRAINED_MATTERS:
+        return None
+    message = (f"the guide {session.recipe.guide.arch} is untrained: no checkpoint was given and the recipe names none, "
+               "so the conversion aligns the target to random weights; pass the trained guide (CLI: the GUIDE argument; "
+               "library: ConvertOptions(checkpoint=…)) unless that is what you meant")
+    warnings.warn(TheseusWarning(message), stacklevel=3)
+    return message
 
 
 @dataclass
@@ -137,6 +158,7 @@ class Conversion:
         self.cache: GuideCache | None = None
         self.baselines_: dict[str, dict[str, Any]] | None = None
         self.deployment: dict[str, Any] | None = None
+        self.warnings: list[str] = []  # report["warnings"]: what the user most likely did not mean
 
     def run(self) -> dict[str, Any] | None:
         self.plan()
@@ -196,6 +218,9 @@ class Conversion:
         if saved is None and self.main:
             resume_stages.clear(self.out)
         stages: list[dict[str, Any]] = []
+        first = None  # the first stage this run trains (a resumed run skips the saved ones)
+        sim = self.recipe.similarity.kind if self.recipe.schedule.objective == "similarity" else "output KL"
+        self.progress.log(f"align: {len(self.plan_.stages)} stages, {self.recipe.schedule.kind} schedule, {sim}")
         for index, stage in enumerate(self.plan_.stages):
             torch.manual_seed(self.seeds.stage(index))
             self.introduce(self.target, stage)
@@ -210,10 +235,22 @@ class Conversion:
             result = align_stage(index, self.guide, self.target, stage, self.session.data.x_train,
                                  dataclasses.replace(job, cfg=cfg))
             stages.append(asdict(result))
+            self._log_stage(result, index, len(self.plan_.stages), time.perf_counter() - started, first)
+            first = first if first is not None else index
             if self.main:
                 resume_stages.save_stages(self.out, self.target, stages, job.generator, self.fingerprint)
         self.results.stages, self.results.align_seconds = stages, time.perf_counter() - started
         self.results.sim_after_align = self._similarity()
+
+    def _log_stage(self, result, index: int, count: int, elapsed: float, first: int | None) -> None:
+        """``stage 3/9 aligned (cka loss 0.16, 120 steps) 31 s, ~62 s left``: the estimate extrapolates the stages
+        this run trained."""
+        losses = list(result.final_layer_losses.values())
+        kind = self.recipe.similarity.kind if self.recipe.schedule.objective == "similarity" else "KL"
+        loss = f"{kind} loss {sum(losses) / len(losses):.3g}, " if losses else ""
+        trained = index + 1 - (index if first is None else first)
+        self.progress.log(f"stage {index + 1}/{count} aligned ({loss}{result.steps:,} steps) {seconds(result.seconds)}"
+                          f"{remaining(elapsed, trained, trained + count - index - 1)}")
 
     def recalibrate(self) -> None:
         """BatchNorm statistics re-estimated on training inputs; then the aligned target's metric."""
@@ -223,6 +260,8 @@ class Conversion:
                                                            recipe.data.batch_size, self.seeds.generator("recalibrate"),
                                                            self.session.device)
         self.results.m_aligned = self.evaluate(self.target)
+        bn_text = f"recalibrated {self.results.bn_layers} BatchNorm layers; " if bn.enabled else ""
+        self.progress.log(f"{bn_text}aligned target: test {self.task.metric} {self.results.m_aligned:.4f}")
 
     def finetune(self) -> None:
         """End-to-end fine-tuning on the task; then the metrics and similarities after it."""
@@ -230,12 +269,15 @@ class Conversion:
         torch.manual_seed(self.seeds.finetune)  # dropout draws the same masks whether or not the run was resumed
         cfg = self.recipe.finetune
         teacher = distill_teacher(self, cfg.distill, "finetune_teacher") if cfg.distill is not None else None
+        self.progress.log(f"fine-tune: {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}, {ft_steps:,} steps")
         ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher)
         self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,
                                  "distill": cfg.distill.model_dump() if cfg.distill is not None else None}
         self.results.m_target = self.evaluate(self.target)
         self.results.sim_after_ft = self._similarity()
         self.results.m_guide = self.evaluate(self.guide)
+        self.progress.log(f"fine-tuned target: test {self.task.metric} {self.results.m_target:.4f} "
+                          f"(guide {self.results.m_guide:.4f})")
 
     def baselines(self) -> None:
         """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
@@ -245,18 +287,18 @@ class Conversion:
 
     def profile(self) -> None:
         """What guide and target cost to deploy, on this device."""
-        from theseus_cli.deploy.profile import compare, profile_model
+        from theseus_cli.deploy.profile import profile_pair
 
         sample, dev = self.session.data.x_test[:1], self.session.device
         timed = self.options.latency
-        self.deployment = {"guide": profile_model(self.guide, sample, dev, latency=timed),
-                           "target": profile_model(self.target, sample, dev, latency=timed)}
-        self.deployment["ratios"] = compare(self.deployment["guide"], self.deployment["target"])
+        self.progress.log("profile: params, FLOPs" + (f" and latency on {dev}, guide and target alternating" if timed else ""))
+        self.deployment = profile_pair(self.guide, self.target, sample, dev, latency=timed)
 
     def write(self) -> dict[str, Any]:
         """The target file, the plot, the gates' verdict and, last (its presence marks a finished run), the report."""
         report = write_outputs(self)
         resume_stages.clear(self.out)
+        self.progress.log(f"wrote {self.out}")
         return report
 
     # ------------------------------------------------------------------ helpers
@@ -280,7 +322,7 @@ class Conversion:
             self.cache = GuideCache(data.x_train.shape[0], dev)
         return AlignJob(recipe.align, make_loss(sim.kind, sim.k, sim.tau), batch, self.seeds.generator("align"), dev,
                         self.progress, sim.tokens, self.cache, recipe.schedule.objective, recipe.schedule.temperature,
-                        self.task)
+                        self.task, len(self.plan_.stages))
 
     def _similarity(self) -> dict | None:
         """Every similarity metric at every aligned point on held-out inputs (rank 0 only)."""

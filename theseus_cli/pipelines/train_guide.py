@@ -48,6 +48,7 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     model = rt.prepare(model.to(dev))
     with using(rt):
         per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
+        progress.log(f"train guide {recipe.guide.arch}: {epochs} epochs, {epochs * per_epoch:,} steps on {dev}")
         job = TaskJob(epochs * per_epoch, lr, weight_decay, per_epoch // 2, 1.0, 0.0, recipe.data.batch_size,
                       Seeds(recipe.seed).generator("train_guide"), dev, "train guide", progress)
         result, score = _train(model, task, data, recipe, job)

@@ -48,6 +48,7 @@ class AlignJob:
     objective: str = "similarity"  # or "distill": progressive distillation on the hybrid's output (schedule.objective)
     temperature: float = 4.0  # distill: the softmax temperature
     task: Any = None  # distill: the theseus_cli.tasks.Task whose output distribution is compared
+    stage_count: int = 0  # how many stages the schedule has (progress says "stage 3/9"); 0: unknown
 
 
 @dataclass
@@ -218,7 +219,8 @@ class StageTrainer:
         per_epoch = batches_per_epoch(x_train.shape[0], self.job.batch_size)
         self.per_epoch = min(per_epoch, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else per_epoch
         max_epochs = auto.max_epochs if auto else cfg.epochs
-        self.bar = self.job.progress.task(f"stage {self.result.index + 1}: {', '.join(self.stage.introduced)}",
+        of = f"/{self.job.stage_count}" if self.job.stage_count else ""
+        self.bar = self.job.progress.task(f"stage {self.result.index + 1}{of}: {', '.join(self.stage.introduced)}",
                                           self.per_epoch * max_epochs)
         start = time.perf_counter()
         with self.dist.synced_batchnorm(self.target):
@@ -226,7 +228,7 @@ class StageTrainer:
                 if self._epoch(x_train):
                     break
         self.result.lr = self.opt.param_groups[0]["lr"]
-        self.bar.done()
+        self.bar.done(line=False)  # the conversion reports the stage, with what is left of the alignment
         self.result.seconds = time.perf_counter() - start
         for p in self.target.parameters():
             p.requires_grad_(True)
@@ -281,7 +283,7 @@ class StageTrainer:
             layer_sums += layer_losses
             first_bad = torch.where(~torch.isfinite(layer_losses) & (first_bad == _NEVER), step, first_bad)
             self.result.steps += 1
-            self.bar.advance()
+            self.bar.advance(loss=step_losses[-1])
             if self._smoothed_below_threshold(step_losses[-1]):
                 break  # recorded as "threshold" in _finish_epoch
             check_stop(self.where)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from theseus_cli.training.alignment import MAX_TOKEN_ROWS
 from theseus_cli.batch import run_model, token_mask
-from theseus_cli.data.dataset import iterate_batches
+from theseus_cli.data.dataset import batches_per_epoch, iterate_batches
 from theseus_cli.training.distributed import current_dist
 from theseus_cli.training.faults import (check_stop, diverged, first_nonfinite_module, is_oom, largest_fitting, oom_error,
                                  restore, snapshot)
@@ -131,11 +131,16 @@ class TaskTrainer:
                     raise diverged(job.description, "the task loss", module,
                                    "lower the learning rate or set finetune.grad_clip")
                 result.epoch_losses.append(float(mean))
+                self.bar.note(f"epoch {len(result.epoch_losses)}/{self._epochs(x.shape[0])}, mean loss {float(mean):.4g}")
         self.bar.done()
         model.eval()
         result.seconds = time.perf_counter() - start
         result.compile = self.forward.status
         return result
+
+    def _epochs(self, examples: int) -> int:
+        """Passes over the data ``job.steps`` take (the last one may be cut short)."""
+        return -(-self.job.steps // batches_per_epoch(examples, self.job.batch_size))
 
     def _step(self, xb, yb, share: float, teacher_batch=None):
         """Forward and backward of one step: the task loss on ``xb``; with a teacher, mixed with the teacher term
@@ -194,7 +199,7 @@ class TaskTrainer:
             self.sched.step()
             losses.append(loss.detach())
             self.step += 1
-            self.bar.advance()
+            self.bar.advance(loss=loss.detach())
             check_stop(job.description)
         return dist.all_sum(torch.stack(losses).sum()) / len(losses)  # the shares add up to each batch's mean loss
 

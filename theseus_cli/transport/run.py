@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +33,7 @@ from theseus_cli.training.session import check_vocabulary, resolve_device
 from theseus_cli.tasks import get_task
 from theseus_cli.training.loops import evaluate, recalibrate_batchnorm
 from theseus_cli.config.transport import TransportRecipe, alpha_values
+from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.seeds import Seeds
 from theseus_cli.target_meta import ArchSpec, TargetMeta, TransportRecord
 from theseus_cli.transport.deltas import apply_deltas, calibrate, owners, task_vector_deltas
@@ -63,6 +64,7 @@ class TransportOptions:
     alpha_grid: Optional[str] = None
     device: str = "auto"
     overwrite: bool = False
+    progress: Progress = field(default_factory=NullProgress)  # a line per phase and per α tried
 
 
 def run_transport(recipe: TransportRecipe, out: str | Path, options: TransportOptions) -> dict[str, Any]:
@@ -90,6 +92,8 @@ def _transport(recipe: TransportRecipe, out: Path, options: TransportOptions) ->
     started = time.perf_counter()
     cfg, seeds = recipe.transport, Seeds(recipe.seed)
     dev = resolve_device(options.device)
+    log = options.progress.log
+    log(f"transport: loading data {recipe.data.source} and models A, A′, B on {dev}")
     data, norm, x_cal, x_val, y_val = _inputs(recipe, options, seeds)
     load = lambda spec, path: load_guide(spec.arch, spec.kwargs, path, seeds.guide_init, recipe.task).to(dev).eval()  # noqa: E731
     a, a2, b = load(recipe.model_a, options.base_a), load(recipe.model_a, options.tuned_a), load(recipe.model_b, options.base_b)
@@ -99,6 +103,7 @@ def _transport(recipe: TransportRecipe, out: Path, options: TransportOptions) ->
     paths = [p for p in a_own if p in b_own and type(a_own[p]) is type(b_own[p])]
     bs = cfg.calib_batch_size
     batches = [x_cal[i: i + bs].to(dev) for i in range(0, len(x_cal), bs)]
+    log(f"calibrate: {len(paths)} shared modules on {len(x_cal)} inputs ({len(batches)} batches)")
     stats = calibrate(a, b, paths, batches, run_model)
     deltas, layers, zero = task_vector_deltas(a, a2, b, stats, cfg.center, cfg.whiten)  # on the device, as the stats
     task, ebs = get_task(recipe.task), recipe.data.eval_batch_size
@@ -112,7 +117,10 @@ def _transport(recipe: TransportRecipe, out: Path, options: TransportOptions) ->
 
     fixed = options.alpha if options.alpha is not None else cfg.alpha
     alphas = [fixed] if fixed is not None else alpha_values(options.alpha_grid or cfg.alpha_grid)
-    search = [{"alpha": v, "validation": evaluate(transported(v), task, x_val, y_val, ebs, dev)} for v in alphas]
+    search = []
+    for v in alphas:
+        search.append({"alpha": v, "validation": evaluate(transported(v), task, x_val, y_val, ebs, dev)})
+        log(f"α {len(search)}/{len(alphas)}: α = {v:g}, validation {task.metric} {search[-1]['validation']:.4f}")
     better = max if task.higher_is_better else min
     chosen = better(search, key=lambda r: r["validation"])["alpha"]
     b2 = transported(chosen)
@@ -137,4 +145,5 @@ def _transport(recipe: TransportRecipe, out: Path, options: TransportOptions) ->
         "wall_time": time.perf_counter() - started, "files": {"target": TARGET_FILE, "report": REPORT_FILE},
     }
     write_json(out / REPORT_FILE, report)
+    log(f"wrote {out}: B′ test {task.metric} {test['B_transported']:.4f} (B {test['B']:.4f}, α = {chosen:g})")
     return report

@@ -88,8 +88,8 @@ def _limit_file_size():
 
 def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(tmp_path):
     """A file-size limit (no privileges needed) makes the checkpoint writes fail as a full disk would."""
-    res = _cli(["convert", "--recipe", str(_recipe(tmp_path)), "--out", str(tmp_path / "run"), "--device", "cpu"],
-               preexec=_limit_file_size)
+    res = _cli(["convert", "--recipe", str(_recipe(tmp_path)), "--out", str(tmp_path / "run"), "--device", "cpu",
+                "--quiet"], preexec=_limit_file_size)  # --quiet: no progress lines before the error
     assert res.returncode == 8, res.stderr[-2000:]
     line = res.stderr.strip()
     assert "\n" not in line and "cannot write: file too large" in line and str(tmp_path / "run") in line
@@ -119,7 +119,7 @@ def _on_tmpfs(mount: Path, options: str) -> list[str]:
 ])
 def test_a_read_only_or_full_disk_is_one_line_naming_the_path(tmp_path, options, where, cause):
     disk = tmp_path / "disk"
-    res = _cli(["convert", "--recipe", str(_recipe(tmp_path)), "--out", str(disk / "run"), "--device", "cpu"],
+    res = _cli(["convert", "--recipe", str(_recipe(tmp_path)), "--out", str(disk / "run"), "--device", "cpu", "--quiet"],
                wrap=_on_tmpfs(disk, options))
     assert res.returncode == 8, res.stderr[-2000:]
     line = res.stderr.strip()

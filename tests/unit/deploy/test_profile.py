@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from theseus_cli.batch import TokenBatch
-from theseus_cli.deploy.profile import compare, count_flops, count_params, measure_latency, profile_model
+from theseus_cli.deploy.profile import compare, profile_pair, count_flops, count_params, measure_latency, profile_model
 
 
 
@@ -58,7 +58,12 @@ def test_latency_is_measured_per_batch_size_and_profiles_compare():
     b = profile_model(big, torch.randn(3, 16), torch.device("cpu"), (1, 4))
     assert set(a["latency"]) == {"1", "4"} and a["flops_per_example"] == 2 * 16 * 4
     ratios = compare(a, b)
-    assert ratios["params"] == b["params"] / a["params"] and ratios["flops"] > 10 and "latency_b4" in ratios
+    assert ratios["params"] == b["params"] / a["params"] and ratios["flops"] > 10
+    assert "latency_b4" not in ratios  # two separately timed medians make no ratio
+    pair = profile_pair(small, big, torch.randn(3, 16), torch.device("cpu"), (1, 4))
+    assert pair["ratios"]["params"] == ratios["params"] and set(pair["target"]["latency"]) == {"1", "4"}
+    lo, hi = pair["ratios"]["latency_b4_range"]
+    assert lo <= pair["ratios"]["latency_b4"] <= hi and pair["ratios"]["latency_b4_rounds"] >= 3
 
 
 def test_token_batches_are_profiled_with_their_mask():

@@ -119,7 +119,7 @@ def test_transfer_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["convert", "--recipe", str(recipe), "--out", str(out), "--baseline", "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     plan = report["plan"]
     assert plan["kind"] == "transfer" and len(plan["pairs"]) == 3 and plan["head"] == ["fc"]
     assert [s["aligned"] for s in report["stages"]][-1] == ["layers.0.0", "layers.0.1", "layers.1.0"]

@@ -12,6 +12,7 @@ from theseus_cli.similarity import cka_loss
 from theseus_cli.training import AlignJob, align_stage, layer_similarity, lr_factor, recalibrate_batchnorm
 from theseus_cli.models.zoo import resnet_small
 from tests.conftest import tiny_recipe_dict
+from tests.numeric import f32_tolerance
 
 
 def setup():
@@ -105,7 +106,8 @@ def test_micro_batched_alignment_step_gives_the_full_batch_gradient():
         expected = {n: p.grad.clone() for n, p in target.named_parameters() if p.grad is not None}
         target.zero_grad(set_to_none=True)
         sliced = micro_batched_step(guide, target, stage, x, AlignJob(AlignConfig(), loss_fn, len(x), None, torch.device("cpu")), 7)
-        assert torch.allclose(sliced, full.detach(), atol=1e-6)
+        # both float32, summed in other orders: CKA-type losses lie in [0, 1] and come from sums over the 24 rows
+        assert torch.allclose(sliced, full.detach(), atol=f32_tolerance(1.0, terms=len(x)))
         got = {n: p.grad for n, p in target.named_parameters() if p.grad is not None}
         assert got.keys() == expected.keys() and expected
         assert all(torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-4) for n in expected), kind

@@ -6,6 +6,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import platform
 import shutil
 import sys
@@ -278,3 +279,39 @@ def full_data_guide(raw: dict) -> dict:
     subset, and a few-data setting's ``train_limit`` would starve it): the guide a user brings was trained on all
     the data there was; few data is the conversion's setting."""
     return merge(raw, {"seed": 0, "data": {"train_limit": None, "label_limit": None}})
+
+
+# (label, target file, guide file): the speed-ups an edge job weighs, guide time over target time
+SPEEDUPS = (("fp32", "target_fp32", "guide_fp32"), ("int8_vs_fp32", "target_int8", "guide_fp32"),
+            ("int8_vs_int8", "target_int8", "guide_int8"))
+
+
+def onnx_speedups(files: dict, sample, threads: int, budget_s: float) -> dict:
+    """Every ONNX file of ``files`` (name → path: guide_fp32, target_fp32, guide_int8, target_int8; any may be
+    missing) run by ONNX Runtime at batch 1 with ``threads`` intra-op threads, **all in one interleaved run**
+    (:func:`theseus_cli.deploy.interleave.interleaved`): each file's median ms, and each speed-up of
+    :data:`SPEEDUPS` as the median of per-round ratios with its range (``speed_fp32``, ``speed_fp32_min``, …)."""
+    from theseus_cli.deploy.interleave import interleaved, pair_ratio
+    from theseus_cli.deploy.onnx_runtime import open_onnx
+    from theseus_cli.deploy.profile import repeat_example
+
+    calls = {}
+    for name, path in files.items():
+        model = open_onnx(path, threads)
+        feeds = model.feeds(repeat_example(sample[:1], 1))
+        calls[name] = lambda model=model, feeds=feeds: model.session.run(None, feeds)
+    res = interleaved(calls, 1, budget_s=budget_s * len(calls))
+    out = {f"{name}_b1_ms": m["median_ms"] for name, m in res["models"].items()}
+    out.update(rounds=res["rounds"], per_round=res["per_round"])
+    for label, target, guide in SPEEDUPS:
+        if target in calls and guide in calls:
+            r = pair_ratio(res["round_medians_ms"], guide, target)  # guide time / target time, per round
+            out.update({f"speed_{label}": r["median"], f"speed_{label}_min": r["min"], f"speed_{label}_max": r["max"]})
+    return out
+
+
+def speed_text(row: dict, label: str) -> str:
+    """``×2.80 (×2.77–2.86)``: a speed-up of :func:`onnx_speedups` for a table; ``—`` where a file is missing."""
+    if f"speed_{label}" not in row or not math.isfinite(row[f"speed_{label}"]):
+        return "—"
+    return f"×{row[f'speed_{label}']:.2f} (×{row[f'speed_{label}_min']:.2f}–{row[f'speed_{label}_max']:.2f})"

@@ -25,13 +25,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import add_small_option, merge, run_settings, setting_raw, settings_parser, smoke_note
+from common import (add_small_option, merge, onnx_speedups, run_settings, setting_raw, settings_parser, smoke_note,
+                    speed_text)
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import parse_recipe
 from theseus_cli.deploy.export import ExportOptions, export_target
-from theseus_cli.deploy.interleave import pair_ratio
-from theseus_cli.deploy.onnx_runtime import open_onnx
+from theseus_cli.deploy.interleave import latency_budget
 from theseus_cli.errors import ExportError
 from theseus_cli.progress import LineProgress
 
@@ -55,7 +55,6 @@ TOKEN = {"classification": {"data": {"train_limit": 64, "label_limit": 64, "test
 SMALL_TEXT = {"data": {"sequence_length": 16}, "guide": {"kwargs": {"n_layer": 2, "n_embd": 32, "n_head": 2,
                                                                      "n_positions": 16}}}
 FILES = ("guide_fp32", "target_fp32", "guide_int8", "target_int8")
-SMALL_RUN = False  # --small: a smoke run times briefly
 
 
 def token_recipe(spec: dict, small: bool):
@@ -84,29 +83,6 @@ def export_files(run: Path, guide_target: Path) -> dict[str, Path]:
     return files
 
 
-def time_files(files: dict[str, Path], sample, threads: int) -> dict:
-    """All files in one interleaved run at batch 1 with ``threads`` intra-op threads: every pair's per-round ratio."""
-    from theseus_cli.deploy.interleave import interleaved
-    from theseus_cli.deploy.profile import repeat_example
-
-    models = {name: open_onnx(path, threads) for name, path in files.items()}
-    calls = {}
-    for name, model in models.items():
-        feeds = model.feeds(repeat_example(sample[:1], 1))
-        calls[name] = lambda model=model, feeds=feeds: model.session.run(None, feeds)
-    res = interleaved(calls, 1, budget_s=(0.05 if SMALL_RUN else 1.5) * len(calls))
-    rounds = res["round_medians_ms"]
-    speed = {}  # guide's time over the target's: > 1 is a faster target
-    for label, target, guide in (("fp32_vs_fp32", "target_fp32", "guide_fp32"),
-                                 ("int8_vs_fp32", "target_int8", "guide_fp32"),
-                                 ("int8_vs_int8", "target_int8", "guide_int8")):
-        if target in calls and guide in calls:
-            r = pair_ratio(rounds, guide, target)
-            speed[label] = {"median": r["median"], "min": r["min"], "max": r["max"]}
-    return {"threads": threads, "rounds": res["rounds"], "per_round": res["per_round"],
-            "median_ms": {n: m["median_ms"] for n, m in res["models"].items()}, "speedup": speed}
-
-
 def run_one(name: str, spec: dict, out_root: Path, threads: tuple[int, ...] = (1, 2), small: bool = False) -> dict:
     from edge import guide_as_target
 
@@ -119,7 +95,8 @@ def run_one(name: str, spec: dict, out_root: Path, threads: tuple[int, ...] = (1
                                                                 progress=LineProgress()))
     files = export_files(run, guide_as_target(raw, None, run / "guide"))
     sample = open_session(parse_recipe(raw, name), None, "cpu", probe=False).data.x_test[:1]
-    timings = [time_files(files, sample, t) for t in threads]
+    budget = 5 * latency_budget()  # 1.5 s a file at the default budget
+    timings = [{"threads": t, **onnx_speedups(files, sample, t, budget)} for t in threads]
     return {"setting": name, "recipe": spec["recipe"], "what": spec["what"], "small": small, "timings": timings,
             "wall_time": {"total": time.perf_counter() - started}}
 
@@ -131,22 +108,17 @@ def markdown(rows: list, device: str) -> str:
              "| median ms guide fp32 / target fp32 / guide int8 / target int8 |", "|---|---|---|---|---|---|"]
     for r in rows:
         for t in r["timings"]:
-            cells = []
-            for key in ("fp32_vs_fp32", "int8_vs_fp32", "int8_vs_int8"):
-                s = t["speedup"].get(key)
-                cells.append(f"×{s['median']:.2f} (×{s['min']:.2f}–{s['max']:.2f})" if s else "—")
-            ms = " / ".join(f"{t['median_ms'][f]:.3f}" if f in t["median_ms"] else "—" for f in FILES)
+            cells = [speed_text(t, key) for key in ("fp32", "int8_vs_fp32", "int8_vs_int8")]
+            ms = " / ".join(f"{t[f'{f}_b1_ms']:.3f}" if f"{f}_b1_ms" in t else "—" for f in FILES)
             lines.append(f"| {r['what']} | {t['threads']} | {' | '.join(cells)} | {ms} |")
     return "\n".join(lines) + "\n" + smoke_note(rows) + "\n"
 
 
 def main() -> None:
-    global SMALL_RUN
     parser = settings_parser(__doc__, SETTINGS, "bench-latency")
     parser.add_argument("--threads", default="1,2", help="ONNX Runtime intra-op thread counts, comma-separated")
     add_small_option(parser)
     args = parser.parse_args()
-    SMALL_RUN = args.small
     threads = tuple(int(t) for t in args.threads.split(","))
     run_settings(parser, args, SETTINGS, "latency_ratios",
                  lambda name, spec, out: run_one(name, spec, out, threads, args.small), markdown)

@@ -11,6 +11,10 @@ generates greedily 128, 512 and 2,048 tokens at batch 1 and 8 and reports, per c
 * (c) ``rnn-stream`` / ``linattn-stream`` — the targets with their state in the cache (``use_cache=True``);
 * (d) ``rnn-ort-step`` — the RNN target's decode-step ONNX graph on ONNX Runtime's CPU provider, fed its own state.
 
+Every model of a (batch, length) configuration is run once per round, ``--rounds`` rounds (3), the order reversed
+every other round, in one process; a row is the model's median round, and its speed-up against ``guide+kv`` the
+median of the per-round ratios, with their range.
+
 Columns: milliseconds per generated token (wall time of the whole generation / tokens; the 16-token prompt is
 part of it), the time per token over the last quarter of the tokens (flat for a streaming model, growing with the
 length for a KV cache or a re-run), and the bytes the cache holds at the end (keys and values, or states): the
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rerun-max", type=int, default=512, help="longest generation for the no-cache re-run")
     parser.add_argument("--max-positions", type=int, default=2304)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every model per configuration")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-streaming")
     args = parser.parse_args()
     lengths, batches = [int(v) for v in args.lengths.split(",")], [int(v) for v in args.batches.split(",")]
@@ -150,10 +155,32 @@ def main() -> None:
                         "rnn-ort-step": lambda: run_ort_step(nets["rnn"], ids, tokens, Path(tmp))}
                 if tokens <= args.rerun_max:
                     runs["rnn-rerun"] = lambda: run_torch(nets["rnn"], ids, tokens, False, args.device)
-                for name, run in runs.items():
-                    rows.append({"model": name, "batch": batch, "tokens": tokens, **run()})
+                for row in alternating(runs, args.rounds):
+                    rows.append({"batch": batch, "tokens": tokens, **row})
                     print(json.dumps(rows[-1]), flush=True)
     write(rows, args)
+
+
+def alternating(runs: dict, rounds: int) -> list[dict]:
+    """Every model of one configuration generated once per round, ``rounds`` rounds, the order reversed every other
+    round (guide and targets in one process, so a drifting machine shows up in the range, not as a speed-up). Each
+    row is the model's median round (by ms/token), with ``speedup_vs_guide``: the guide's ms/token over the model's,
+    per round, as median and range."""
+    import statistics
+
+    names = list(runs)
+    results = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            results[name].append(runs[name]())
+    rows = []
+    for name in names:
+        ordered = sorted(results[name], key=lambda x: x["ms_per_token"])
+        row = {"model": name, **ordered[(len(ordered) - 1) // 2], "rounds": rounds}
+        per = [g["ms_per_token"] / m["ms_per_token"] for g, m in zip(results["guide+kv"], results[name])]
+        row["speedup_vs_guide"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+        rows.append(row)
+    return rows
 
 
 def write(rows: list[dict], args) -> None:
@@ -161,9 +188,12 @@ def write(rows: list[dict], args) -> None:
     info = {"date": time.strftime("%Y-%m-%d"), "device": device_name(args.device), "prompt": PROMPT, "guide": GUIDE,
             "max_positions": args.max_positions, "rows": rows}
     (args.out / "streaming.json").write_text(json.dumps(info, indent=2))
-    lines = ["| model | batch | tokens | ms/token | ms/token, last quarter | cache/state bytes |", "|---|---|---|---|---|---|"]
+    lines = ["| model | batch | tokens | ms/token | ms/token, last quarter | speed-up vs guide+kv (per round) | "
+             "cache/state bytes |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['batch']} | {r['tokens']:,} | {r['ms_per_token']:.2f} | "
-              f"{r['ms_per_token_last_quarter']:.2f} | {r['cache_bytes']:,} |" for r in rows]
+              f"{r['ms_per_token_last_quarter']:.2f} | ×{r['speedup_vs_guide']['median']:.2f} "
+              f"(×{r['speedup_vs_guide']['min']:.2f}–{r['speedup_vs_guide']['max']:.2f}) | {r['cache_bytes']:,} |"
+              for r in rows]
     text = "\n".join(lines) + f"\n\nDevice: {info['device']}; ONNX Runtime CPU provider, {torch.get_num_threads()} threads.\n"
     (args.out / "streaming.md").write_text(text)
     print(text)

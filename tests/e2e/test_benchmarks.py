@@ -180,7 +180,18 @@ def test_edge_benchmark_runs_small_and_measures_every_file_on_onnxruntime(tmp_pa
         assert row[f"{who}_int8_b1_ms"] > 0 or who in row["int8_refused"]
         # sizes measured, not compared: on a graph this small QDQ nodes can outweigh the saved weight bytes
         assert row[f"{who}_fp32_size_bytes"] > 0 and (row[f"{who}_int8_size_bytes"] > 0 or who in row["int8_refused"])
-    assert "goal: ×" in run.stdout and "SMOKE RUN" in run.stdout
+    # speed-ups are per-round ratios of files timed alternately: each median lies inside its own range
+    assert row["speed_fp32_min"] <= row["speed_fp32"] <= row["speed_fp32_max"] and row["timing_rounds"] >= 3
+    assert "goal: ×" in run.stdout and "SMOKE RUN" in run.stdout and "timed alternately" in run.stdout
+
+
+def test_latency_ratio_benchmark_times_the_four_files_of_a_conversion_alternately(tmp_path):
+    run = _bench("latency_ratios.py", tmp_path, "--small", "--settings", "cnn-separable", "--threads", "1")
+    timing = json.loads((tmp_path / "latency_ratios.json").read_text())["rows"][0]["timings"][0]
+    assert timing["threads"] == 1 and timing["rounds"] >= 3
+    assert {"guide_fp32_b1_ms", "target_fp32_b1_ms"} <= set(timing)
+    assert timing["speed_fp32_min"] <= timing["speed_fp32"] <= timing["speed_fp32_max"]
+    assert "SMOKE RUN" in run.stdout
 
 
 def test_lowrank_start_benchmark_runs_small_and_the_activation_weighted_start_is_closer(tmp_path):
@@ -204,6 +215,10 @@ def test_streaming_benchmark_runs_small_and_reports_every_model(tmp_path):
     assert by[("guide+kv", 12)]["cache_bytes"] > by[("guide+kv", 6)]["cache_bytes"] > 0
     assert by[("rnn-stream", 12)]["cache_bytes"] == by[("rnn-stream", 6)]["cache_bytes"] == by[("rnn-ort-step", 12)]["cache_bytes"] > 0
     assert all(r["ms_per_token"] > 0 for r in rows) and "cache/state bytes" in (tmp_path / "streaming.md").read_text()
+    # every model ran in each of the alternating rounds; its speed-up is a per-round median inside its range
+    assert all(r["rounds"] == 3 and r["speedup_vs_guide"]["min"] <= r["speedup_vs_guide"]["median"]
+               <= r["speedup_vs_guide"]["max"] for r in rows)
+    assert by[("guide+kv", 6)]["speedup_vs_guide"]["median"] == 1.0
 
 
 def test_stage_grouping_benchmark_runs_small_and_compares_at_equal_alignment_steps(tmp_path):

@@ -124,3 +124,44 @@ def test_a_pkg_checkpoint_that_climbs_out_of_its_package_is_refused_through_the_
     res = _cli("inspect", "--recipe", "r.yaml", cwd=tmp_path)
     assert res.returncode == 4 and res.stdout == "", res.stderr
     assert res.stderr.count("\n") == 1 and "leads outside the package 'email'" in res.stderr
+
+
+def _inflating_checkpoint(path: Path, declared: int) -> None:
+    """A real ``torch.save`` zip whose central directory declares its storage ``declared`` bytes long: what a small
+    download that inflates past memory looks like to a reader that trusts the directory."""
+    import zipfile
+
+    small = path.with_suffix(".small")
+    torch.save({"0.weight": torch.zeros(4)}, small)
+    with zipfile.ZipFile(small) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        storage = next(i for i in dst.infolist() if "/data/" in i.filename)
+        storage.file_size = declared  # written into the central directory (zip64) at close
+
+
+def test_a_checkpoint_that_inflates_past_memory_is_refused_before_reading_through_the_real_cli(tmp_path):
+    _inflating_checkpoint(tmp_path / "bomb.pt", 1 << 44)  # 16 TiB: more than any machine this runs on
+    assert (tmp_path / "bomb.pt").stat().st_size < 10_000
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe_dict()))
+    for verb in (["inspect", "bomb.pt", "--recipe", "r.yaml"], ["eval", "bomb.pt", "--recipe", "r.yaml", "--device", "cpu"]):
+        res = _cli(*verb, cwd=tmp_path)
+        assert res.returncode == 7 and res.stdout == "", res.stderr
+        assert res.stderr.count("\n") == 1 and "inflates to 16,384.0 GiB in memory" in res.stderr
+        assert " available" in res.stderr and "internal error" not in res.stderr
+
+
+def test_an_allocator_failure_while_reading_a_checkpoint_is_exit_7(tmp_path, monkeypatch):
+    from theseus_cli.errors import DeviceError
+
+    torch.save({"0.weight": torch.zeros(4)}, tmp_path / "w.pt")
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 2147483648 bytes.")
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(DeviceError, match="ran out of memory reading the checkpoint"):
+        read_state_dict(tmp_path / "w.pt")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PytorchStreamReader failed")))
+    with pytest.raises(ModelError, match="not a readable checkpoint"):  # any other RuntimeError stays a bad file
+        read_state_dict(tmp_path / "w.pt")

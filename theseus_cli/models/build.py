@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.context import changed, run_state
-from theseus_cli.errors import ModelError
+from theseus_cli.errors import DeviceError, ModelError
 from theseus_cli.packages import package_path
+from theseus_cli.resources import available_bytes, gib, is_allocation_failure
 from theseus_cli.models.checkpoint_fit import CheckpointFit, FitReport, fit_state, key_differences, reset_head
 from theseus_cli.models.sources import MODEL_SOURCES, register_model_source
 
@@ -201,11 +202,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:  # from an open file: torch.load given a path picks its reader by the suffix, not the content
+            check_inflated_size(path)
             with open(path, "rb") as fh, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about pickle protocols on the way to refusing a file
                 state = torch.load(fh, map_location="cpu", weights_only=not pickles_trusted())
             if isinstance(state, nn.Module):  # trusted: a whole pickled model; its weights, for the recipe's architecture
                 state = state.state_dict()
+    except DeviceError:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            _unreadable(path, kind, exc)
+        raise DeviceError(f"{path}: ran out of memory reading the checkpoint "
+                          f"({available_text()} available)") from None
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelError(
@@ -213,14 +222,42 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"(weights_only=True never runs code from a checkpoint; save model.state_dict() instead, or pass "
             f"--trust-checkpoint if you trust the file's source). {first}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted {kind} file?): {reason}") from None
+    except (EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        _unreadable(path, kind, exc)
     except Exception as exc:  # safetensors raises its own error type
         raise ModelError(f"{path}: not a readable checkpoint ({kind} file): {type(exc).__name__}: {exc}") from None
     state = _unwrap_state_dict(path, state)
     check_finite(state, str(path))
     return state
+
+
+def _unreadable(path: Path, kind: str, exc: BaseException) -> None:
+    reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+    raise ModelError(f"{path}: not a readable checkpoint (truncated or corrupted {kind} file?): {reason}") from None
+
+
+def inflated_size(path: Path) -> int | None:
+    """The bytes a ``torch.save`` zip's entries take once read (its central directory's uncompressed sizes: the
+    storages are read whole into memory), or None for a legacy pickle, whose size is not declared."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None  # not a zip: torch.load says what it is
+
+
+def check_inflated_size(path: Path) -> None:
+    """:class:`DeviceError` (exit 7) when the checkpoint's storages cannot fit in the memory available: a 2 MB zip
+    can declare a 2 GiB storage, and reading it would end in the allocator's crash instead of one line."""
+    size = inflated_size(path)
+    have = available_bytes(torch.device("cpu"))
+    if size is not None and have is not None and size > have:
+        raise DeviceError(f"{path}: the checkpoint inflates to {gib(size)} in memory; {gib(have)} available")
+
+
+def available_text() -> str:
+    have = available_bytes(torch.device("cpu"))
+    return "unknown memory" if have is None else gib(have)
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:

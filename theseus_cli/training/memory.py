@@ -8,13 +8,14 @@ Two checks, both lower bounds (they refuse only what cannot fit, never what migh
 * a batch: the batch's inputs plus the largest single activation one forward makes, per example,
   times the batch size (measured with hooks on one example).
 
-Available memory is ``MemAvailable`` of ``/proc/meminfo`` on the CPU (the OS's own estimate of what can
-be allocated without swapping) and ``torch.cuda.mem_get_info`` on CUDA.
+Available memory on the CPU is the least of ``MemAvailable`` of ``/proc/meminfo`` (the OS's own estimate of what can
+be allocated without swapping), a container's cgroup limit less its usage, and ``ulimit -v`` less this process's
+virtual size; on CUDA, ``torch.cuda.mem_get_info``. The same figure guards reading a checkpoint
+(:func:`theseus_cli.models.build.read_state_dict`): a small zip can inflate to more than that.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -22,32 +23,9 @@ import torch.nn as nn
 
 from theseus_cli.batch import TokenBatch, run_model
 from theseus_cli.errors import DeviceError
+from theseus_cli.resources import available_bytes, gib, is_allocation_failure  # noqa: F401  (public here too)
 
 TRAINING_COPIES = 4  # float32 weights, gradients, AdamW exp_avg and exp_avg_sq
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory that can still be allocated on ``device``; None where it cannot be known."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def gib(n: float) -> str:
-    return f"{n / 1024**3:,.1f} GiB" if n >= 1024**3 / 10 else f"{n / 1024**2:,.1f} MiB"
 
 
 def require(needed: int, device: torch.device, what: str) -> None:
@@ -90,3 +68,4 @@ def require_batches(model: nn.Module, example: Any, sizes: dict[str, int], devic
     for setting, size in sizes.items():
         require(size * per_example, device, f"{setting}: a forward on a batch of {size:,} (its inputs and the "
                                             "largest activation)")
+

@@ -126,7 +126,8 @@ def aggregate_seeds(rows: list[dict], seeds: list[int]) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key], out["std"][key] = mean_std([r[key] for r in rows])
     if isinstance(rows[0].get("wall_time"), dict):
-        out["wall_time"] = {k: mean_std([r["wall_time"][k] for r in rows])[0] for k in rows[0]["wall_time"]}
+        out["wall_time"] = {k: mean_std([r["wall_time"][k] for r in rows])[0] for k, v in rows[0]["wall_time"].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}  # not legs, resumed
     return out
 
 

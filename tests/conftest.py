@@ -20,6 +20,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # latency figures in tests are only checked against generous thresholds: time each (model, batch) briefly (README,
 # "Deploying"); subprocesses inherit it
 os.environ.setdefault("THESEUS_LATENCY_BUDGET_S", "0.02")
+# the CLI honours $COLUMNS when its output is piped; pytest-xdist's workers get COLUMNS=80 from execnet, so the same
+# test would see another width with -n 2 than without: tests that check a width set COLUMNS themselves
+os.environ.pop("COLUMNS", None)
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in tests/unit/<subpackage> and tests/e2e)
 

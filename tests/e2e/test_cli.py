@@ -199,4 +199,4 @@ def test_no_latency_reports_size_only_and_refuses_a_latency_gate(write_recipe, t
     assert not any(key.startswith("latency") for key in deployment["ratios"])
     res = runner.invoke(app, ["convert", "--recipe", str(path), "--out", str(tmp_path / "p"), "--device", "cpu",
                               "--no-latency", "--max-latency-ms", "5"])
-    assert res.exit_code == 3 and "--max-latency-ms" in res.output and not (tmp_path / "p" / "report.json").exists()
+    assert res.exit_code == 2 and "--max-latency-ms" in res.output and not (tmp_path / "p" / "report.json").exists()

@@ -65,3 +65,36 @@ def test_inspect_estimates_the_alignment_and_suggests_grouping_many_stages(tmp_p
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(recipe))
     res = CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "g.yaml")])
     assert "set schedule.group_depth" not in res.output
+
+
+def _inspect_at(tmp_path, columns: int, recipe: dict) -> tuple[str, dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "COLUMNS": str(columns), "CI": "true"}
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "theseus_cli", "inspect", "-r", "w.yaml", *extra],  # noqa: E731
+                                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    text, data = run(), run("--json")
+    assert text.returncode == 0 and data.returncode == 0, text.stderr
+    return text.stdout, json.loads(data.stdout)
+
+
+def test_inspect_at_80_and_100_columns_splits_no_number_or_path_and_leaves_defaults_out(tmp_path):
+    recipe = {"guide": {"arch": "theseus_cli.zoo:resnet_small",
+                        "kwargs": {"num_classes": 10, "in_chans": 1, "widths": [4, 8], "blocks": [1, 1]}},
+              "data": {"source": "digits", "train_limit": 128, "batch_size": 32},
+              "replace": [{"match": "Conv2d", "with": "lowrank_conv", "params": {"rank": 2}}]}
+    for columns in (80, 100):
+        out, plan = _inspect_at(tmp_path, columns, recipe)
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= columns, columns  # honours $COLUMNS when piped
+        for row in plan["rows"]:
+            target = row["target_params"] if row["becomes"] else row["params"]
+            for whole in (row["path"], f"{row['params']:,}", f"{target:,}"):
+                assert any(whole in line for line in lines), (columns, whole)  # each on one line, unbroken
+        becomes = [line for line in lines if "lowrank_conv(" in line]
+        assert becomes and all("lowrank_conv(rank=2)" in line for line in becomes)  # init, bias: defaults, left out
+        assert "replace[" not in out or all("replace[0]" in line for line in lines if "replace[" in line)

@@ -19,13 +19,55 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer vendors its own click (the exceptions it raises are that copy's), older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 from theseus_cli.cli.inspect_view import print_plan
 from theseus_cli.errors import TheseusError, TheseusWarning, disk_error, one_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class OneLineErrors(TyperGroup):
+    """The command group with click's usage errors as one line on stderr (``error: No such option: --bogus (see
+    'theseus convert --help')``, exit 2), like every other error of the tool, instead of a multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:  # bare `theseus` or `theseus convert`: the help
+            typer.echo(exc.ctx.get_help())
+            sys.exit(exc.exit_code)
+        except click_exceptions.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "theseus"
+            err_console.print(f"[bold red]error:[/] {escape(one_line(exc.format_message()))} (see '{escape(where)} "
+                              "--help')", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except click_exceptions.Abort:
+            err_console.print("[bold red]interrupted[/]")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Convert a trained PyTorch model into a different architecture (Network of Theseus).")
-out_console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)  # ":x:" in a path is text
+
+
+def _version(value: bool) -> None:
+    if value:
+        from theseus_cli import __version__
+
+        typer.echo(f"theseus {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Convert a trained PyTorch model into a different architecture (Network of Theseus)."""
+out_console = Console(emoji=False)  # ":x:" in a path is text, not an emoji; width: see _fit_width
 err_console = Console(stderr=True, emoji=False)
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
@@ -50,11 +92,19 @@ def _plain(flag: bool) -> bool:
     return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
 
 
+def _fit_width() -> None:
+    """Tables as wide as the terminal, else ``$COLUMNS``, else (a pipe, a CI log) 160 columns: read when a verb runs,
+    not at import, so that the environment the command runs in decides."""
+    columns = os.environ.get("COLUMNS", "")
+    out_console.width = None if sys.stdout.isatty() else (int(columns) if columns.isdigit() else 160)
+
+
 def _run(debug: bool, fn: Callable[[], Any], trust: bool = False, quiet: bool = False) -> Any:
     """``fn()``, with the tool's errors turned into one line and an exit code; ``trust`` is ``--trust-checkpoint``;
     ``quiet`` (``--quiet``) also silences the tool's warnings on stderr (``report.json`` still lists them)."""
     from theseus_cli.models.build import trusting_pickles
 
+    _fit_width()
     try:
         with trusting_pickles(trust), warnings.catch_warnings():
             warnings.simplefilter("ignore" if quiet else "always", TheseusWarning)
@@ -391,12 +441,12 @@ def transport(
     """Move the fine-tuning delta A′ − A to model B of another width, with Procrustes maps, no training."""
 
     def work():
-        from theseus_cli.errors import RecipeError
+        from theseus_cli.errors import RecipeError, UsageError
         from theseus_cli.config.transport import alpha_values, load_transport_recipe
         from theseus_cli.transport.run import TransportOptions, run_transport
 
         if alpha is not None and alpha_grid is not None:
-            raise RecipeError("give --alpha or --alpha-grid, not both")
+            raise UsageError("give --alpha or --alpha-grid, not both")
         if alpha_grid is not None:
             try:
                 alpha_values(alpha_grid)

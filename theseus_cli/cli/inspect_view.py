@@ -21,36 +21,95 @@ def _shape(shape) -> str:
     return "×".join(map(str, shape)) if shape else "-"
 
 
+# the plan table's columns, widest set first; the first set that fits the console's width is printed, and a console
+# too narrow for the last gets one line per module: a number, a path or a rule is never split across lines
+PLAN_COLUMNS = (("path", "type", "output", "params", "FLOPs", "rule", "becomes", "target params", "target FLOPs"),
+                ("path", "type", "params", "rule", "becomes", "target params"),
+                ("path", "params", "becomes", "target params"))
+
+
+def _becomes(row: dict) -> str | None:
+    """``lowrank_linear(rank=16)``: the replacement with the params that differ from its defaults."""
+    if not row["becomes"]:
+        return None
+    from theseus_cli.replacements.registry import get_replacement
+
+    fields = get_replacement(row["becomes"]).params_model.model_fields
+    args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items()
+                     if v is not None and (k not in fields or fields[k].default != v))
+    return f"[green]{_e(row['becomes'])}[/]({_e(args)})"
+
+
+def _plan_cells(row: dict) -> dict[str, str]:
+    replaced = row["becomes"] is not None
+    return {"path": _e(row["path"]), "type": _e(row["module_type"]), "output": _shape(row["output_shape"]),
+            "params": f"{row['params']:,}", "FLOPs": _flops(row["flops"]),
+            "rule": f"replace[{row['rule']}]" if row["rule"] is not None else "",
+            "becomes": _becomes(row) or "[dim]kept[/]",
+            "target params": f"{row['target_params']:,}" if replaced else f"{row['params']:,}",
+            "target FLOPs": _flops(row["target_flops"] if replaced else row["flops"])}
+
+
+def _plan_table(plan: dict, columns: tuple[str, ...]) -> Table:
+    table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
+    for col in columns:  # only "becomes" wraps, and only between its arguments
+        table.add_column(col, justify="right" if "params" in col or "FLOPs" in col else "left",
+                         no_wrap=col != "becomes", overflow="fold")
+    for row in plan["rows"]:
+        cells = _plan_cells(row)
+        table.add_row(*(cells[c] for c in columns))
+    return table
+
+
+def fits(table: Table, console: Console) -> bool:
+    """Whether ``table`` renders within the console's width with no cell broken inside a word: each no-wrap column
+    as wide as its widest cell (header included), each other column as its longest word, plus padding and rules."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    def plain(cell) -> str:
+        return cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+
+    need = len(table.columns) + 1  # vertical rules
+    for column in table.columns:
+        cells = [plain(column.header), *(plain(c) for c in column.cells)]
+        pieces = cells if column.no_wrap else [w for c in cells for w in c.split()]
+        need += max((cell_len(p) for p in pieces), default=0) + 2  # one space of padding each side
+    return need <= console.width
+
+
+def _print_plan_rows(plan: dict, out_console: Console) -> None:
+    table = next((t for t in (_plan_table(plan, cols) for cols in PLAN_COLUMNS) if fits(t, out_console)), None)
+    if table is not None:
+        out_console.print(table)
+        return
+    out_console.print(f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}:")
+    for row in plan["rows"]:  # too narrow for any table: one line per module, wrapped between words
+        c = _plan_cells(row)
+        out_console.print(f"{c['path']} ({c['type']}, {c['params']} params) → {c['becomes']}, {c['target params']} params")
+
+
 def print_plan(plan: dict, out_console: Console) -> None:
     """The plan as ``inspect`` prints it (``inspect --json`` prints the same data)."""
     if plan["kind"] == "transfer":
         _print_transfer(plan, out_console)
         return
-    table = Table(title=f"{_e(plan['guide']['arch'])} on input {_shape(plan['input_shape'])}", show_lines=False)
-    for col in ("path", "type", "output", "params", "FLOPs", "rule", "becomes", "target params", "target FLOPs"):
-        table.add_column(col, justify="right" if "params" in col or "FLOPs" in col else "left", overflow="fold")
-    for row in plan["rows"]:
-        becomes = None
-        if row["becomes"]:
-            args = ", ".join(f"{k}={v}" for k, v in row["becomes_params"].items() if v is not None)
-            becomes = f"[green]{_e(row['becomes'])}[/]({_e(args)})"
-        replaced = row["becomes"] is not None
-        table.add_row(_e(row["path"]), _e(row["module_type"]), _shape(row["output_shape"]), f"{row['params']:,}",
-                      _flops(row["flops"]), f"replace[{row['rule']}]" if row["rule"] is not None else "",
-                      becomes or "[dim]kept[/]",
-                      f"{row['target_params']:,}" if replaced else f"{row['params']:,}",
-                      _flops(row["target_flops"] if replaced else row["flops"]))
-    out_console.print(table)
+    _print_plan_rows(plan, out_console)
     for u in plan.get("unclaimed", []):
         out_console.print(f"[yellow]not converted:[/] {_e(u['path'])} ({_e(u['type'])}) is a {_e(u['class'])}, the class "
                           f"replace[{u['rule']}] names, but that rule does not claim it (ignore / exact:)")
     stages = Table(title=f"stages: {plan['schedule']['kind']}, {plan['schedule']['order']}"
                    + (f", grouped by the first {plan['schedule']['group_depth']} path components" if plan["schedule"]["group_depth"] else ""))
     for col in ("stage", "introduces", "trains", "aligns", "fed by"):
-        stages.add_column(col, overflow="fold")
+        stages.add_column(col, overflow="fold", no_wrap=col in ("stage", "fed by"))
     for i, st in enumerate(plan["stages"]):
         stages.add_row(str(i + 1), _e(", ".join(st["introduced"])), _count(st["trained"]), _count(st["aligned"]), st["feed"])
-    out_console.print(stages)
+    if fits(stages, out_console):
+        out_console.print(stages)
+    else:  # lists of paths wrap between paths, never inside one
+        for i, st in enumerate(plan["stages"]):
+            out_console.print(f"stage {i + 1}: introduces {_e(', '.join(st['introduced']))}; trains {_count(st['trained'])}; "
+                              f"aligns {_count(st['aligned'])}; fed by {st['feed']}")
     g = plan["guide"]
     out_console.print(f"guide: {_e(g['arch'])} ({'checkpoint ' + _e(g['checkpoint']) if g['trained'] else 'untrained, seeded'})")
     _print_checkpoint_fit(g.get("checkpoint_fit"), out_console)

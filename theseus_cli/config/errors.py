@@ -54,7 +54,24 @@ def problem(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
     """One pydantic error as 'location: message'; an unknown key comes with the closest valid one."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     msg = _unknown_key(loc, root) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        msg += _closest_choice(err)
+    head, sep, rest = msg.partition(": ")
+    if sep and " " not in head and head in _keys_at(loc, root):  # "path: …" raised by a section's own check
+        loc, msg = loc + (head,), rest  # belongs at data.path, not "data: path: …"
     return f"{_loc(prefix + loc)}: {msg}"
+
+
+def _closest_choice(err: dict) -> str:
+    """`` (did you mean 'fashion-mnist'?)`` for a value outside a ``Literal``'s choices, matched with ``_`` and
+    ``-`` taken as the same."""
+    import re
+
+    choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+    given = str(err.get("input", ""))
+    norm = {c.replace("_", "-").lower(): c for c in choices}
+    near = difflib.get_close_matches(given.replace("_", "-").lower(), list(norm), n=1, cutoff=0.6)
+    return f" (did you mean {norm[near[0]]!r}?)" if near else ""
 
 
 MAX_PROBLEMS = 8  # listed in one message; the count says how many there are

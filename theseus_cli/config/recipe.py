@@ -8,6 +8,8 @@ its location (``replace[0].params.rank: ...``), before any model is built.
 
 from __future__ import annotations
 
+import warnings
+
 import hashlib
 import json
 import re
@@ -21,7 +23,7 @@ from theseus_cli.config.base import StrictModel, check_pattern, check_patterns
 from theseus_cli.config.errors import format_validation_error, problem
 from theseus_cli.config.phases import (AlignConfig, BaselineConfig, BNRecalConfig, FinetuneConfig, RuntimeConfig,
                                        ScheduleConfig)
-from theseus_cli.errors import RecipeError
+from theseus_cli.errors import RecipeError, TheseusWarning
 from theseus_cli.models.sources import MODEL_SOURCES
 from theseus_cli.config.reader import read_yaml
 from theseus_cli.replacements import get_replacement
@@ -347,7 +349,21 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; raise :class:`RecipeError` naming every problem."""
     path = Path(path)
     recipe = parse_recipe(read_yaml(path), str(path))
+    for message in recipe_warnings(recipe):
+        warnings.warn(TheseusWarning(f"{path}: {message}"), stacklevel=2)
     return _resolve_paths(recipe, path.parent)
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What a valid recipe most likely did not mean. A warm-up longer than the fine-tuning is one: the learning rate
+    rises through every step and never reaches ``finetune.lr``. It is a warning, not an error, because a shortened
+    run (a smoke test, a benchmark's ``--small``) is a fine reason to cut ``epochs`` under the recipe's warm-up."""
+    ft, found = recipe.finetune, []
+    if ft.epochs > 0 and ft.warmup_epochs > ft.epochs:
+        found.append(f"finetune.warmup_epochs {ft.warmup_epochs:g} is more than finetune.epochs {ft.epochs}: the "
+                     f"learning rate rises for the whole fine-tuning and ends at {ft.epochs / ft.warmup_epochs:.0%} of "
+                     "finetune.lr, with no decay; set warmup_epochs ≤ epochs")
+    return found
 
 
 def _resolve_hf_dir(arch: str, base: Path) -> str:

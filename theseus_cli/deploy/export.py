@@ -31,6 +31,7 @@ causal LM, the pooled, L2-normalised sentence embedding for ``sentence-embedding
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import tempfile
 from pathlib import Path
@@ -177,7 +178,9 @@ def export_torchscript(wrapper, cases, out: Path, meta, atol, rtol) -> dict[str,
                 torch.jit.save(traced, str(tmp), _extra_files={"theseus.json": json.dumps(_meta_summary(meta))})
         except Exception as exc:
             raise ExportError(f"TorchScript tracing failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
-        loaded = torch.jit.load(str(tmp))
+        with warnings.catch_warnings():  # torch deprecates TorchScript in favour of torch.export: the user asked
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")  # for it by name
+            loaded = torch.jit.load(str(tmp))
         result["parity"] = check_parity(lambda inputs: loaded(*inputs), wrapper, cases, atol, rtol, "the TorchScript module")
 
     atomic_write(out, write)

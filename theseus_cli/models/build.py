@@ -115,7 +115,8 @@ def _call_user_function(spec: str, module_name: str, fn_name: str, kwargs: dict[
         raise ModelError(f"{spec}: cannot import module {module_name!r}: {exc}{hint}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ModelError(f"{spec}: module {module_name!r} has no callable {fn_name!r}")
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        raise ModelError(f"{spec}: module {module_name!r} has no callable {fn_name!r}{_close(fn_name, public)}")
     return fn(**kwargs)
 
 

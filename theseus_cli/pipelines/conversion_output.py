@@ -3,7 +3,6 @@ the alignment plot, and the report (last: its presence marks a finished run)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,7 @@ def conversion_report(conv: "Conversion") -> dict[str, Any]:
                   "baseline": next(iter(runs.values()))["steps"] if runs else None},
         "alignment_objective": recipe.schedule.objective,
         "finetune": r.finetune, "baseline": base, "baselines": runs, "deployment": conv.deployment,
-        "wall_time": {"alignment": r.align_seconds, "total": time.perf_counter() - conv.started},
+        "wall_time": conv.wall_time(),
         "files": {"target": TARGET_FILE, "report": REPORT_FILE, "plot": PLOT_FILE},
     }
 
@@ -81,6 +80,6 @@ def write_outputs(conv: "Conversion") -> dict[str, Any]:
                    f"{recipe.guide.arch} → {replaced}")
     if conv.options.gates.any:
         report["gates"] = evaluate_gates(conv.options.gates, report)
-    report["wall_time"]["total"] = time.perf_counter() - conv.started
+    report["wall_time"] = conv.wall_time()
     write_json(out / REPORT_FILE, report)  # last: its presence marks a finished run
     return report

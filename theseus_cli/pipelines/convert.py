@@ -31,7 +31,7 @@ from theseus_cli.artifacts import REPORT_FILE
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.data.core import batches_per_epoch, sample_batches
 from theseus_cli.deploy.gates import Gates, evaluate_gates
-from theseus_cli.errors import DataError, OutputError, RecipeError, TheseusWarning
+from theseus_cli.errors import DataError, OutputError, RecipeError, TheseusWarning, UsageError
 from theseus_cli.models.build import build_model
 from theseus_cli.pipelines.baselines import distill_teacher, train_baselines
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
@@ -82,7 +82,7 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
     """
     options = options or ConvertOptions()
     if options.gates.max_latency_ms is not None and not options.latency:
-        raise RecipeError("--max-latency-ms gates on the measured latency; it cannot be combined with --no-latency")
+        raise UsageError("--max-latency-ms gates on the measured latency; it cannot be combined with --no-latency")
     started = time.perf_counter()
     out = Path(out)
     with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
@@ -153,12 +153,16 @@ class Conversion:
         self.seeds = Seeds(self.recipe.seed)
         self.task = get_task(self.recipe.task)
         self.main = current_dist().main
-        self.fingerprint = {"recipe_hash": self.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256")}
+        self.fingerprint = {"recipe_hash": self.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256"),
+                            "checkpoint": session.guide_info.get("checkpoint")}  # the path: named, not compared
         self.results = Results()
         self.cache: GuideCache | None = None
         self.baselines_: dict[str, dict[str, Any]] | None = None
         self.deployment: dict[str, Any] | None = None
         self.warnings: list[str] = []  # report["warnings"]: what the user most likely did not mean
+        # a resumed run: the earlier legs' wall seconds (up to their last checkpoint) and their alignment seconds
+        self.legs_before, self.align_before = (resume_stages.load_legs(out) if options.resume else ([], 0.0))
+        self.align_started: float | None = None
 
     def run(self) -> dict[str, Any] | None:
         self.plan()
@@ -212,7 +216,7 @@ class Conversion:
     def align(self) -> None:
         """Align the target stage by stage as the schedule says; checkpoint after each stage. With ``resume``,
         stages already checkpointed are rebuilt (same seeds) and their trained weights restored, not retrained."""
-        started = time.perf_counter()
+        started = self.align_started = time.perf_counter()
         job = self._align_job()
         saved = resume_stages.load_stages(self.out, self.fingerprint) if self.options.resume else None
         if saved is None and self.main:
@@ -239,7 +243,9 @@ class Conversion:
             first = first if first is not None else index
             if self.main:
                 resume_stages.save_stages(self.out, self.target, stages, job.generator, self.fingerprint)
-        self.results.stages, self.results.align_seconds = stages, time.perf_counter() - started
+                self._save_legs()
+        self.results.stages, self.results.align_seconds = stages, self._align_seconds()
+        self.align_started = None
         self.results.sim_after_align = self._similarity()
 
     def _log_stage(self, result, index: int, count: int, elapsed: float, first: int | None) -> None:
@@ -282,7 +288,10 @@ class Conversion:
     def baselines(self) -> None:
         """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
         finished = resume_stages.load_baselines(self.out, self.fingerprint) if self.options.resume else {}
-        save = (lambda so_far: resume_stages.save_baselines(self.out, so_far, self.fingerprint)) if self.main else None
+        def save(so_far):
+            resume_stages.save_baselines(self.out, so_far, self.fingerprint)
+            self._save_legs()
+        save = save if self.main else None
         self.baselines_ = train_baselines(self, finished, save)
 
     def profile(self) -> None:
@@ -364,6 +373,24 @@ class Conversion:
     def _checkpoint(self, phase: str) -> None:
         if self.main:
             resume_stages.save_phase(self.out, phase, self.target, asdict(self.results), self.fingerprint)
+            self._save_legs()
+
+    def _align_seconds(self) -> float:
+        """The alignment's wall seconds over every leg: while aligning, the earlier legs' and this one's so far;
+        after, what :meth:`align` recorded (or a resumed phase checkpoint restored)."""
+        if self.align_started is None:
+            return self.results.align_seconds
+        return self.align_before + time.perf_counter() - self.align_started
+
+    def _save_legs(self) -> None:
+        resume_stages.save_legs(self.out, [*self.legs_before, time.perf_counter() - self.started], self._align_seconds())
+
+    def wall_time(self) -> dict[str, Any]:
+        """The report's ``wall_time``: alignment and total over all legs; ``legs`` (seconds of each, the killed ones
+        up to their last checkpoint) and ``resumed`` say whether the run was resumed."""
+        this_leg = time.perf_counter() - self.started
+        return {"alignment": self.results.align_seconds, "total": sum(self.legs_before) + this_leg,
+                "legs": [*self.legs_before, this_leg], "resumed": bool(self.legs_before)}
 
     def _restore_phase(self, done: dict[str, Any]) -> None:
         for stage in self.plan_.stages:
@@ -378,12 +405,15 @@ def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:
     its report is returned, with the gates checked against it — if the same recipe and guide made it."""
     try:
         report = json.loads((out / REPORT_FILE).read_text())
-        made_by = report["recipe_hash"], report["guide"].get("checkpoint_sha256")
+        made_by = {"recipe_hash": report["recipe_hash"], "guide": report["guide"].get("checkpoint_sha256"),
+                   "checkpoint": report["guide"].get("checkpoint")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise OutputError(f"{out / REPORT_FILE}: unreadable report of a finished run ({exc}); use --overwrite") from None
-    if made_by != (session.recipe.digest(), session.guide_info.get("checkpoint_sha256")):
-        raise OutputError(f"{out}: holds a finished run of a different recipe or guide checkpoint; use another --out, "
-                          "or --overwrite")
+    now = {"recipe_hash": session.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256"),
+           "checkpoint": session.guide_info.get("checkpoint")}
+    difference = resume_stages.fingerprint_difference(made_by, now)
+    if difference:
+        raise OutputError(f"{out}: holds a finished run {difference}; use another --out, or --overwrite")
     if gates.any:
         report["gates"] = evaluate_gates(gates, report)
     return report

@@ -54,9 +54,33 @@ def _load_checked(file: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | N
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise OutputError(f"{file}: unreadable checkpoint ({type(exc).__name__}); delete it or drop --resume") from None
-    if payload.get("fingerprint") != fingerprint:
-        raise OutputError(f"{file}: made for a different recipe or guide checkpoint; use another --out or --overwrite")
+    difference = fingerprint_difference(payload.get("fingerprint") or {}, fingerprint)
+    if difference:
+        raise OutputError(f"{file}: {difference}; give the same recipe and guide to resume, or use another --out or "
+                          "--overwrite")
     return payload
+
+
+MATCHED = ("recipe_hash", "guide")  # what a resumed run must share with the killed one; "checkpoint" (the path) only names it
+
+
+def fingerprint_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Which of the recipe and the guide checkpoint differ between the run that wrote ``stored`` and this one, and
+    what each was made from (a forgotten GUIDE argument reads "this command gives none: an untrained guide")."""
+    parts = []
+    if stored.get("recipe_hash") != current.get("recipe_hash"):
+        parts.append(f"made for a different recipe (its resolved recipe hash {str(stored.get('recipe_hash'))[:12]}, "
+                     f"this command's {str(current.get('recipe_hash'))[:12]})")
+    if stored.get("guide") != current.get("guide"):
+        parts.append(f"made from {_guide_text(stored)}, and this command gives {_guide_text(current)}")
+    return "; ".join(parts) or None
+
+
+def _guide_text(fingerprint: dict[str, Any]) -> str:
+    if fingerprint.get("guide") is None:
+        return "no guide checkpoint (an untrained guide)"
+    where = fingerprint.get("checkpoint")
+    return f"the guide checkpoint {where + ' ' if where else ''}(sha256 {fingerprint['guide'][:12]}…)"
 
 
 def load_stages(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -116,3 +140,29 @@ def describe(out: Path) -> str:
     except Exception:  # an unreadable checkpoint: resume will say so
         pass
     return "from the start (no stage had finished)"
+
+
+LEGS_FILE = "legs.json"
+
+
+def save_legs(out: Path, legs: list[float], align_seconds: float) -> None:
+    """The wall seconds of each leg of the run so far (the killed ones up to their last checkpoint, the current one
+    up to now) and the alignment's seconds over all legs: a resumed run's report adds them up instead of reporting
+    its last leg alone. Written with every checkpoint."""
+    import json
+
+    text = json.dumps({"legs": legs, "align_seconds": align_seconds})
+    atomic_write(out / RESUME_DIR / LEGS_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_legs(out: Path) -> tuple[list[float], float]:
+    """(earlier legs' seconds, their alignment seconds); ([], 0.0) without a record or with an unreadable one (the
+    times are a report's figures, not state a resumed run needs)."""
+    import json
+
+    try:
+        data = json.loads((out / RESUME_DIR / LEGS_FILE).read_text())
+        legs = [float(v) for v in data["legs"]]
+        return legs, float(data["align_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], 0.0

@@ -72,7 +72,7 @@ def test_resuming_a_finished_run_redoes_nothing(tmp_path):
     assert again.exit_code == 0 and json.loads(again.stdout)["metric"] == json.loads(first.stdout)["metric"]
     assert (out / "target.safetensors").stat().st_mtime_ns == stamp
     other = _convert(_recipe(tmp_path, "other.yaml", seed=1), out, "--resume")
-    assert other.exit_code == 8 and "finished run of a different recipe" in other.output
+    assert other.exit_code == 8 and "finished run made for a different recipe" in other.output
 
 
 def test_a_conversion_that_fails_before_writing_leaves_no_directory(tmp_path):

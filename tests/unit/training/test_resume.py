@@ -54,7 +54,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
         _kill_at(m, 1)
         with pytest.raises(KeyboardInterrupt):
             run_conversion(_recipe(), tmp_path / "o", ConvertOptions(device="cpu"))
-    with pytest.raises(OutputError, match="made for a different recipe or guide checkpoint"):
+    with pytest.raises(OutputError, match="made for a different recipe \(its resolved recipe hash"):
         run_conversion(_recipe(seed=5), tmp_path / "o", ConvertOptions(device="cpu", resume=True))
 
 
@@ -113,3 +113,42 @@ def test_a_run_killed_between_baselines_resumes_without_redoing_the_finished_one
     assert strip(resumed["baselines"]) == strip(full["baselines"])
     assert resumed["metric"] == full["metric"]
     assert not (tmp_path / "killed" / ".resume").exists()
+
+
+def test_a_resumed_report_adds_up_every_leg_and_says_it_was_resumed(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(_recipe(), tmp_path / "o", ConvertOptions(device="cpu"))
+    legs, align = __import__("theseus_cli.training.resume", fromlist=["load_legs"]).load_legs(tmp_path / "o")
+    assert len(legs) == 1 and legs[0] > 0 and 0 < align <= legs[0]  # the killed leg, up to its stage checkpoint
+    resumed = run_conversion(_recipe(), tmp_path / "o", ConvertOptions(device="cpu", resume=True))
+    wall = resumed["wall_time"]
+    assert wall["resumed"] is True and len(wall["legs"]) == 2 and wall["legs"][0] == pytest.approx(legs[0])
+    assert wall["total"] == pytest.approx(sum(wall["legs"])) and wall["alignment"] > align  # stage 1's time counted
+    fresh = run_conversion(_recipe(), tmp_path / "p", ConvertOptions(device="cpu"))["wall_time"]
+    assert fresh["resumed"] is False and len(fresh["legs"]) == 1
+
+
+def test_resume_with_the_guide_argument_forgotten_says_which_differs_through_the_cli(tmp_path, monkeypatch):
+    from safetensors.torch import save_model
+    from typer.testing import CliRunner
+    import yaml
+
+    from theseus_cli.cli.app import app
+    from theseus_cli.models.build import build_model
+
+    raw = tiny_recipe_dict(guide={"kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}},
+                           align={"epochs": 2, "max_steps_per_epoch": 3})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    guide = tmp_path / "guide.safetensors"
+    save_model(build_model(raw["guide"]["arch"], raw["guide"]["kwargs"], 0, "classification"), str(guide))
+    with monkeypatch.context() as m:
+        _kill_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_conversion(parse_recipe(raw), tmp_path / "o", ConvertOptions(checkpoint=guide, device="cpu"))
+    res = CliRunner().invoke(app, ["convert", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"),
+                                   "--resume", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 8, res.output
+    assert f"made from the guide checkpoint {guide}" in res.output and "this command gives no guide checkpoint" in res.output
+    assert "different recipe" not in res.output and len(res.output.strip().splitlines()) == 1

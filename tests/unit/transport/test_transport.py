@@ -219,7 +219,7 @@ def test_cli_transport_end_to_end_and_b_prime_is_a_usable_target(tmp_path):
         if "running" not in k and "num_batches" not in k:  # statistics are re-estimated, weights are A′'s
             torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4)
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--alpha", "1", "--alpha-grid", "0:1:0.5"])
-    assert res.exit_code == 3 and "not both" in res.output
+    assert res.exit_code == 2 and "not both" in res.output
 
 
 def test_shipped_transport_recipes_validate():

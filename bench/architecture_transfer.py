@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, untrained_guide, with_seed
+from common import bench_progress, ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, untrained_guide, with_seed
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe
@@ -42,7 +42,7 @@ def run_setting(name: str, spec: dict, device: str, out_root: Path, seed: int | 
         checkpoint, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)
     elif seed is not None:  # the same untrained guide for every seed
         checkpoint = untrained_guide(name, recipe)
-    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(progress=bench_progress(), checkpoint=checkpoint, device=device, baseline=True, overwrite=True))
     m, plan = report["metric"], report["plan"]
     better = (m["target"] - m["baseline"]) if m["higher_is_better"] else (m["baseline"] - m["target"])
     return {

@@ -24,6 +24,15 @@ from theseus_cli.pipelines.train_guide import train_guide  # noqa: E402
 from theseus_cli.config.recipe import Recipe, recipe_hash  # noqa: E402
 
 
+def bench_progress():
+    """Progress for a benchmark's conversions and guide training: plain lines on stderr (a phase, a stage, an epoch,
+    a baseline each, with elapsed time), as ``theseus convert`` prints without a terminal: a benchmark runs for hours
+    in CI logs and must never look hung."""
+    from theseus_cli.progress import LineProgress
+
+    return LineProgress()
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return torch.cuda.get_device_name(0)
@@ -49,7 +58,7 @@ def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str)
     started = time.perf_counter()
     if cache.is_file():
         return cache, {"cached": True, "epochs": epochs, "seconds": 0.0}
-    info = train_guide(recipe, cache, epochs=epochs, lr=lr, device=device)
+    info = train_guide(recipe, cache, epochs=epochs, lr=lr, device=device, progress=bench_progress())
     return cache, {"cached": False, "epochs": epochs, "seconds": time.perf_counter() - started, info["metric"]: info[info["metric"]]}
 
 

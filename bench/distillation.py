@@ -37,7 +37,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import (add_seeds_option, add_small_option, cached_guide, device_name, finished_report, guide_raw, mean_std,
+from common import (bench_progress, add_seeds_option, add_small_option, cached_guide, device_name, finished_report, guide_raw, mean_std,
                     merge, parse_seeds, setting_raw, settings_parser, smoke_note, untrained_guide)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -96,7 +96,7 @@ def run_method(method: str, raw: dict, seed: int, guide: Path, device: str, out:
         data = merge(data, {"baseline": {"runs": baselines}})
     recipe = parse_recipe(data, f"{method} seed {seed}")
     report = finished_report(out, recipe.digest(), guide) or run_conversion(
-        recipe, out, ConvertOptions(checkpoint=guide, device=device, baseline=bool(baselines), overwrite=True,
+        recipe, out, ConvertOptions(progress=bench_progress(), checkpoint=guide, device=device, baseline=bool(baselines), overwrite=True,
                                     latency=False))
     m = report["metric"]
     found = {method: {"metric": m["target"], "seconds": report["wall_time"]["total"] -

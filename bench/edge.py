@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from common import (SPEEDUPS, add_seeds_option, add_small_option, cached_guide, finished_report, guide_raw, merge,
+from common import (bench_progress, SPEEDUPS, add_seeds_option, add_small_option, cached_guide, finished_report, guide_raw, merge,
                     onnx_speedups, pm, run_settings, setting_raw, settings_parser, smoke_note, speed_text)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -160,7 +160,7 @@ def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str = "aut
     guide = the_guide(name, spec, raw, device, small)
     run, recipe = out_root / name, parse_recipe(raw, f"{name} seed {seed}")
     report = finished_report(run, recipe.digest(), guide) or run_conversion(
-        recipe, run, ConvertOptions(checkpoint=guide, device=device, baseline=True, overwrite=not (run / ".resume").is_dir(),
+        recipe, run, ConvertOptions(progress=bench_progress(), checkpoint=guide, device=device, baseline=True, overwrite=not (run / ".resume").is_dir(),
                                     resume=(run / ".resume").is_dir()))  # a killed run goes on from its last stage
     m, dep = report["metric"], report["deployment"]
     onnx_t = on_onnxruntime(run, run / "onnx")

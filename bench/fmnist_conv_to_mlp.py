@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, with_seed
+from common import bench_progress, ROOT, add_seeds_option, cached_guide, only_baseline, pm, run_settings, settings_parser, with_seed
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe
@@ -38,7 +38,7 @@ SETTINGS = {
 def run_setting(name: str, spec: dict, device: str, out_root: Path, seed: int | None = None) -> dict:
     recipe = only_baseline(load_recipe(ROOT / spec["recipe"]))
     cache, guide = cached_guide(name, recipe, spec["guide_epochs"], spec["guide_lr"], device)  # the recipe's seed
-    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=cache, device=device, baseline=True, overwrite=True))
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(progress=bench_progress(), checkpoint=cache, device=device, baseline=True, overwrite=True))
     acc = report["metric"]
     return {
         "setting": name,

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, cached_guide, device_name, only_baseline
+from common import bench_progress, ROOT, cached_guide, device_name, only_baseline
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe, parse_recipe
@@ -57,7 +57,7 @@ def main() -> None:
     rows, naive = [], None
     for i, (name, changes, untrained, with_baseline) in enumerate(VARIANTS):
         recipe = parse_recipe(merged(base.resolved(), changes), f"{RECIPE} + {changes}")
-        report = run_conversion(recipe, out / f"v{i}", ConvertOptions(checkpoint=None if untrained else guide, device=args.device,
+        report = run_conversion(recipe, out / f"v{i}", ConvertOptions(progress=bench_progress(), checkpoint=None if untrained else guide, device=args.device,
                                 baseline=with_baseline, overwrite=True))
         acc = report["metric"]
         if with_baseline:

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, cached_guide, device_name
+from common import bench_progress, ROOT, cached_guide, device_name
 
 from theseus_cli import ConvertOptions, run_conversion
 from theseus_cli.config.recipe import load_recipe, parse_recipe
@@ -46,7 +46,7 @@ def _recipe(changes: dict, small: bool):
 def full(device: str, out: Path, small: bool) -> dict:
     recipe = _recipe({}, small)
     guide, info = cached_guide("resnet18-fmnist32", recipe, 1 if small else 8, 1e-3, device)
-    report = run_conversion(recipe, out / "full", ConvertOptions(checkpoint=guide, device=device, overwrite=True,
+    report = run_conversion(recipe, out / "full", ConvertOptions(progress=bench_progress(), checkpoint=guide, device=device, overwrite=True,
                                                                  latency=not small))
     m = report["metric"]
     return {"guide_training": info, "guide": m["guide"], "target": m["target"], "retention": m["retention"],
@@ -62,7 +62,7 @@ def scaling(device: str, out: Path, small: bool, steps: int, batches: list[int])
             recipe = _recipe({"schedule": schedule, "data": {"batch_size": batch},
                               "align": {"epochs": 1, "max_steps_per_epoch": steps, "batch_size": batch},
                               "finetune": {"epochs": 0}}, small)
-            report = run_conversion(recipe, out / "scaling", ConvertOptions(device=device, overwrite=True,
+            report = run_conversion(recipe, out / "scaling", ConvertOptions(progress=bench_progress(), device=device, overwrite=True,
                                                                             latency=False))  # alignment time only
             rows.append({"schedule": label, "batch": batch, "stages": len(report["stages"]),
                          "steps": report["steps"]["alignment"], "alignment_seconds": report["wall_time"]["alignment"]})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import (add_small_option, merge, onnx_speedups, run_settings, setting_raw, settings_parser, smoke_note,
+from common import (add_small_option, bench_progress, merge, onnx_speedups, run_settings, setting_raw, settings_parser, smoke_note,
                     speed_text)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -33,7 +33,6 @@ from theseus_cli.config.recipe import parse_recipe
 from theseus_cli.deploy.export import ExportOptions, export_target
 from theseus_cli.deploy.interleave import latency_budget
 from theseus_cli.errors import ExportError
-from theseus_cli.progress import LineProgress
 
 SETTINGS = {
     "resnet18-separable": {"recipe": "recipes/edge_resnet18_separable.yaml",
@@ -92,7 +91,7 @@ def run_one(name: str, spec: dict, out_root: Path, threads: tuple[int, ...] = (1
     raw = token_recipe(spec, small)
     run = out_root / name
     run_conversion(parse_recipe(raw, name), run, ConvertOptions(device="cpu", overwrite=True, latency=False,
-                                                                progress=LineProgress()))
+                                                                progress=bench_progress()))
     files = export_files(run, guide_as_target(raw, None, run / "guide"))
     sample = open_session(parse_recipe(raw, name), None, "cpu", probe=False).data.x_test[:1]
     budget = 5 * latency_budget()  # 1.5 s a file at the default budget

@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, fmt_mean_std, merge,
+from common import (bench_progress, ROOT, add_seeds_option, add_small_option, cached_guide, finished_report, fmt_mean_std, merge,
                     parse_seeds, pm, run_settings, settings_parser, smoke_note)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -86,7 +86,7 @@ def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str = "aut
         run, recipe = out_root / variant, parse_recipe(raws[variant], f"{variant} seed {seed}")
         resume = (run / ".resume").is_dir()  # a killed run goes on from its last finished stage
         report = finished_report(run, recipe.digest(), guide) or run_conversion(
-            recipe, run, ConvertOptions(checkpoint=guide, device=device, baseline=baselines and variant == "per-module",
+            recipe, run, ConvertOptions(progress=bench_progress(), checkpoint=guide, device=device, baseline=baselines and variant == "per-module",
                                         overwrite=not resume, resume=resume, latency=False))
         m = report["metric"]
         row["guide"], row["data"] = m["guide"], report["data"]

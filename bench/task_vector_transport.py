@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_settings, settings_parser
+from common import bench_progress, run_settings, settings_parser
 
 from theseus_cli.models.build import build_model
 from theseus_cli.data.dataset import load_dataset
@@ -150,7 +150,7 @@ def run_one(name: str, setting: dict, device: str, out_root: Path) -> dict:
     recipe = TransportRecipe(model_a=spec(a_w), model_b=spec(b_w), data=NEW,
                              transport=TransportConfig(calib_samples=setting["calib"], val_samples=VAL, alpha_grid="0:3:0.1"))
     report = run_transport(recipe, out_root / f"transport-{name}", TransportOptions(
-        base_a=paths[a_w], tuned_a=tuned, base_b=paths[b_w], device=device, overwrite=True))
+        base_a=paths[a_w], tuned_a=tuned, base_b=paths[b_w], device=device, overwrite=True, progress=bench_progress()))
     b = _load(b_w, paths[b_w], device)
 
     # weight selection of τ, α on the same validation digits transport used

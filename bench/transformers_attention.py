@@ -31,7 +31,7 @@ import copy
 from pathlib import Path
 
 import yaml
-from common import (ROOT, add_seeds_option, add_small_option, cached_guide, pm, run_settings, settings_parser,
+from common import (bench_progress, ROOT, add_seeds_option, add_small_option, cached_guide, pm, run_settings, settings_parser,
                     smoke_note, the_baseline, with_seed)
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -84,7 +84,7 @@ def run_setting(name: str, spec: dict, device: str, out_root: Path, small: bool,
     if "guide_epochs" in spec:  # trained here on the full training split, reused by every setting
         epochs = 1 if small else spec["guide_epochs"]
         checkpoint, guide = cached_guide("gpt2-kjv", guide_recipe, epochs, spec["guide_lr"], device)
-    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(checkpoint=checkpoint, device=device, baseline=True,
+    report = run_conversion(with_seed(recipe, seed), out_root / name, ConvertOptions(progress=bench_progress(), checkpoint=checkpoint, device=device, baseline=True,
                                                                     overwrite=True, latency=not small))  # no timings read here
     m = report["metric"]
     run, base = the_baseline(report)

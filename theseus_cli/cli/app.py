@@ -381,6 +381,7 @@ def export(
                                     "activation ranges"),
     trust_target: bool = TrustTargetOpt,
     as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Write a deployable target (ONNX, TorchScript, transformers directory), checked against PyTorch's outputs."""
@@ -393,9 +394,10 @@ def export(
             raise ExportError(f"--exporter {exporter!r}: choose one of auto, dynamo, torchscript")
         return export_target(run, fmt, ExportOptions(out=out, overwrite=overwrite, atol=atol, rtol=rtol, opset=opset,
                                                      exporter=exporter, trust_code=trust_target, quantize=quantize,
-                                                     max_metric_drop=max_metric_drop, calibration=calibration))
+                                                     max_metric_drop=max_metric_drop, calibration=calibration,
+                                                     progress=_progress(quiet)))
 
-    result = _run(debug, work)
+    result = _run(debug, work, quiet=quiet)
     if as_json:
         _emit_json(result)
         return

@@ -35,7 +35,7 @@ import warnings
 import os
 import tempfile
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -44,6 +44,7 @@ import torch.nn as nn
 from theseus_cli.artifacts import atomic_write, load_target
 from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY
 from theseus_cli.deploy.parity import Deployable, check_parity, quiet_exporters, sample_inputs
+from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.errors import ExportError, OutputError
 from theseus_cli.target_meta import TargetMeta
 
@@ -201,6 +202,7 @@ class ExportOptions:
     quantize: Optional[str] = None  # "int8" (onnx only): see theseus_cli.deploy.quantize
     max_metric_drop: Optional[float] = None  # int8: allowed metric loss (None: 1 point; perplexity 2 %)
     calibration: int = 256  # int8 static quantisation: training inputs used to calibrate activation ranges
+    progress: Progress = field(default_factory=NullProgress)  # int8: a line per step (export, quantise, judge)
 
 
 def _export_int8(wrapper, cases, out: Path, source: Path, o: ExportOptions) -> dict[str, Any]:
@@ -210,8 +212,10 @@ def _export_int8(wrapper, cases, out: Path, source: Path, o: ExportOptions) -> d
     meta = wrapper.model.theseus_meta
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.fp32.") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
+        o.progress.log("int8: exporting the float ONNX file and checking it against PyTorch")
         result = export_onnx(wrapper, cases, fp32, meta, o.atol, o.rtol, o.opset, o.exporter)
-        job = int8_job(fp32, meta, source, o.calibration, o.max_metric_drop, o.trust_code)
+        o.progress.log("int8: loading the recipe's data (calibration and test split)")
+        job = int8_job(fp32, meta, source, o.calibration, o.max_metric_drop, o.trust_code, o.progress)
         return {**result, **quantize_onnx(job, out)}
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from theseus_cli.deploy.onnx_runtime import ONNX_META_KEY, OnnxTarget, onnx_latency_pair, onnx_metric, open_onnx
 from theseus_cli.errors import ExportError
+from theseus_cli.progress import NullProgress
 
 DEFAULT_DROP = {"perplexity": 0.02, "accuracy": 0.01, "cosine_to_guide": 0.01}
 
@@ -56,6 +57,7 @@ class QuantizeJob:
     y_test: Any
     batch_size: int
     max_drop: float | None = None  # None: DEFAULT_DROP of the task's metric
+    progress: Any = field(default_factory=NullProgress)  # a line per step (quantise, judge, time)
 
 
 def has_convolutions(path: Path) -> bool:
@@ -161,14 +163,17 @@ def quantize_onnx(job: QuantizeJob, out: Path) -> dict[str, Any]:
         work = Path(tmp)
         int8 = work / "int8.onnx"
         try:
+            job.progress.log(f"int8: quantising ({calibration_inputs(job)} calibration inputs for a static graph)")
             mode = write_int8(job, int8, work)
             quantized = open_onnx(int8, 1)
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 — the tools raise anything; one line, nothing written
             raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        job.progress.log(f"int8: {mode} file written; judging float and int8 on the test split, timing them alternately")
         judgement = judged({"float": open_onnx(job.fp32, 1), "int8": quantized}, job)
         fp, q = judgement["float"], judgement["int8"]
+        job.progress.log(f"int8: {job.task.metric} {fp['metric']:.4f} float, {q['metric']:.4f} int8")
         problem = drop_problem(job.task, fp["metric"], q["metric"], max_drop)
         if problem:
             raise ExportError(f"int8 export refused, nothing written: {problem} on the test split "
@@ -182,7 +187,8 @@ def quantize_onnx(job: QuantizeJob, out: Path) -> dict[str, Any]:
                              "threads": 1, "metadata_key": ONNX_META_KEY}}
 
 
-def int8_job(fp32: Path, meta, source: Path, calibration: int, max_drop: float | None, trust_code: bool) -> QuantizeJob:
+def int8_job(fp32: Path, meta, source: Path, calibration: int, max_drop: float | None, trust_code: bool,
+             progress=None) -> QuantizeJob:
     """The job for a target's float export: its recipe's test split (as ``theseus eval`` reads it) to judge on and
     ``calibration`` of its training inputs (the first ones of the recipe's seeded order) to calibrate with."""
     import torch
@@ -196,4 +202,5 @@ def int8_job(fp32: Path, meta, source: Path, calibration: int, max_drop: float |
     n = min(calibration, ds.x_train.shape[0])
     feeds = [float_model.feeds(ds.x_train[torch.arange(s, min(s + cfg.eval_batch_size, n))])
              for s in range(0, n, cfg.eval_batch_size)]
-    return QuantizeJob(fp32, feeds, get_task(setup.task), ds.x_test, ds.y_test, cfg.eval_batch_size, max_drop)
+    return QuantizeJob(fp32, feeds, get_task(setup.task), ds.x_test, ds.y_test, cfg.eval_batch_size, max_drop,
+                       progress or NullProgress())

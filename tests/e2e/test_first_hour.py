@@ -184,3 +184,45 @@ def test_a_warmup_longer_than_the_finetuning_is_warned_about(tmp_path):
     res = _cli("inspect", "--recipe", "r.yaml", cwd=tmp_path)
     assert res.returncode == 0
     assert "warning: r.yaml: finetune.warmup_epochs 5 is more than finetune.epochs 2" in res.stderr
+
+
+def test_the_readme_library_example_names_its_guide_and_an_untrained_guide_warns(tmp_path):
+    import warnings
+
+    from safetensors.torch import save_model
+
+    from theseus_cli import ConvertOptions, run_conversion
+    from theseus_cli.config.recipe import parse_recipe
+    from theseus_cli.errors import TheseusWarning
+    from theseus_cli.models.build import build_model
+    from tests.conftest import REPO
+
+    assert 'ConvertOptions(checkpoint="guide.safetensors"' in (REPO / "README.md").read_text()
+    raw = tiny_recipe_dict(finetune={"epochs": 0})
+    with pytest.warns(TheseusWarning, match="is untrained: no checkpoint was given"):
+        report = run_conversion(parse_recipe(raw), tmp_path / "a", ConvertOptions(device="cpu", latency=False))
+    assert report["warnings"] and not report["guide"]["trained"]
+    guide = tmp_path / "guide.safetensors"
+    save_model(build_model(raw["guide"]["arch"], raw["guide"]["kwargs"], 0, "classification"), str(guide))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TheseusWarning)  # a given checkpoint: no warning
+        report = run_conversion(parse_recipe(raw), tmp_path / "b", ConvertOptions(checkpoint=guide, device="cpu",
+                                                                                  latency=False))
+    assert report["warnings"] == [] and report["guide"]["trained"]
+
+
+def test_terminal_bars_show_the_latest_loss():
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from theseus_cli.cli.progress import RichProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    progress = RichProgress(console)
+    bar = progress.task("fine-tune target", 10)
+    bar.advance(loss=torch.tensor(0.1234))
+    progress.progress.refresh()
+    assert "loss 0.1234" in console.file.getvalue()
+    bar.done()

@@ -68,7 +68,7 @@ def test_a_broken_calibration_is_refused_with_exit_11_and_nothing_written(runs, 
     monkeypatch.setattr(quantize, "int8_job", broken)
     run = runs["conv"]
     out = run / "broken.int8.onnx"
-    res = runner.invoke(app, ["export", str(run), "--quantize", "int8", "--out", str(out)])
+    res = runner.invoke(app, ["export", str(run), "--quantize", "int8", "--out", str(out), "--quiet"])
     assert res.exit_code == 11, res.output
     line = res.output.strip()
     assert "\n" not in line and "int8 export refused, nothing written: accuracy" in line and "static" in line, line

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -152,3 +154,9 @@ def test_resume_with_the_guide_argument_forgotten_says_which_differs_through_the
     assert res.exit_code == 8, res.output
     assert f"made from the guide checkpoint {guide}" in res.output and "this command gives no guide checkpoint" in res.output
     assert "different recipe" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, ["convert", str(guide), "--recipe", str(tmp_path / "r.yaml"), "--out",
+                                   str(tmp_path / "o"), "--resume", "--device", "cpu", "--quiet", "--json",
+                                   "--no-latency"])
+    assert res.exit_code == 0, res.output
+    wall = json.loads(res.stdout)["wall_time"]  # the resumed run's report says so, and counts both legs
+    assert wall["resumed"] is True and len(wall["legs"]) == 2 and wall["total"] == pytest.approx(sum(wall["legs"]))

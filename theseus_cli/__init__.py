@@ -32,6 +32,9 @@ _PUBLIC = {
     "evaluate_model": "theseus_cli.deploy.evaluate",
     "export_target": "theseus_cli.deploy.export",
     "train_guide": "theseus_cli.pipelines.train_guide",
+    "TheseusError": "theseus_cli.errors",
+    "TheseusWarning": "theseus_cli.errors",
+    "LineProgress": "theseus_cli.progress",
 }
 
 __all__ = ["__version__", *_PUBLIC]

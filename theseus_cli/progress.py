@@ -3,7 +3,7 @@
 The library takes a :class:`Progress`; the default does nothing. The CLI passes a rich-backed one on a terminal,
 :class:`LineProgress` without one (CI logs, pipes: one plain line per phase, stage, epoch and baseline on stderr,
 with elapsed time and an estimate of what is left, so a job that prints nothing for minutes is never mistaken for a
-hung one), or :class:`NullProgress` under ``--quiet``.
+hung one; epochs shorter than :data:`NOTE_EVERY_S` are summed up, first and last always shown), or :class:`NullProgress` under ``--quiet``.
 
 A bar's ``advance(loss=…)`` may be handed a device tensor: a bar reads it (a host sync) only when it is about to show
 it, at most every :data:`SHOW_EVERY_S` seconds, so progress costs no per-step synchronisation.
@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, TextIO
 
 SHOW_EVERY_S = 0.5  # a rich bar re-reads its loss at most this often
 LINE_EVERY_S = 60.0  # without a terminal, a long bar prints a line at most this often between its milestones
+NOTE_EVERY_S = 5.0  # and its notes (epochs) at most this often: 135 sub-second epochs are not 135 lines of a log
 
 
 class Bar(Protocol):
@@ -83,8 +84,8 @@ class LineProgress:
     began. ``clock`` is injectable so that tests check lines, not speed."""
 
     def __init__(self, stream: TextIO | None = None, every_s: float = LINE_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic):
-        self.stream, self.every_s, self.clock = stream, every_s, clock
+                 clock: Callable[[], float] = time.monotonic, note_every_s: float = NOTE_EVERY_S):
+        self.stream, self.every_s, self.clock, self.note_every_s = stream, every_s, clock, note_every_s
         self.started = clock()
 
     def write(self, line: str) -> None:
@@ -102,7 +103,7 @@ class LineProgress:
 class _LineBar:
     def __init__(self, owner: LineProgress, description: str, total: int):
         self.owner, self.description, self.total = owner, description, total
-        self.count, self.info = 0, {}
+        self.count, self.info, self.noted = 0, {}, False
         self.started = self.last_line = owner.clock()
 
     def _status(self, with_info: bool = True) -> str:
@@ -120,7 +121,12 @@ class _LineBar:
             self.owner.write(f"{self.description}: {self._status()}")
 
     def note(self, text: str) -> None:
-        self.last_line = self.owner.clock()
+        """A milestone (an epoch): printed if it is the first or the last, or ``note_every_s`` after the last line."""
+        now = self.owner.clock()
+        first, last = not self.noted, self.count >= self.total
+        if not (first or last or now - self.last_line >= self.owner.note_every_s):
+            return
+        self.noted, self.last_line = True, now
         self.owner.write(f"{self.description}: {text}, {self._status(with_info=False)}")
 
     def done(self, text: str = "", line: bool = True) -> None:

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from theseus_cli.cli.app import app
-from tests.conftest import HANG_S, tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()
 
@@ -30,13 +28,6 @@ def _cli(*args, cwd):
     finally:
         os.chdir(here)
     return _Result(res.exit_code, res.stdout, res.stderr)
-
-
-def _subprocess_cli(*args, cwd, columns: int):
-    """The real ``theseus`` process, where what is read at start-up matters ($COLUMNS)."""
-    env = {**os.environ, "CI": "true", "COLUMNS": str(columns)}
-    return subprocess.run([sys.executable, "-m", "theseus_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=HANG_S)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +66,8 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path):
 
 
 def test_help_shows_flags_plainly_and_whole_at_80_columns(tmp_path):
-    res = _subprocess_cli("convert", "--help", cwd=tmp_path, columns=80)
-    assert res.returncode == 0 and "<bool>" not in res.stdout and "…" not in res.stdout
+    res = runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0 and "<bool>" not in res.stdout and "…" not in res.stdout
     assert "--trust-checkpoint" in res.stdout and "--baseline " in res.stdout
     assert max(len(line) for line in res.stdout.splitlines()) <= 80
 
@@ -226,3 +217,26 @@ def test_terminal_bars_show_the_latest_loss():
     progress.progress.refresh()
     assert "loss 0.1234" in console.file.getvalue()
     bar.done()
+
+
+def test_line_progress_estimates_what_is_left_from_an_injected_clock():
+    import io
+
+    from theseus_cli import LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = LineProgress(out, every_s=10.0, clock=lambda: now[0])
+    bar = progress.task("fine-tune target", 100)
+    for _ in range(25):
+        now[0] += 1.0
+        bar.advance(loss=0.5)  # 25 s: two periodic lines (at 10 s and 20 s)
+    bar.note("epoch 1/4, mean loss 0.5")  # the first note: always shown
+    now[0] += 1.0
+    bar.note("epoch 2/4, mean loss 0.4")  # 1 s later: sub-second epochs are not a line each
+    bar.done()
+    lines = out.getvalue().splitlines()
+    assert not any("epoch 2/4" in line for line in lines)
+    assert lines[0] == "fine-tune target: 10/100 steps, loss 0.5, 10 s, ~1 min 30 s left [10 s]"
+    assert len(lines) == 4 and "25/100 steps, 25 s, ~1 min 15 s left" in lines[2]
+    assert lines[3] == "fine-tune target: done, 25 steps, loss 0.5, 26 s [26 s]"

@@ -68,17 +68,14 @@ def test_inspect_estimates_the_alignment_and_suggests_grouping_many_stages(tmp_p
 
 
 def _inspect_at(tmp_path, columns: int, recipe: dict) -> tuple[str, dict]:
+    """``inspect`` piped with ``$COLUMNS`` set (read when the verb runs, as in a fresh process), and its JSON."""
     import json
-    import os
-    import subprocess
-    import sys
 
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "COLUMNS": str(columns), "CI": "true"}
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "theseus_cli", "inspect", "-r", "w.yaml", *extra],  # noqa: E731
-                                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    run = lambda *extra: CliRunner().invoke(app, ["inspect", "-r", str(tmp_path / "w.yaml"), *extra],  # noqa: E731
+                                            env={"COLUMNS": str(columns), "CI": "true"})
     text, data = run(), run("--json")
-    assert text.returncode == 0 and data.returncode == 0, text.stderr
+    assert text.exit_code == 0 and data.exit_code == 0, text.output
     return text.stdout, json.loads(data.stdout)
 
 

@@ -356,11 +356,10 @@ def eval_cmd(
     out_console.print(table)
     if "latency_device" in result:
         out_console.print(f"latency: median of repeated runs on {_e(result['latency_device'])}, {_e(result['latency_runtime'])}")
-    if "against" in result and "ratios" in result["against"]:
-        for b, r in result["against"]["ratios"].items():
-            out_console.print(f"batch {b}: {r['median']:.3g}× the time of {_e(result['against']['model'])} "
-                              f"(×{r['min']:.3g}–{r['max']:.3g} over {r['rounds']} alternating rounds; "
-                              f"{1 / r['median']:.3g}× faster)" if r["median"] > 0 else "")
+    for b, r in result.get("against", {}).get("ratios", {}).items():
+        speed = f"; ×{1 / r['median']:.3g} the speed" if r["median"] > 0 else ""
+        out_console.print(f"batch {b}: ×{r['median']:.3g} the time of {_e(result['against']['model'])} "
+                          f"(×{r['min']:.3g}–{r['max']:.3g} over {r['rounds']} alternating rounds{speed})")
 
 
 @app.command()

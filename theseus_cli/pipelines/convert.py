@@ -31,12 +31,12 @@ from theseus_cli.artifacts import REPORT_FILE
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.data.core import batches_per_epoch, sample_batches
 from theseus_cli.deploy.gates import Gates, evaluate_gates
-from theseus_cli.errors import DataError, OutputError, RecipeError, TheseusWarning, UsageError
+from theseus_cli.errors import DataError, OutputError, TheseusWarning, UsageError
 from theseus_cli.models.build import build_model
 from theseus_cli.pipelines.baselines import distill_teacher, train_baselines
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
-from theseus_cli.progress import NullProgress, Progress, remaining, seconds
+from theseus_cli.progress import NullProgress, Progress, seconds
 from theseus_cli.rundir import check_out_path, finished, run_directory
 from theseus_cli.seeds import Seeds
 from theseus_cli.similarity import make_loss, min_batch
@@ -249,14 +249,16 @@ class Conversion:
         self.results.sim_after_align = self._similarity()
 
     def _log_stage(self, result, index: int, count: int, elapsed: float, first: int | None) -> None:
-        """``stage 3/9 aligned (cka loss 0.16, 120 steps) 31 s, ~62 s left``: the estimate extrapolates the stages
-        this run trained."""
+        """``stage 3/9 aligned (cka loss 0.16, 120 steps) 31 s, ~62 s left``. What is left is the stages to come at
+        the larger of the mean stage time so far and the last stage's: progressive stages grow (stage t trains t
+        replacements), so a plain mean would underestimate from the first stage on."""
         losses = list(result.final_layer_losses.values())
         kind = self.recipe.similarity.kind if self.recipe.schedule.objective == "similarity" else "KL"
         loss = f"{kind} loss {sum(losses) / len(losses):.3g}, " if losses else ""
-        trained = index + 1 - (index if first is None else first)
-        self.progress.log(f"stage {index + 1}/{count} aligned ({loss}{result.steps:,} steps) {seconds(result.seconds)}"
-                          f"{remaining(elapsed, trained, trained + count - index - 1)}")
+        trained, to_come = index + 1 - (index if first is None else first), count - index - 1
+        left = f", ~{seconds(max(elapsed / trained, result.seconds) * to_come)} left" if to_come else ""
+        self.progress.log(f"stage {index + 1}/{count} aligned ({loss}{result.steps:,} steps) "
+                          f"{seconds(result.seconds)}{left}")
 
     def recalibrate(self) -> None:
         """BatchNorm statistics re-estimated on training inputs; then the aligned target's metric."""

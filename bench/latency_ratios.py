@@ -17,6 +17,7 @@ edge job that may quantise gets over shipping the guide as is), and the int8 tar
 file (what the conversion adds once both are quantised). A ratio above 1 means the target is faster.
 
 Usage: python bench/latency_ratios.py [--settings ...] [--threads 1,2] [--small]
+(``--small``: a smoke run, the float files only, timed briefly.)
 Writes runs/bench-latency/latency_ratios.{json,md} and prints the markdown table.
 """
 
@@ -65,11 +66,13 @@ def token_recipe(spec: dict, small: bool):
     return raw
 
 
-def export_files(run: Path, guide_target: Path) -> dict[str, Path]:
-    """The four ONNX files; int8 allowed any metric drop (the weights are a token conversion's: speed only)."""
+def export_files(run: Path, guide_target: Path, small: bool = False) -> dict[str, Path]:
+    """The four ONNX files (a ``--small`` smoke run: the two float ones; bench/edge.py's smoke run covers int8); int8
+    allowed any metric drop (the weights are a token conversion's: speed only)."""
     files = {}
+    kinds = (("fp32", None),) if small else (("fp32", None), ("int8", "int8"))
     for who, source in (("guide", guide_target), ("target", run)):
-        for kind, quantize in (("fp32", None), ("int8", "int8")):
+        for kind, quantize in kinds:
             out = run / "onnx" / f"{who}_{kind}.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -92,7 +95,7 @@ def run_one(name: str, spec: dict, out_root: Path, threads: tuple[int, ...] = (1
     run = out_root / name
     run_conversion(parse_recipe(raw, name), run, ConvertOptions(device="cpu", overwrite=True, latency=False,
                                                                 progress=bench_progress()))
-    files = export_files(run, guide_as_target(raw, None, run / "guide"))
+    files = export_files(run, guide_as_target(raw, None, run / "guide"), small)
     sample = open_session(parse_recipe(raw, name), None, "cpu", probe=False).data.x_test[:1]
     budget = 5 * latency_budget()  # 1.5 s a file at the default budget
     timings = [{"threads": t, **onnx_speedups(files, sample, t, budget)} for t in threads]

@@ -299,29 +299,28 @@ SPEEDUPS = (("fp32", "target_fp32", "guide_fp32"), ("int8_vs_fp32", "target_int8
 def onnx_speedups(files: dict, sample, threads: int, budget_s: float) -> dict:
     """Every ONNX file of ``files`` (name → path: guide_fp32, target_fp32, guide_int8, target_int8; any may be
     missing) run by ONNX Runtime at batch 1 with ``threads`` intra-op threads, **all in one interleaved run**
-    (:func:`theseus_cli.deploy.interleave.interleaved`): each file's median ms, and each speed-up of
+    (:func:`theseus_cli.deploy.onnx_runtime.onnx_latency_pair`): each file's median ms, and each speed-up of
     :data:`SPEEDUPS` as the median of per-round ratios with its range (``speed_fp32``, ``speed_fp32_min``, …)."""
-    from theseus_cli.deploy.interleave import interleaved, pair_ratio
-    from theseus_cli.deploy.onnx_runtime import open_onnx
-    from theseus_cli.deploy.profile import repeat_example
+    from theseus_cli.deploy.interleave import pair_ratio
+    from theseus_cli.deploy.onnx_runtime import onnx_latency_pair, open_onnx
 
-    calls = {}
-    for name, path in files.items():
-        model = open_onnx(path, threads)
-        feeds = model.feeds(repeat_example(sample[:1], 1))
-        calls[name] = lambda model=model, feeds=feeds: model.session.run(None, feeds)
-    res = interleaved(calls, 1, budget_s=budget_s * len(calls))
-    out = {f"{name}_b1_ms": m["median_ms"] for name, m in res["models"].items()}
-    out.update(rounds=res["rounds"], per_round=res["per_round"])
+    timed = onnx_latency_pair({name: open_onnx(path, threads) for name, path in files.items()}, sample, (1,),
+                              budget_s=budget_s * len(files))
+    out = {f"{name}_b1_ms": by_batch["1"]["median_ms"] for name, by_batch in timed["latency"].items()}
+    rounds = timed["round_medians_ms"]["1"]
+    out.update(rounds=len(rounds), per_round=next(iter(timed["latency"].values()))["1"]["repeats"] // len(rounds))
     for label, target, guide in SPEEDUPS:
-        if target in calls and guide in calls:
-            r = pair_ratio(res["round_medians_ms"], guide, target)  # guide time / target time, per round
+        if target in files and guide in files:
+            r = pair_ratio(rounds, guide, target)  # guide time / target time, per round
             out.update({f"speed_{label}": r["median"], f"speed_{label}_min": r["min"], f"speed_{label}_max": r["max"]})
     return out
 
 
 def speed_text(row: dict, label: str) -> str:
     """``×2.80 (×2.77–2.86)``: a speed-up of :func:`onnx_speedups` for a table; ``—`` where a file is missing."""
+    from theseus_cli.deploy.interleave import ratio_text
+
     if f"speed_{label}" not in row or not math.isfinite(row[f"speed_{label}"]):
         return "—"
-    return f"×{row[f'speed_{label}']:.2f} (×{row[f'speed_{label}_min']:.2f}–{row[f'speed_{label}_max']:.2f})"
+    return ratio_text({"median": row[f"speed_{label}"], "min": row[f"speed_{label}_min"],
+                       "max": row[f"speed_{label}_max"]})

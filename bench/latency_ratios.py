@@ -1,8 +1,8 @@
 """Every published guide-against-target latency ratio, re-measured the one way that holds on a shared machine.
 
-Issue 36 found the ratios of docs/BENCHMARKS.md and the README inflated about 2.5×: guide and target had been timed
-at different moments of a shared CPU, and a ratio of two medians taken minutes apart measures the machine as much as
-the models. Here, for each edge conversion the docs quote a speed for, guide and target are exported to ONNX (float,
+Issue 36 found ratios of docs/BENCHMARKS.md and the README off by up to 2.5× (on an Intel Xeon): guide and target had
+been timed at different moments of a shared CPU, and a ratio of two medians taken minutes apart measures the machine
+as much as the models. Here, for each edge conversion the docs quote a speed for, guide and target are exported to ONNX (float,
 and int8 through ``theseus export --quantize int8``) and run by ONNX Runtime's CPU provider **in one process, in
 alternating rounds** (:mod:`theseus_cli.deploy.interleave`: 15 rounds, the order reversed every other round); each
 ratio is the median of the per-round ratios, with their range.

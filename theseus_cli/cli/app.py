@@ -241,7 +241,7 @@ def _print_conversion(report: dict, out: Path) -> None:
     fmt = "{:.2f}" if m["name"] == "perplexity" else "{:.4f}"
     steps, target_params = report["steps"], f"{report['params']['target']:,}"
     not_steps = steps["alignment"] + steps["finetune"]
-    keep = lambda value: _retention(value, m)  # noqa: E731
+    keep = lambda value: _retention(value, m, report)  # noqa: E731
     table.add_row("guide" + ("" if report["guide"]["trained"] else " (untrained)"), f"{report['params']['guide']:,}",
                   "", fmt.format(m["guide"]), "")
     table.add_row("NoT target, aligned only", target_params, f"{steps['alignment']:,}", fmt.format(m["target_after_alignment"]),
@@ -258,15 +258,14 @@ def _print_conversion(report: dict, out: Path) -> None:
     out_console.print(f"wrote {_e(out / report['files']['target'])}, {_e(out / report['files']['report'])}, {_e(out / report['files']['plot'])}")
 
 
-def _retention(value: float, metric: dict) -> str:
-    """The share of the guide's metric a row keeps, as the report's ``retention`` defines it (guide / row for a
-    lower-is-better metric such as perplexity)."""
-    guide = metric["guide"]
-    if metric["higher_is_better"]:
-        share = value / guide if guide else float("nan")
-    else:
-        share = guide / value if value else float("nan")
-    return f"{share:.1%}"
+def _retention(value: float, metric: dict, report: dict) -> str:
+    """The share of the guide's metric a row keeps, as the report's ``retention`` is computed
+    (:func:`theseus_cli.pipelines.checks.retention`); empty where it is undefined (a metric of 0)."""
+    from theseus_cli.pipelines.checks import retention
+    from theseus_cli.tasks import get_task
+
+    share = retention(get_task(report["recipe"]["task"]), metric["guide"], value)
+    return "" if share is None else f"{share:.1%}"
 
 
 _BASELINE_ROWS = {"scratch": "baseline: from scratch", "guide-init": "baseline: guide weights, no alignment",
@@ -287,9 +286,11 @@ def _deployment_table(report: dict) -> Table:
     for name in ("guide", "target"):
         p = d[name]
         cost.add_row(name, f"{p['params']:,}", f"{p['flops_per_example']:,}", *_latencies(p)[:len(batches)])
+    from theseus_cli.deploy.interleave import ratio_text
+
     r = d["ratios"]
-    lat = [f"×{r[f'latency_b{b}']:.2f} (×{r[f'latency_b{b}_range'][0]:.2f}–{r[f'latency_b{b}_range'][1]:.2f})"
-           if f"latency_b{b}_range" in r else "-" for b in batches]
+    lat = [ratio_text({"median": r[f"latency_b{b}"], "min": r[f"latency_b{b}_range"][0],
+                       "max": r[f"latency_b{b}_range"][1]}) if f"latency_b{b}_range" in r else "-" for b in batches]
     cost.add_row("target / guide", f"×{r['params']:.3g}", f"×{r['flops']:.3g}", *lat)
     return cost
 
@@ -413,9 +414,11 @@ def export(
             r = q[kind]
             out_console.print(f"{kind:>5} ONNX: {q['metric_name']} {r['metric']:.4f}, {r['size_bytes']:,} bytes, batch-1 "
                               f"latency {r['latency']['median_ms']:.3g} ms (onnxruntime, {q['threads']} thread)")
+        from theseus_cli.deploy.interleave import ratio_text
+
         lat = q["int8_over_float"]["latency_b1"]
         out_console.print(f"int8 against float: size ×{q['int8_over_float']['size']:.2f}, batch-1 time "
-                          f"×{lat['median']:.2f} (×{lat['min']:.2f}–{lat['max']:.2f} over {lat['rounds']} alternating rounds)")
+                          f"{ratio_text(lat)} over {lat['rounds']} alternating rounds")
         out_console.print(f"int8 {q['mode']} quantisation kept the metric within {q['max_metric_drop']:g}")
         for warning in q["warnings"]:
             err_console.print(f"[yellow]warning:[/] {_e(warning)}", highlight=False, soft_wrap=True)

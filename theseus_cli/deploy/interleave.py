@@ -1,8 +1,7 @@
 """Latency comparisons that hold on a shared machine: both models in one process, timed in alternating rounds.
 
 Two medians taken minutes apart are not a ratio: on a loaded or throttling machine the first model can be timed
-in a slow minute and the second in a fast one (the ratios published before this module were inflated about 2.5×
-so). :func:`interleaved` warms every model up, then runs ``rounds`` rounds; in each round every model runs
+in a slow minute and the second in a fast one (issue 36 found ratios published that way off by up to 2.5×). :func:`interleaved` warms every model up, then runs ``rounds`` rounds; in each round every model runs
 ``per_round`` calls back to back, the order reversed every other round (A B, B A, A B, …) so that neither model
 always runs first on a warm cache. Each round gives each model the median of its calls, and each model's ratio to
 the first (the reference: the guide) is taken *within* the round. The comparison reports the median of those
@@ -14,11 +13,10 @@ gate, ``eval --against``, ``export --quantize int8`` (the float file against the
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
-
-import os
 
 from theseus_cli.errors import DeviceError
 
@@ -75,8 +73,8 @@ def interleaved(calls: dict[str, Callable[[], None]], batch: int, sync: Callable
 
     Returns ``{"models": {name: latency summary}, "ratios": {name: {"median", "min", "max"}}, "rounds",
     "per_round"}``: each summary is over all of the model's timed calls; each ratio is the model's round median over
-    the first model's, per round, then summarised. ``budget_s`` defaults to
-    :func:`theseus_cli.deploy.profile.latency_budget` per model; ``clock`` is injectable for tests."""
+    the first model's, per round, then summarised. ``budget_s`` defaults to :func:`latency_budget` per model;
+    ``clock`` is injectable for tests."""
     names = list(calls)
     if not names:
         raise ValueError("interleaved() needs at least one call")
@@ -110,5 +108,5 @@ def pair_ratio(round_medians: list[dict[str, float]], model: str, reference: str
 
 
 def ratio_text(ratio: dict) -> str:
-    """``×2.80 (×2.77–2.86 over 15 rounds)``: a per-round ratio summary for a table or a log line."""
+    """``×2.80 (×2.77–2.86)``: a per-round ratio summary (median and range) for a table or a log line."""
     return f"×{ratio['median']:.2f} (×{ratio['min']:.2f}–{ratio['max']:.2f})"

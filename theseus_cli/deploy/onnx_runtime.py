@@ -149,25 +149,30 @@ def onnx_latency(model: OnnxTarget, sample, batches: tuple[int, ...]) -> dict[st
     return out
 
 
-def onnx_latency_pair(models: dict[str, OnnxTarget], sample, batches: tuple[int, ...]) -> dict[str, Any]:
+def onnx_latency_pair(models: dict[str, OnnxTarget], sample, batches: tuple[int, ...],
+                      budget_s: float | None = None) -> dict[str, Any]:
     """Every file of ``models`` (name → session; the first is the reference) timed in one process in alternating
-    rounds at each batch size (:func:`theseus_cli.deploy.interleave.interleaved`): ``{"latency": {name: {b: summary}},
-    "ratios": {name: {b: {"median", "min", "max", "rounds"}}}}``, each ratio the file's time over the reference's."""
+    rounds at each batch size (:func:`theseus_cli.deploy.interleave.interleaved`, ``budget_s`` its budget):
+    ``{"latency": {name: {b: summary}}, "ratios": {name: {b: {"median", "min", "max", "rounds"}}},
+    "round_medians_ms": {b: [...]}}``, each ratio the file's time over the reference's; the round medians let a
+    caller compare any two files of the run (:func:`theseus_cli.deploy.interleave.pair_ratio`)."""
     from theseus_cli.deploy.interleave import interleaved
     from theseus_cli.deploy.profile import repeat_example
 
     names = list(models)
     latency: dict[str, dict] = {n: {} for n in names}
     ratios: dict[str, dict] = {n: {} for n in names[1:]}
+    rounds: dict[str, list] = {}
     for b in batches:
         x = repeat_example(sample[:1], b)
         calls = {}
         for name, model in models.items():
             feeds = model.feeds(x)
             calls[name] = lambda model=model, feeds=feeds: model.session.run(None, feeds)
-        res = interleaved(calls, b)
+        res = interleaved(calls, b, budget_s=budget_s)
         for name in names:
             latency[name][str(b)] = res["models"][name]
         for name in names[1:]:
             ratios[name][str(b)] = {**res["ratios"][name], "rounds": res["rounds"]}
-    return {"latency": latency, "ratios": ratios}
+        rounds[str(b)] = res["round_medians_ms"]
+    return {"latency": latency, "ratios": ratios, "round_medians_ms": rounds}

@@ -191,6 +191,9 @@ def test_cli_transport_end_to_end_and_b_prime_is_a_usable_target(tmp_path):
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
+    assert "α 5/5: α = 2, validation" in res.stderr and "calibrate: " in res.stderr  # a line per α, without a terminal
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "q"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
     assert [r["alpha"] for r in report["alpha"]["search"]] == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert report["alpha"]["chosen"] in (0.0, 0.5, 1.0, 1.5, 2.0)
     assert report["calibration"]["samples"] == 64 and report["validation"]["samples"] == 100

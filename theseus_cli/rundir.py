@@ -158,3 +158,9 @@ def run_directory(out: str | Path, overwrite: bool = False, resume: bool = False
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves nothing behind
         raise
+
+
+def locked(out: Path):
+    """The exclusive lock of :func:`run_directory` on a directory that is not a run (``theseus search``'s output):
+    a second holder stops at once with exit 8, naming the first."""
+    return _locked(out)

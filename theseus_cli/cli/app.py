@@ -177,14 +177,24 @@ def inspect(
     """Show which modules the recipe replaces, their shapes, and what they become."""
 
     def work():
+        from theseus_cli.config.search import is_search_file
         from theseus_cli.pipelines.inspect import inspect_guide
         from theseus_cli.config.recipe import load_recipe, with_key_map
 
+        if is_search_file(recipe):  # a search file: the space and phase 1's feasibility, no training
+            from theseus_cli.pipelines.search.pipeline import inspect_search
+
+            return inspect_search(recipe, guide)
         return inspect_guide(with_key_map(load_recipe(recipe), key_map or []), guide)
 
     plan = _run(debug, work, trust)
     if as_json:
         _emit_json(plan)
+        return
+    if plan.get("kind") == "search":
+        from theseus_cli.cli.search_view import print_search_plan
+
+        print_search_plan(plan, out_console)
         return
     print_plan(plan, out_console)
 
@@ -303,6 +313,53 @@ def _big(profile: dict) -> str:
 def _latencies(profile: dict) -> list[str]:
     lat = profile.get("latency", {})
     return [f"{lat[b]['median_ms']:.3g} ms" if b in lat else "-" for b in ("1", _big(profile))]
+
+
+@app.command()
+def search(
+    guide: Optional[Path] = typer.Argument(None, help="guide checkpoint (state dict); default: the base recipe's"),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="search file (base recipe, space, goals, budget)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (search.json, pareto.png, best/)"),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the files of an existing output directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed search in --out (finished trials are kept)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="an Optuna storage shared by several workers "
+                                          "(postgresql://…, sqlite:///…, journal:PATH); default: DIR/study.journal"),
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Find the most accurate target that meets the search file's goals on ONNX Runtime (exit 10 if none does)."""
+    table = None
+    if not quiet and not _plain(False):
+        from theseus_cli.cli.search_view import TrialTable
+
+        table = TrialTable(err_console)
+
+    def work():
+        from theseus_cli.pipelines.search import SearchOptions, run_search
+        from theseus_cli.progress import NullProgress
+
+        progress = table if table is not None else _progress(quiet)
+        return run_search(recipe, out, SearchOptions(
+            checkpoint=guide, device=device, overwrite=overwrite, resume=resume, storage=storage, progress=progress,
+            trial_progress=NullProgress() if table is not None else progress,
+            on_trial=table.on_trial if table is not None else None))
+
+    try:
+        result = _run(debug, work, trust, quiet)
+    finally:
+        if table is not None:
+            table.close()
+    if result is None:  # another worker of the study writes the result
+        return
+    if as_json:
+        _emit_json(result)
+        return
+    from theseus_cli.cli.search_view import print_search
+
+    print_search(result, out_console)
 
 
 @app.command("eval")

@@ -25,13 +25,18 @@ if TYPE_CHECKING:
 def target_meta(conv: "Conversion") -> TargetMeta:
     """The metadata that rebuilds the target from its file alone. ``hf:`` directories are recorded as the
     config-built models they hold, so the file rebuilds without them."""
-    recipe, data, plan = conv.recipe, conv.session.data, conv.plan_
+    return meta_for(conv.recipe, conv.session, conv.plan_)
+
+
+def meta_for(recipe, session, plan) -> TargetMeta:
+    """:func:`target_meta` of any plan on a session (``theseus search`` exports candidates before training them)."""
+    data = session.data
     guide_arch, guide_kwargs, tokenizer = portable_spec(recipe.guide.arch, recipe.guide.kwargs, data.tokenizer)
     target = None
     if recipe.target is not None:
         arch, kwargs, _ = portable_spec(recipe.target.arch, recipe.target.kwargs, None)
         target = ArchSpec(arch=arch, kwargs=kwargs)
-    guide = ArchSpec(arch=guide_arch, kwargs=guide_kwargs, head=conv.session.head)
+    guide = ArchSpec(arch=guide_arch, kwargs=guide_kwargs, head=session.head)
     return TargetMeta(guide=guide, task=recipe.task, target=target,
                       entries=[asdict(e) for e in plan.entries], input_shape=list(plan.input_shape),
                       num_classes=data.num_classes,

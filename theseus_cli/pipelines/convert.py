@@ -71,14 +71,16 @@ class ConvertOptions:
     latency: bool = True  # time guide and target; off: the report's deployment has params and FLOPs only (faster)
 
 
-def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | None = None) -> dict[str, Any] | None:
+def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | None = None,
+                   session: Session | None = None) -> dict[str, Any] | None:
     """Convert the recipe's guide into its target; write files into ``out``; return the report.
 
     ``options.gates`` are checked once the files are written; the verdict is ``report["gates"]`` (the CLI
     turns a failure into exit code 10, see :mod:`theseus_cli.deploy.gates`). With ``options.resume``, a run
     killed during alignment continues after its last finished stage; without a stage checkpoint it starts afresh.
     Under ``torchrun`` (more than one process) the run is data-parallel (:mod:`theseus_cli.training.distributed`):
-    rank 0 writes the files and returns the report, the other ranks return None.
+    rank 0 writes the files and returns the report, the other ranks return None. ``session``: guide and data already
+    open (``theseus search``'s trials share them; its recipe is replaced by ``recipe``), else opened here.
     """
     options = options or ConvertOptions()
     if options.gates.max_latency_ms is not None and not options.latency:
@@ -87,7 +89,8 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
     out = Path(out)
     with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
         progress = options.progress if dist.main else NullProgress()
-        session = open_session(recipe, options.checkpoint, device)
+        session = (dataclasses.replace(session, recipe=recipe) if session is not None
+                   else open_session(recipe, options.checkpoint, device))
         untrained = warn_untrained(session) if dist.main else None
         if options.resume and finished(out):
             return finished_run(out, session, options.gates) if dist.main else None

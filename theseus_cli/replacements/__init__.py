@@ -12,3 +12,4 @@ __all__ = ["REPLACEMENTS", "IOShapes", "Replacement", "get_replacement", "regist
 from theseus_cli.replacements import sequence  # noqa: F401,E402  (registers token_mlp, elman_rnn)
 from theseus_cli.replacements import conv  # noqa: F401,E402  (registers separable_conv, lowrank_conv)
 from theseus_cli.replacements import linear_attention  # noqa: F401,E402  (registers linear_attention)
+from theseus_cli.replacements import identity  # noqa: F401,E402  (registers identity)

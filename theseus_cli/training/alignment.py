@@ -60,7 +60,7 @@ class StageResult:
     feed: str
     steps: int  # gradient steps actually taken
     lr: float = 0.0  # learning rate at the end of the stage (auto stages may have lowered it)
-    stopped: str = "epochs"  # epochs (fixed count) | threshold | max_epochs (auto)
+    stopped: str = "epochs"  # epochs (fixed count) | threshold | max_epochs (auto) | nothing to train (identity)
     epochs: int = 0
     losses: list[float] = field(default_factory=list)  # mean Δ over aligned layers, per step
     final_layer_losses: dict[str, float] = field(default_factory=dict)  # Δ per layer, last epoch mean
@@ -210,6 +210,11 @@ class StageTrainer:
         self.guide.eval()
         self.target.eval()
         self.params = set_trainable(self.target, self.trainable)
+        if not self.params:  # only weightless replacements (identity: a dropped block) so far: nothing to align
+            for p in self.target.parameters():
+                p.requires_grad_(True)
+            self.result.stopped = "nothing to train"
+            return self.result
         for module in self.trainable:
             module.train()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

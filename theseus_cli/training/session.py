@@ -151,5 +151,7 @@ def attach_guide_embeddings(session: Session) -> None:
     from theseus_cli.training.loops import embed
 
     data, bs = session.data, session.recipe.data.eval_batch_size
+    if data.y_train is not None and data.y_test is not None:  # already embedded (a search's trials share them)
+        return
     data.y_train = embed(session.guide, data.x_train, bs, session.device)
     data.y_test = embed(session.guide, data.x_test, bs, session.device)

@@ -1,0 +1,314 @@
+"""``theseus search``: the most accurate target that meets the goals, found with Optuna.
+
+:func:`run_search` runs a :class:`Search`, whose named phases are the pipeline:
+open (guide, data, validation split, space) → screen (phase 1: every architecture exported and timed on ONNX
+Runtime against the guide, before any training) → explore (phase 2: short conversions of the feasible
+candidates ranked on the validation split, successive halving promoting the best to the full budget, in an Optuna
+study) → finish (:mod:`theseus_cli.pipelines.search.finish`: the winner at full budget in ``DIR/best``, its test
+metric computed once, its ONNX and int8 files measured again, ``search.json`` and ``pareto.png``).
+
+The output directory is visibly unfinished until ``search.json`` is written (it is written last); ``--resume``
+continues a killed search (finished trials and finished rungs are not run again), and ``--storage`` lets several
+workers share one study (:mod:`theseus_cli.pipelines.search.study`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from theseus_cli.artifacts import write_json
+from theseus_cli.config.recipe import Recipe, parse_recipe
+from theseus_cli.config.search import SearchConfig, load_search
+from theseus_cli.data.core import batches_per_epoch
+from theseus_cli.errors import GateError, OutputError, TheseusWarning, UsageError
+from theseus_cli.pipelines.search.methods import METHODS, MethodContext, method_label
+from theseus_cli.pipelines.search.screen import CACHE_FILE, Screen
+from theseus_cli.pipelines.search.space import Architecture, SearchSpace, build_space
+from theseus_cli.pipelines.search.validation import carve_validation
+from theseus_cli.progress import NullProgress, Progress, seconds
+from theseus_cli.training.runtime import align_batch_size
+from theseus_cli.training.session import Session, attach_guide_embeddings, open_session
+
+META_FILE = ".search.json"
+RESULT_FILE = "search.json"
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """How to run a search, besides the search file (the CLI's flags)."""
+
+    checkpoint: Optional[str | Path] = None  # guide weights; default: the base recipe's
+    device: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    storage: Optional[str] = None  # an Optuna storage URL shared by several workers (None: DIR/study.journal)
+    progress: Progress = field(default_factory=NullProgress)
+    trial_progress: Optional[Progress] = None  # the trials' conversions (None: the same as progress)
+    on_trial: Optional[Callable[[dict[str, Any]], None]] = None  # each finished trial's row (the CLI's live table)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Architecture
+    method: str
+    similarity: Optional[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch.label} | {method_label(self.method, self.similarity)}"
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.label.encode()).hexdigest()[:12]
+
+
+def check_runtime() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise UsageError("goals.runtime: onnxruntime is not installed, and theseus search times every candidate on it "
+                         "(phase 1): pip install 'theseus-cli[export]'")
+
+
+def run_search(search_path: str | Path, out: str | Path, options: SearchOptions | None = None) -> dict[str, Any] | None:
+    """Run (or continue, or join) the search in ``search_path``; write into ``out``; return ``search.json``'s data,
+    or None when other workers of the study still run trials (the last one to finish writes the result)."""
+    options = options or SearchOptions()
+    search, base = load_search(search_path)
+    check_runtime()
+    out = Path(out)
+    with _hold(out, options):
+        return Search(search, base, Path(search_path), out, options).run()
+
+
+@contextlib.contextmanager
+def _hold(out: Path, options: SearchOptions):
+    """The output directory: new (or emptied with ``--overwrite``), or resumed; locked for one process unless the
+    study is shared (``--storage``), when every worker holds it at once."""
+    from theseus_cli.rundir import locked
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with (contextlib.nullcontext() if options.storage else locked(out)):
+            yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+class Search:
+    """One search, phase by phase: :meth:`open`, :meth:`screen`, :meth:`explore`, :meth:`finish`."""
+
+    def __init__(self, search: SearchConfig, base: Recipe, path: Path, out: Path, options: SearchOptions):
+        self.search, self.base, self.path, self.out, self.options = search, base, path, out, options
+        self.progress = options.progress
+        self.trial_progress = options.trial_progress if options.trial_progress is not None else options.progress
+        self.started = time.perf_counter()
+        self.fractions = search.budget.fractions()
+        self.warnings: list[str] = []
+
+    def run(self) -> dict[str, Any] | None:
+        self.open()
+        if (self.out / RESULT_FILE).is_file():  # a finished search, resumed or joined: nothing is redone
+            self.progress.log(f"search: {self.out / RESULT_FILE} is finished; nothing to run")
+            return json.loads((self.out / RESULT_FILE).read_text())
+        try:
+            self.screen()
+            self.explore()
+            from theseus_cli.pipelines.search.finish import finish
+
+            return finish(self)
+        finally:
+            if getattr(self, "screener", None) is not None:
+                self.screener.close()
+
+    # ------------------------------------------------------------------ phases
+
+    def open(self) -> None:
+        """Guide, data, the validation split and the space; the output directory claimed for this search."""
+        self.session = open_session(self.base, self.options.checkpoint, self.options.device)
+        self.digest = self._digest()
+        self._claim()
+        self.trial_session, self.validation = carve_validation(self.session, self.search.validation.size,
+                                                               self.search.validation.rank_by, self.base.seed)
+        if self.base.task == "sentence-embedding":
+            attach_guide_embeddings(self.trial_session)  # once, not in every trial
+        sample = self.session.data.x_train[:2].to(self.session.device)
+        self.space: SearchSpace = build_space(self.search, self.base, self.session.guide, sample, str(self.path))
+        self.progress.log(f"search: {len(self.space.groups)} groups, {len(self.space.architectures)} architectures × "
+                          f"{len(self.methods())} methods; validation: {self.validation['size']} held-out "
+                          f"{self.validation['from']}, ranked by {self.validation['rank_by']}")
+
+    def _digest(self) -> str:
+        made_of = {"search": self.search.model_dump(mode="json", by_alias=True), "base": self.base.digest(),
+                   "guide": self.session.guide_info.get("checkpoint_sha256")}
+        return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
+
+    def _claim(self) -> None:
+        """A new search writes its digest into ``DIR/.search.json``; ``--resume`` (and a worker joining with
+        ``--storage``) must find the same digest there."""
+        meta_path, o = self.out / META_FILE, self.options
+        held = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        others = [p for p in self.out.iterdir() if p.name not in (META_FILE, ".theseus.lock")]
+        if o.overwrite:
+            for p in others + ([meta_path] if held else []):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            held = None
+        elif held is not None and held.get("digest") != self.digest:
+            raise OutputError(f"{self.out}: holds another search (made from another search file, base recipe or "
+                              f"guide: study digest {held.get('digest', '?')[:12]}, this one {self.digest[:12]}); use "
+                              "another --out, or --overwrite")
+        elif held is not None and not (o.resume or o.storage):
+            raise OutputError(f"{self.out}: holds a search; use --resume to continue it, or --overwrite")
+        elif held is None and o.resume:
+            raise OutputError(f"{self.out}: --resume, but the directory holds no search ({META_FILE}); use another "
+                              "--out, or drop --resume")
+        elif held is None and others:
+            raise OutputError(f"{self.out}: directory exists and is not empty (use --overwrite to replace its files)")
+        if held is None:
+            write_json(meta_path, {"digest": self.digest, "search": str(self.path.resolve()),
+                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def screen(self) -> None:
+        """Phase 1: every architecture built, exported and timed against the guide; the infeasible ones dropped."""
+        started = time.perf_counter()
+        self.screener = Screen(self.session, self.base, self.search.goals, self.out / CACHE_FILE)
+        rt = self.search.goals.runtime
+        self.progress.log(f"phase 1: timing the guide and {len(self.space.architectures)} architectures on ONNX Runtime "
+                          f"({rt.precision}, batch {rt.batch}, {rt.threads} thread{'s' if rt.threads > 1 else ''}), "
+                          "each alternating with the guide")
+        self.guide_files = self.screener.guide()
+        bar = self.progress.task("phase 1", len(self.space.architectures))
+        self.phase1: dict[str, dict[str, Any]] = {}
+        for arch in self.space.architectures:
+            self.phase1[arch.digest] = self.screener.architecture(arch)
+            bar.advance(1)
+        bar.done(line=False)
+        self.phase1_seconds = time.perf_counter() - started
+        feasible = [a for a in self.space.architectures if self.phase1[a.digest]["feasible"]]
+        self.candidates = [Candidate(a, m, s) for a in feasible for m, s in self.methods()]
+        dropped = len(self.space.architectures) - len(feasible)
+        self.progress.log(f"phase 1: {len(feasible)} of {len(self.space.architectures)} architectures meet the goals"
+                          + (f"; {dropped} dropped ({self.drop_summary()})" if dropped else "")
+                          + f"; guide {self.guide_files[rt.precision]['latency_ms']:.3g} ms; {seconds(self.phase1_seconds)}")
+
+    def drop_summary(self) -> str:
+        counts: dict[str, int] = {}
+        for record in self.phase1.values():
+            for reason in record["dropped"]:
+                kind = reason.split(" ")[0] if not reason.startswith("not exportable") else "not exportable"
+                counts[kind] = counts.get(kind, 0) + 1
+        return ", ".join(f"{n} over {k}" if k != "not exportable" else f"{n} not exportable" for k, n in counts.items())
+
+    def explore(self) -> None:
+        """Phase 2 (:mod:`theseus_cli.pipelines.search.trials`)."""
+        from theseus_cli.pipelines.search.trials import explore
+
+        explore(self)
+
+    # ------------------------------------------------------------------ helpers
+
+    def methods(self) -> list[tuple[str, Optional[str]]]:
+        out = []
+        for m in self.search.space.methods:
+            out += [(m.method, s) for s in m.similarity] if m.similarity else [(m.method, None)]
+        return out
+
+    def trial_recipe(self, cand: Candidate, fraction: float) -> Recipe:
+        """The base recipe with the candidate's rules and method, at ``fraction`` of its alignment and fine-tuning."""
+        data = self.base.resolved()
+        data["replace"] = cand.arch.replace_rules()
+        data["baseline"]["enabled"] = False
+        per_epoch = self._align_per_epoch()
+        align = data["align"]
+        steps = min(align["max_steps_per_epoch"] or per_epoch, per_epoch)
+        if fraction < 1:
+            align["max_steps_per_epoch"] = steps = max(1, round(steps * fraction))
+            ft = data["finetune"]
+            if ft["epochs"] > 0:
+                scaled = max(1, round(ft["epochs"] * fraction))
+                ft["warmup_epochs"] = ft["warmup_epochs"] * scaled / ft["epochs"]
+                ft["epochs"] = scaled
+        epochs = align["auto"]["max_epochs"] if align["auto"]["enabled"] else align["epochs"]
+        ctx = MethodContext(cand.similarity, self.phase1[cand.arch.digest]["stages"] * epochs * steps,
+                            batches_per_epoch(int(self.trial_session.data.labelled.numel()), self.base.data.batch_size))
+        METHODS.lookup(cand.method).rewrite(data, ctx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TheseusWarning)
+            return parse_recipe(data, f"{self.path}: candidate {cand.label}")
+
+    def _align_per_epoch(self) -> int:
+        n = int(self.trial_session.data.x_train.shape[0])
+        return batches_per_epoch(n, min(align_batch_size(self.base, self.session.device), n))
+
+    def trial_dir(self, cand: Candidate, rung: int) -> Path:
+        return self.out / TRIALS_DIR / cand.key / f"r{rung}"
+
+    def trial_dir_of(self, entry: dict[str, Any]) -> Path:
+        """The full-budget run directory of a conversion entry of the pool."""
+        return self.out / TRIALS_DIR / entry["candidate_key"] / f"r{len(self.fractions) - 1}"
+
+    def evaluate_guide(self) -> dict[str, float]:
+        """The guide's validation metric in fp32 (PyTorch) and as its int8 file (ONNX Runtime)."""
+        from theseus_cli.deploy.onnx_runtime import onnx_metric, open_onnx
+        from theseus_cli.tasks import get_task
+        from theseus_cli.training import evaluate
+
+        data, task, bs = self.trial_session.data, get_task(self.base.task), self.base.data.eval_batch_size
+        fp32 = evaluate(self.session.guide, task, data.x_test, data.y_test, bs, self.session.device)
+        int8 = onnx_metric(open_onnx(self.screener.guide_paths["int8"], 1), task, data.x_test.cpu(),
+                           None if data.y_test is None else data.y_test.cpu(), bs)
+        return {"fp32": fp32, "int8": int8}
+
+
+def nearest_text(record: dict[str, Any]) -> str:
+    figures = [f"{record['latency_ms']:.3g} ms" if "latency_ms" in record else None, f"{record['params']:,} params",
+               f"{record['file_bytes'] / 1e6:.3g} MB" if "file_bytes" in record else None]
+    return f"{record['label']} ({', '.join(f for f in figures if f)}: {'; '.join(record['dropped'])})"
+
+
+def no_feasible(search: Search) -> GateError:
+    """Exit 10 naming the candidate nearest the goals (the smallest largest overshoot of a goal)."""
+    from theseus_cli.pipelines.search.finish import overshoot
+
+    records = [r for r in search.phase1.values() if r.get("exported")]
+    nearest = min(records, key=lambda r: overshoot(r, search.search.goals)) if records else None
+    what = f"; nearest: {nearest_text(nearest)}" if nearest else ""
+    return GateError(f"no candidate meets the goals: none of {len(search.phase1)} architectures, nor the guide in fp32 "
+                     f"or int8{what}")
+
+
+def inspect_search(search_path: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """``theseus inspect`` on a search file: the space's size, its groups and what each may become, and phase 1's
+    feasibility (every architecture exported and timed against the guide, cached nowhere), with no training."""
+    search, base = load_search(search_path)
+    check_runtime()
+    session = open_session(base, checkpoint, "cpu", probe=False)
+    sample = session.data.x_train[:2]
+    space = build_space(search, base, session.guide, sample, str(search_path))
+    methods = sum(max(1, len(m.similarity)) for m in search.space.methods)
+    screener = Screen(session, base, search.goals, None)
+    try:
+        guide = screener.guide()
+        records = [screener.architecture(a) for a in space.architectures]
+    finally:
+        screener.close()
+    feasible = sum(r["feasible"] for r in records)
+    return {"kind": "search", "search": str(search_path), "base": search.base, "guide": session.guide_info,
+            "space": space.summary(), "methods": methods, "candidates": feasible * methods,
+            "goals": search.goals.model_dump(), "budget": {**search.budget.model_dump(), "fractions": search.budget.fractions()},
+            "phase1": {"guide": guide, "architectures": records, "feasible": feasible}}

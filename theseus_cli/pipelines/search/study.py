@@ -1,0 +1,131 @@
+"""Phase 2's bookkeeping in Optuna: the study, its storage, its sampler and pruner, and what a killed worker left.
+
+* **Storage.** By default the study is a journal file in the output directory (``DIR/study.journal``, Optuna's
+  ``JournalFileBackend``: safe for several processes on one machine, nothing to install). ``--storage URL`` names
+  any storage Optuna opens: an RDB URL (``postgresql://…``, ``mysql://…``, ``sqlite:///…``) or
+  ``journal:PATH`` for a journal file elsewhere. Several processes, on one machine or several sharing the output
+  directory, that run ``theseus search`` with the same search file, ``--out`` and ``--storage`` are workers of
+  one study: Optuna hands each trial to one of them. That is Optuna's own mechanism; theseus schedules nothing.
+* **Sampler.** ``grid`` (the default) is Optuna's ``GridSampler`` over the feasible candidates: each runs once, in
+  a seeded random order, and workers never duplicate one. ``tpe`` and ``random`` are Optuna's samplers over the
+  same categorical; they may propose a candidate twice, so use them with ``budget.trials``.
+* **Pruner.** ``successive-halving`` (asynchronous successive halving) or ``hyperband``: a trial runs rung after
+  rung of the budget (``budget.fractions()``) and reports its validation metric at each; the pruner stops the ones
+  that are not in the best ``1/η`` of their rung so far. Each rung is a fresh, shorter conversion (a cosine
+  schedule cut short is not the start of a longer one), so a promoted trial pays for each rung it ran.
+* **A killed worker.** Its trial stays RUNNING in the storage. ``--resume`` on the same machine finds RUNNING
+  trials whose worker process (host and pid, recorded on the trial) is gone, marks them FAIL and enqueues their
+  candidate again; with an RDB storage, Optuna's heartbeat does the same for workers on other machines
+  (``RetryFailedTrialCallback``). The retried trial's conversion continues from its last finished alignment stage
+  (each rung is a normal run directory, resumed with ``convert``'s machinery).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from theseus_cli.errors import OutputError, UsageError
+
+STUDY_NAME = "theseus-search"
+JOURNAL_FILE = "study.journal"
+HEARTBEAT_S = 30
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_storage(url: str | None, out: Path):
+    """Optuna's storage for ``url`` (None: the journal file in ``out``)."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None or url.startswith("journal:"):
+        path = out / JOURNAL_FILE if url is None else Path(url[len("journal:"):])
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot open the study journal: {exc.strerror or exc}") from None
+    try:
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+    except Exception as exc:  # noqa: BLE001 — a bad URL, a missing driver, a server that does not answer
+        raise UsageError(f"--storage {url!r}: Optuna cannot open it: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+
+
+def make_sampler(kind: str, candidates: list[str], seed: int):
+    if kind == "grid":
+        return optuna.samplers.GridSampler({"candidate": candidates}, seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(kind: str, reduction_factor: int, rungs: int):
+    top = reduction_factor ** (rungs - 1)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=top, reduction_factor=reduction_factor)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor)
+
+
+def rung_step(rung: int, reduction_factor: int) -> int:
+    """The resource a rung reports at: η^rung (rung 0 at 1, the pruner's ``min_resource``)."""
+    return reduction_factor ** rung
+
+
+def _alive(worker: str | None) -> bool | None:
+    """Whether the worker ``host:pid`` still runs (None: on another host, which this process cannot see)."""
+    if not worker or ":" not in worker:
+        return None
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(study: optuna.Study) -> list[int]:
+    """RUNNING trials of workers on this host that are gone → FAIL, and their candidate enqueued again (once per
+    candidate); FAIL trials whose candidate never finished are enqueued again too. Returns the trial numbers."""
+    retried, pending = [], set()
+    trials = study.get_trials(deepcopy=False)
+    done = {t.params.get("candidate") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    for t in trials:
+        if t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and _alive(t.user_attrs.get("worker")) is not False):
+            pending.add(t.params.get("candidate") or t.system_attrs.get("fixed_params", {}).get("candidate"))
+    for t in trials:
+        if t.state == TrialState.RUNNING and _alive(t.user_attrs.get("worker")) is False:
+            study.tell(t.number, state=TrialState.FAIL)
+            t_state = TrialState.FAIL
+        else:
+            t_state = t.state
+        candidate = t.params.get("candidate")
+        if t_state == TrialState.FAIL and candidate and candidate not in done and candidate not in pending:
+            study.enqueue_trial({"candidate": candidate}, user_attrs={"retry_of": t.number})
+            pending.add(candidate)
+            retried.append(t.number)
+    return retried
+
+
+def work_left(study: optuna.Study, candidates: list[str], limit: int | None) -> bool:
+    """Whether a worker has a trial to run: a queued one, or a candidate the study has not started (within
+    ``limit`` trials)."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    started = [t for t in trials if t.state != TrialState.FAIL]
+    if limit is not None and len(started) >= limit:
+        return False
+    tried = {t.params.get("candidate") for t in started}
+    return any(c not in tried for c in candidates)

@@ -123,6 +123,9 @@ class RuntimeGoal(StrictModel):
 
 class Goals(StrictModel):
     max_latency_ms: Optional[float] = Field(None, gt=0, description="median latency on the runtime")
+    max_latency_ratio: Optional[float] = Field(None, gt=0, description="latency as a fraction of the guide's fp32 "
+                                               "file's, timed alternating with it (0.5: twice as fast); unlike "
+                                               "max_latency_ms it holds on a faster or slower machine")
     max_params: Optional[int] = Field(None, ge=1)
     max_file_mb: Optional[float] = Field(None, gt=0, description="the ONNX file of the runtime's precision, MB = 10^6 bytes")
     min_retention: Optional[float] = Field(None, gt=0, description="validation metric kept, as --min-retention")

@@ -110,7 +110,7 @@ def _measured(search: "Search", winner: dict, deployed: Path | None, guide_test:
     task, rt = get_task(search.base.task), goals.runtime
     final: dict[str, Any] = {"file": deployed.name if deployed else None}
     if deployed is not None:
-        timed = onnx_latency_pair({"guide": open_onnx(search.screener.guide_paths[rt.precision], rt.threads),
+        timed = onnx_latency_pair({"guide": open_onnx(search.screener.guide_paths["fp32"], rt.threads),
                                    "target": open_onnx(deployed, rt.threads)}, search.session.data.x_train[:1].cpu(),
                                   (rt.batch,))
         b = str(rt.batch)
@@ -126,6 +126,8 @@ def _measured(search: "Search", winner: dict, deployed: Path | None, guide_test:
             checks[name] = {"threshold": threshold, "value": value, "passed": value is not None and ok(value, threshold)}
 
     check("max_latency_ms", final.get("latency_ms"), goals.max_latency_ms, lambda v, t: v <= t)
+    check("max_latency_ratio", final.get("ratio_to_guide", {}).get("median"), goals.max_latency_ratio,
+          lambda v, t: v <= t)
     check("max_file_mb", final["file_bytes"] / MB if "file_bytes" in final else None, goals.max_file_mb, lambda v, t: v <= t)
     check("max_params", params, goals.max_params, lambda v, t: v <= t)
     check("min_retention", kept, goals.min_retention, lambda v, t: v >= t)

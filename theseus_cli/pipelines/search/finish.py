@@ -33,6 +33,7 @@ from theseus_cli.errors import GateError
 from theseus_cli.pipelines.plots import plot_pareto
 from theseus_cli.pipelines.search.best import BEST_DIR
 from theseus_cli.pipelines.search.screen import MB, goal_problems
+from theseus_cli.pipelines.search.study import counted
 from theseus_cli.pipelines.search.trials import trial_row
 from theseus_cli.tasks import get_task
 
@@ -47,6 +48,8 @@ def overshoot(record: dict[str, Any], goals: Goals) -> float:
     ratios = [0.0]
     if goals.max_latency_ms is not None and "latency_ms" in record:
         ratios.append(record["latency_ms"] / goals.max_latency_ms - 1)
+    if goals.max_latency_ratio is not None and "ratio_to_guide" in record:
+        ratios.append(record["ratio_to_guide"]["median"] / goals.max_latency_ratio - 1)
     if goals.max_params is not None:
         ratios.append(record["params"] / goals.max_params - 1)
     if goals.max_file_mb is not None and "file_bytes" in record:
@@ -76,8 +79,8 @@ def finish(search: "Search") -> dict[str, Any] | None:
     with _finishing(search.out) as mine:
         if (search.out / RESULT_FILE).is_file():
             return json.loads((search.out / RESULT_FILE).read_text())
-        trials = search.study.get_trials(deepcopy=False) if search.study is not None else []
-        busy = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        trials = [t for t in (search.study.get_trials(deepcopy=False) if search.study is not None else []) if counted(t)]
+        busy = [t.number for t in trials if t.state == TrialState.RUNNING]  # queued ones left: the cost cap
         if not mine or busy:
             search.progress.log(f"search: trial{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} still run on "
                                 "other workers; the last worker to finish writes the result" if busy else

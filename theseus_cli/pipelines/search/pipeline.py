@@ -141,17 +141,33 @@ class Search:
     def open(self) -> None:
         """Guide, data, the validation split and the space; the output directory claimed for this search."""
         self.session = open_session(self.base, self.options.checkpoint, self.options.device)
-        self.digest = self._digest()
-        self._claim()
+        sample = self.session.data.x_train[:2].to(self.session.device)
+        # the space first: a search file whose space is empty or whose alternatives fit nothing leaves nothing behind
+        self.space: SearchSpace = build_space(self.search, self.base, self.session.guide, sample, str(self.path))
         self.trial_session, self.validation = carve_validation(self.session, self.search.validation.size,
                                                                self.search.validation.rank_by, self.base.seed)
         if self.base.task == "sentence-embedding":
             attach_guide_embeddings(self.trial_session)  # once, not in every trial
-        sample = self.session.data.x_train[:2].to(self.session.device)
-        self.space: SearchSpace = build_space(self.search, self.base, self.session.guide, sample, str(self.path))
+        self._check_methods()
+        self.digest = self._digest()
+        self._claim()
         self.progress.log(f"search: {len(self.space.groups)} groups, {len(self.space.architectures)} architectures × "
                           f"{len(self.methods())} methods; validation: {self.validation['size']} held-out "
                           f"{self.validation['from']}, ranked by {self.validation['rank_by']}")
+
+    def _check_methods(self) -> None:
+        """Each method on the first architecture, validated as a recipe: a method the base cannot take (progressive
+        distillation of sentence embeddings) is an error naming it, before anything is written."""
+        from theseus_cli.errors import RecipeError
+
+        arch = self.space.architectures[0]
+        for i, m in enumerate(self.search.space.methods):
+            try:
+                self.trial_recipe(Candidate(arch, m.method, (m.similarity or [None])[0]), 1.0, stages=1)
+            except RecipeError as exc:
+                reason = str(exc).split(": ", 2)[-1]
+                raise RecipeError(f"{self.path}: space.methods[{i}]: {m.method} does not apply to the base recipe "
+                                  f"{self.search.base}: {reason}") from None
 
     def _digest(self) -> str:
         made_of = {"search": self.search.model_dump(mode="json", by_alias=True), "base": self.base.digest(),
@@ -228,7 +244,7 @@ class Search:
             out += [(m.method, s) for s in m.similarity] if m.similarity else [(m.method, None)]
         return out
 
-    def trial_recipe(self, cand: Candidate, fraction: float) -> Recipe:
+    def trial_recipe(self, cand: Candidate, fraction: float, stages: int | None = None) -> Recipe:
         """The base recipe with the candidate's rules and method, at ``fraction`` of its alignment and fine-tuning."""
         data = self.base.resolved()
         data["replace"] = cand.arch.replace_rules()
@@ -244,7 +260,8 @@ class Search:
                 ft["warmup_epochs"] = ft["warmup_epochs"] * scaled / ft["epochs"]
                 ft["epochs"] = scaled
         epochs = align["auto"]["max_epochs"] if align["auto"]["enabled"] else align["epochs"]
-        ctx = MethodContext(cand.similarity, self.phase1[cand.arch.digest]["stages"] * epochs * steps,
+        stages = stages if stages is not None else self.phase1[cand.arch.digest]["stages"]
+        ctx = MethodContext(cand.similarity, stages * epochs * steps,
                             batches_per_epoch(int(self.trial_session.data.labelled.numel()), self.base.data.batch_size))
         METHODS.lookup(cand.method).rewrite(data, ctx)
         with warnings.catch_warnings():

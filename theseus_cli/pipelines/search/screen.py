@@ -4,7 +4,7 @@ gradient step.
 Latency does not depend on the weights, so each architecture is timed with its initial ones: the guide with
 the space's replacements swapped in (as the conversion's first stage would build them), exported with the same
 exporter and checks as ``theseus export`` (in the goal's precision: int8 files quantised as ``export --quantize
-int8`` quantises them), and timed in one process **alternating with the guide's file**
+int8`` quantises them), and timed in one process **alternating with the guide's fp32 file** (the guide as deployed today: every ratio is to it)
 (:func:`theseus_cli.deploy.onnx_runtime.onnx_latency_pair`), so a machine that drifts while phase 1 runs shows up
 as a wider range of the per-round ratio, not as a faster candidate. An architecture that misses a goal (latency,
 parameters, file size) is dropped with its reason before phase 2 spends anything on it. Results are cached by
@@ -59,6 +59,9 @@ def goal_problems(record: dict[str, Any], goals: Goals) -> list[str]:
     out = []
     if goals.max_latency_ms is not None and record["latency_ms"] > goals.max_latency_ms:
         out.append(f"latency {record['latency_ms']:.3g} ms > {goals.max_latency_ms:g} ms")
+    ratio = (record.get("ratio_to_guide") or {}).get("median")
+    if goals.max_latency_ratio is not None and ratio is not None and ratio > goals.max_latency_ratio:
+        out.append(f"latency ×{ratio:.3g} the guide's > ×{goals.max_latency_ratio:g}")
     if goals.max_params is not None and record["params"] > goals.max_params:
         out.append(f"params {record['params']:,} > {goals.max_params:,}")
     if goals.max_file_mb is not None and record["file_bytes"] / MB > goals.max_file_mb:
@@ -113,8 +116,9 @@ class Screen:
         wrapper = Deployable(model, recipe.task).eval()
         fp32 = Path(self.work.name) / f"{name}.onnx"
         export_onnx(wrapper, sample_inputs(model, meta), fp32, meta, 1e-3, 1e-2)
-        if precision == "fp32":
-            return fp32
+        return fp32 if precision == "fp32" else self._int8(fp32, name)
+
+    def _int8(self, fp32: Path, name: str) -> Path:
         reader = open_onnx(fp32, 1)
         x = self.session.data.x_train[:CALIBRATION].cpu()
         feeds = [reader.feeds(x[s:s + 32]) for s in range(0, x.shape[0], 32)]
@@ -126,13 +130,14 @@ class Screen:
     def guide(self) -> dict[str, Any]:
         """The guide's fp32 and int8 files timed against each other: the two guide candidates."""
         plan = build_plan(self.guide_cpu, self.base.model_copy(update={"replace": []}), self.session.data.x_train[:2].cpu())
-        for precision in ("fp32", "int8"):
-            self.guide_paths[precision] = self._export(self.guide_cpu, self.base, plan, f"guide-{precision}", precision)
+        self.guide_paths["fp32"] = self._export(self.guide_cpu, self.base, plan, "guide", "fp32")
+        self.guide_paths["int8"] = self._int8(self.guide_paths["fp32"], "guide")
         timed = self._time({"fp32": self.guide_paths["fp32"], "int8": self.guide_paths["int8"]})
         out = {}
         for precision, path in self.guide_paths.items():
             out[precision] = {"params": plan.guide_params, "file_bytes": path.stat().st_size,
                               "latency_ms": timed["latency"][precision][str(self.goals.runtime.batch)]["median_ms"]}
+        out["fp32"]["ratio_to_guide"] = {"median": 1.0, "min": 1.0, "max": 1.0, "rounds": 0}  # it is the reference
         ratio = timed["ratios"]["int8"][str(self.goals.runtime.batch)]
         out["int8"]["ratio_to_guide"] = {k: ratio[k] for k in ("median", "min", "max", "rounds")}
         return out
@@ -161,7 +166,7 @@ class Screen:
         except ExportError as exc:
             record.update(exported=False, dropped=[f"not exportable: {exc}"], feasible=False)
         else:
-            timed = self._time({"guide": self.guide_paths[precision], "candidate": path})
+            timed = self._time({"guide": self.guide_paths["fp32"], "candidate": path})
             ratio = timed["ratios"]["candidate"][batch]
             record.update(exported=True, file_bytes=path.stat().st_size,
                           latency_ms=timed["latency"]["candidate"][batch]["median_ms"],

@@ -6,9 +6,11 @@
   ``journal:PATH`` for a journal file elsewhere. Several processes, on one machine or several sharing the output
   directory, that run ``theseus search`` with the same search file, ``--out`` and ``--storage`` are workers of
   one study: Optuna hands each trial to one of them. That is Optuna's own mechanism; theseus schedules nothing.
-* **Sampler.** ``grid`` (the default) is Optuna's ``GridSampler`` over the feasible candidates: each runs once, in
-  a seeded random order, and workers never duplicate one. ``tpe`` and ``random`` are Optuna's samplers over the
-  same categorical; they may propose a candidate twice, so use them with ``budget.trials``.
+* **Sampler.** ``grid`` (the default): the worker that creates the study enqueues every feasible candidate once,
+  in a seeded random order (``Study.enqueue_trial``); workers take queued trials one at a time from the storage,
+  so no candidate runs twice, however many workers there are. ``tpe`` and ``random`` are Optuna's samplers over
+  the candidates as one categorical parameter, for spaces too large to try whole (set ``budget.trials``); they
+  may propose a candidate twice.
 * **Pruner.** ``successive-halving`` (asynchronous successive halving) or ``hyperband``: a trial runs rung after
   rung of the budget (``budget.fractions()``) and reports its validation metric at each; the pruner stops the ones
   that are not in the best ``1/η`` of their rung so far. Each rung is a fresh, shorter conversion (a cosine
@@ -59,12 +61,34 @@ def open_storage(url: str | None, out: Path):
                          f"{' '.join(str(exc).split())[:200]}") from None
 
 
-def make_sampler(kind: str, candidates: list[str], seed: int):
-    if kind == "grid":
-        return optuna.samplers.GridSampler({"candidate": candidates}, seed=seed)
+def make_sampler(kind: str, seed: int):
+    """Optuna's sampler for ``kind`` (grid: a random sampler that is never asked, every trial being queued)."""
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def enqueue_all(study: optuna.Study, candidates: list[str], seed: int) -> None:
+    """Grid: every candidate queued once, in a seeded random order; then the study says it is ready (workers that
+    join wait for that, so none of them finds an empty queue while it is being filled)."""
+    import random
+
+    order = list(candidates)
+    random.Random(seed).shuffle(order)
+    for label in order:
+        study.enqueue_trial({"candidate": label}, user_attrs={"queued": True})
+    study.set_user_attr("queued", len(order))
+
+
+def wait_until_queued(study: optuna.Study, timeout_s: float = 600.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while "queued" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise OutputError(f"study {study.study_name}: the worker that created it never finished queueing its "
+                              "candidates; rerun with --resume")
+        time.sleep(0.5)
 
 
 def make_pruner(kind: str, reduction_factor: int, rungs: int):
@@ -99,7 +123,7 @@ def recover(study: optuna.Study) -> list[int]:
     """RUNNING trials of workers on this host that are gone → FAIL, and their candidate enqueued again (once per
     candidate); FAIL trials whose candidate never finished are enqueued again too. Returns the trial numbers."""
     retried, pending = [], set()
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
     done = {t.params.get("candidate") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     for t in trials:
         if t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and _alive(t.user_attrs.get("worker")) is not False):
@@ -112,20 +136,25 @@ def recover(study: optuna.Study) -> list[int]:
             t_state = t.state
         candidate = t.params.get("candidate")
         if t_state == TrialState.FAIL and candidate and candidate not in done and candidate not in pending:
-            study.enqueue_trial({"candidate": candidate}, user_attrs={"retry_of": t.number})
+            study.enqueue_trial({"candidate": candidate}, user_attrs={"retry_of": t.number, "queued": True})
             pending.add(candidate)
             retried.append(t.number)
     return retried
 
 
-def work_left(study: optuna.Study, candidates: list[str], limit: int | None) -> bool:
-    """Whether a worker has a trial to run: a queued one, or a candidate the study has not started (within
-    ``limit`` trials)."""
-    trials = study.get_trials(deepcopy=False)
-    if any(t.state == TrialState.WAITING for t in trials):
-        return True
+def from_queue(trial: optuna.Trial) -> bool:
+    return bool(trial.user_attrs.get("queued"))
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial is one of the search's (not an idle ask of a worker that found the queue empty)."""
+    return not trial.user_attrs.get("idle")
+
+
+def work_left(study: optuna.Study, grid: bool, limit: int | None) -> bool:
+    """Whether a worker has a trial to run: a queued one (grid), or fewer than ``limit`` trials so far."""
+    trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
+    if grid:
+        return any(t.state == TrialState.WAITING for t in trials)
     started = [t for t in trials if t.state != TrialState.FAIL]
-    if limit is not None and len(started) >= limit:
-        return False
-    tried = {t.params.get("candidate") for t in started}
-    return any(c not in tried for c in candidates)
+    return limit is None or len(started) < limit

@@ -17,8 +17,9 @@ import optuna
 from optuna.trial import TrialState
 
 from theseus_cli.errors import TheseusWarning
-from theseus_cli.pipelines.search.study import (STUDY_NAME, make_pruner, make_sampler, open_storage, recover,
-                                                rung_step, work_left, worker_id)
+from theseus_cli.pipelines.search.study import (STUDY_NAME, counted, enqueue_all, from_queue, make_pruner,
+                                                make_sampler, open_storage, recover, rung_step, wait_until_queued,
+                                                work_left, worker_id)
 from theseus_cli.progress import seconds
 from theseus_cli.training.faults import Interrupted
 
@@ -27,20 +28,29 @@ if TYPE_CHECKING:
 
 
 def open_study(search: "Search") -> optuna.Study:
+    """Create the study (and, on the grid, queue its candidates) or load it: creation is atomic in the storage, so
+    of several workers starting together exactly one creates and queues."""
     cfg = search.search
     from theseus_cli.tasks import get_task
 
     direction = "maximize" if get_task(search.base.task).higher_is_better else "minimize"
-    labels = [c.label for c in search.candidates]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"study_name": f"{STUDY_NAME}-{search.digest[:12]}", "direction": direction,
+              "sampler": make_sampler(cfg.sampler, cfg.seed),
+              "pruner": make_pruner(cfg.budget.pruner, cfg.budget.reduction_factor, len(search.fractions))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = open_storage(search.options.storage, search.out)
-        study = optuna.create_study(storage=storage, study_name=f"{STUDY_NAME}-{search.digest[:12]}",
-                                    direction=direction, load_if_exists=True,
-                                    sampler=make_sampler(cfg.sampler, labels, cfg.seed),
-                                    pruner=make_pruner(cfg.budget.pruner, cfg.budget.reduction_factor,
-                                                       len(search.fractions)))
+        try:
+            study = optuna.create_study(storage=storage, **kwargs)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(storage=storage, study_name=kwargs["study_name"], sampler=kwargs["sampler"],
+                                      pruner=kwargs["pruner"])
+            if cfg.sampler == "grid":
+                wait_until_queued(study)
+        else:
+            if cfg.sampler == "grid":
+                enqueue_all(study, [c.label for c in search.candidates], cfg.seed)
     return study
 
 
@@ -58,6 +68,10 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         s = self.search
+        if s.search.sampler == "grid" and not from_queue(trial):  # the queue ran dry while this worker asked
+            trial.set_user_attr("idle", True)
+            self.study.stop()
+            raise optuna.TrialPruned("no queued candidate left")
         cand = self.by_label[trial.suggest_categorical("candidate", list(self.by_label))]
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("architecture", cand.arch.label)
@@ -121,9 +135,10 @@ def explore(search: "Search") -> None:
         search.study = None
         return
     study = search.study = open_study(search)
-    labels = [c.label for c in search.candidates]
+    labels, grid = [c.label for c in search.candidates], search.search.sampler == "grid"
     retried = recover(study)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    done = [t for t in study.get_trials(deepcopy=False)
+            if counted(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if done or retried:
         search.progress.log(f"phase 2: resumed: {len(done)} finished trials kept"
                             + (f", trial{'s' if len(retried) > 1 else ''} {', '.join(map(str, retried))} of a "
@@ -134,6 +149,8 @@ def explore(search: "Search") -> None:
                         f"of the budget, {budget.pruner} (η = {budget.reduction_factor}), at most "
                         f"{budget.max_cost:g} full conversions")
     def finished(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not counted(trial):
+            return
         row = trial_row(trial)
         metric = row["validation_metric"]
         text = f"{metric:.4f}" if metric is not None else "—"
@@ -143,10 +160,10 @@ def explore(search: "Search") -> None:
                             + (f", {seconds(row['seconds'])}" if row["seconds"] else ""))
         if search.options.on_trial is not None:
             search.options.on_trial(row)
-        if not work_left(study_, labels, limit) or spent(study_) + search.fractions[0] > budget.max_cost + 1e-9:
+        if not work_left(study_, grid, limit) or spent(study_) + search.fractions[0] > budget.max_cost + 1e-9:
             study_.stop()
 
-    if not work_left(study, labels, limit):
+    if not work_left(study, grid, limit):
         return
     try:
         study.optimize(Objective(search, study), callbacks=[finished], n_trials=limit, gc_after_trial=False)

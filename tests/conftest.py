@@ -107,7 +107,8 @@ HEAVY = ("test_gpt2_to_rnn_example", "test_gpu_conversion_time_benchmark", "test
          "test_deployment_cost_benchmark", "test_a_pickle_that_would_run_code_is_refused",
          "test_gpu_throughput_benchmark", "test_deploy_onnx_example", "test_library_conversion_example",
          "test_stage_grouping_benchmark", "test_edge_benchmark_runs_small", "test_lowrank_start_benchmark",
-         "test_distillation_benchmark", "test_linear_attention_gpt2_converts")
+         "test_distillation_benchmark", "test_linear_attention_gpt2_converts", "test_a_killed_search_resumes",
+         "test_two_workers_share_one_study", "test_a_search_writes_its_result")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,7 +26,7 @@ choices); a parameter that is itself a list is written as a list of lists.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union  # noqa: F401
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -73,17 +73,18 @@ class SearchRule(StrictModel):
     ignore: list[str] = Field(default_factory=list)
     align_up: int = Field(0, ge=0, description="as in a recipe's rule")
     groups: Groups = Field(default_factory=Groups)
-    with_: list[Union[str, Alternative]] = Field(alias="with", min_length=1, description="the alternatives")
+    with_: list[Alternative] = Field(alias="with", min_length=1, description="the alternatives ('keep', a "
+                                     "replacement name, or {with, params})")
 
     @field_validator("match")
     @classmethod
     def _match(cls, v: Union[str, list[str]]) -> list[str]:
         return check_patterns(v, "match")
 
-    @field_validator("with_")
+    @field_validator("with_", mode="before")
     @classmethod
-    def _alternatives(cls, v: list) -> list[Alternative]:
-        return [Alternative(**{"with": a}) if isinstance(a, str) else a for a in v]
+    def _alternatives(cls, v: Any) -> Any:
+        return [{"with": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
 
 
 class MethodChoice(StrictModel):
@@ -102,14 +103,15 @@ class MethodChoice(StrictModel):
 
 class Space(StrictModel):
     rules: list[SearchRule] = Field(min_length=1, description="replace the base recipe's replace rules")
-    methods: list[Union[MethodName, MethodChoice]] = Field(default_factory=lambda: ["not"], min_length=1)
+    methods: list[MethodChoice] = Field(default_factory=lambda: [MethodChoice(method="not")], min_length=1,
+                                        description="a method name, or {method, similarity}")
     max_architectures: int = Field(256, ge=1, description="refuse a space with more architectures than this (each is "
                                    "exported and timed in phase 1)")
 
-    @field_validator("methods")
+    @field_validator("methods", mode="before")
     @classmethod
-    def _methods(cls, v: list) -> list[MethodChoice]:
-        return [MethodChoice(method=m) if isinstance(m, str) else m for m in v]
+    def _methods(cls, v: Any) -> Any:
+        return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
 
 class RuntimeGoal(StrictModel):
@@ -119,6 +121,9 @@ class RuntimeGoal(StrictModel):
     batch: int = Field(1, ge=1)
     threads: int = Field(1, ge=1, description="intra-op threads of the session")
     precision: Literal["fp32", "int8"] = Field("fp32", description="int8: the candidates' (and the guide's) int8 files")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="the ONNX exporter of phase 1 and of the winner's files, as theseus export --exporter "
+        "(torchscript is the quicker one for a large space)")
 
 
 class Goals(StrictModel):

@@ -12,7 +12,13 @@ RECIPES = sorted(ROOT.glob("recipes/*.yaml")) + sorted(ROOT.glob("bench/recipes/
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
-    recipe = load_recipe(path)
+    from theseus_cli.config.search import is_search_file, load_search
+
+    if is_search_file(path):  # a search file: its own schema, and its base recipe validated as every recipe is
+        search, recipe = load_search(path)
+        assert search.space.rules and search.space.methods
+    else:
+        recipe = load_recipe(path)
     assert (recipe.replace or recipe.target) and recipe.guide.arch
 
 

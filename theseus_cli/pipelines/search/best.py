@@ -54,14 +54,14 @@ def _onnx_test_metric(search: "Search", path: Path) -> float:
                        search.base.data.eval_batch_size)
 
 
-def _exports(tmp: Path, precision: str) -> tuple[dict[str, Any], Path | None]:
+def _exports(tmp: Path, precision: str, exporter: str) -> tuple[dict[str, Any], Path | None]:
     """The winner's float and int8 ONNX files (an int8 file the metric check refuses is reported, not fatal unless
     the goal's precision is int8), and the file of the goal's precision."""
-    fp32 = export_target(tmp, "onnx", ExportOptions(out=tmp / "target.onnx"))
+    fp32 = export_target(tmp, "onnx", ExportOptions(out=tmp / "target.onnx", exporter=exporter))
     exports: dict[str, Any] = {"fp32": {"file": "target.onnx", "size_bytes": fp32["size_bytes"],
                                         "exporter": fp32.get("exporter"), "parity": fp32.get("parity")}}
     try:
-        int8 = export_target(tmp, "onnx", ExportOptions(quantize="int8"))
+        int8 = export_target(tmp, "onnx", ExportOptions(quantize="int8", exporter=exporter))
         exports["int8"] = {"file": Path(int8["out"]).name, "size_bytes": int8["size_bytes"],
                            "quantization": {k: int8["quantization"][k] for k in ("mode", "float", "int8",
                                                                                   "int8_over_float", "warnings")}}
@@ -83,7 +83,7 @@ def write_best(search: "Search", winner: dict[str, Any], goals: Goals) -> dict[s
         target_test = test_metric(search, model)
         search.progress.log(f"finish: exporting the winner to ONNX (fp32 and int8) and timing its {rt.precision} "
                             "file against the guide's")
-        exports, deployed = _exports(tmp, rt.precision)
+        exports, deployed = _exports(tmp, rt.precision, rt.exporter)
         params = sum(p.numel() for p in model.parameters())
     else:
         tmp.mkdir(parents=True)

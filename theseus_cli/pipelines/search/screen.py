@@ -115,7 +115,7 @@ class Screen:
         meta = meta_for(recipe, self.session, plan)
         wrapper = Deployable(model, recipe.task).eval()
         fp32 = Path(self.work.name) / f"{name}.onnx"
-        export_onnx(wrapper, sample_inputs(model, meta), fp32, meta, 1e-3, 1e-2)
+        export_onnx(wrapper, sample_inputs(model, meta), fp32, meta, 1e-3, 1e-2, exporter=self.goals.runtime.exporter)
         return fp32 if precision == "fp32" else self._int8(fp32, name)
 
     def _int8(self, fp32: Path, name: str) -> Path:

@@ -15,9 +15,10 @@
   rung of the budget (``budget.fractions()``) and reports its validation metric at each; the pruner stops the ones
   that are not in the best ``1/η`` of their rung so far. Each rung is a fresh, shorter conversion (a cosine
   schedule cut short is not the start of a longer one), so a promoted trial pays for each rung it ran.
-* **A killed worker.** Its trial stays RUNNING in the storage. ``--resume`` on the same machine finds RUNNING
-  trials whose worker process (host and pid, recorded on the trial) is gone, marks them FAIL and enqueues their
-  candidate again; with an RDB storage, Optuna's heartbeat does the same for workers on other machines
+* **A killed worker.** Its trial stays RUNNING in the storage. ``--resume`` of a search with its own study (no
+  ``--storage``: the process holds the output directory's lock, so no other worker exists) marks every RUNNING
+  trial FAIL and enqueues its candidate again; a worker of a shared study does so for RUNNING trials whose worker
+  process on this machine (host and pid, recorded on the trial) is gone; with an RDB storage, Optuna's heartbeat does the same for workers on other machines
   (``RetryFailedTrialCallback``). The retried trial's conversion continues from its last finished alignment stage
   (each rung is a normal run directory, resumed with ``convert``'s machinery).
 """
@@ -119,17 +120,19 @@ def _alive(worker: str | None) -> bool | None:
     return True
 
 
-def recover(study: optuna.Study) -> list[int]:
-    """RUNNING trials of workers on this host that are gone → FAIL, and their candidate enqueued again (once per
-    candidate); FAIL trials whose candidate never finished are enqueued again too. Returns the trial numbers."""
+def recover(study: optuna.Study, exclusive: bool) -> list[int]:
+    """RUNNING trials of workers that are gone → FAIL, and their candidate enqueued again (once per candidate); FAIL
+    trials whose candidate never finished are enqueued again too. Returns the trial numbers. ``exclusive``: this
+    process holds the output directory's lock (no ``--storage``), so no other worker can be running any trial."""
     retried, pending = [], set()
+    gone = (lambda t: True) if exclusive else (lambda t: _alive(t.user_attrs.get("worker")) is False)
     trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
     done = {t.params.get("candidate") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     for t in trials:
-        if t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and _alive(t.user_attrs.get("worker")) is not False):
+        if t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and not gone(t)):
             pending.add(t.params.get("candidate") or t.system_attrs.get("fixed_params", {}).get("candidate"))
     for t in trials:
-        if t.state == TrialState.RUNNING and _alive(t.user_attrs.get("worker")) is False:
+        if t.state == TrialState.RUNNING and gone(t):
             study.tell(t.number, state=TrialState.FAIL)
             t_state = TrialState.FAIL
         else:

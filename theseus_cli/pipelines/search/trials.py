@@ -136,7 +136,7 @@ def explore(search: "Search") -> None:
         return
     study = search.study = open_study(search)
     labels, grid = [c.label for c in search.candidates], search.search.sampler == "grid"
-    retried = recover(study)
+    retried = recover(study, exclusive=search.options.storage is None)
     done = [t for t in study.get_trials(deepcopy=False)
             if counted(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if done or retried:

@@ -201,3 +201,21 @@ def test_two_workers_share_one_study_and_never_run_a_candidate_twice(tmp_path):
     workers = {t["worker"] for t in result["trials"]}
     assert len(workers) == 2, workers  # both processes ran trials of the one study
     assert sum(bool(o.strip()) for o, _ in outputs) >= 1  # the last to finish printed the result
+
+
+def test_on_a_terminal_finished_trials_fill_a_live_table():
+    import io
+
+    from rich.console import Console
+
+    from theseus_cli.cli.search_view import TrialTable
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    table = TrialTable(console)
+    table.log("phase 1: [timing]")  # user-derived text is printed as it is, never parsed as markup
+    for n in range(3):
+        table.on_trial({"number": n, "state": "complete", "candidate": f"layer{n}:separable_conv [x]",
+                        "budget_fraction": 1.0, "validation_metric": 0.5 + n / 10})
+    table.close()
+    text = console.file.getvalue()
+    assert "phase 1: [timing]" in text and "layer2:separable_conv [x]" in text and "0.7000" in text

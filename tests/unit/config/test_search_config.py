@@ -63,3 +63,16 @@ def test_a_missing_base_names_its_path(tmp_path):
     path.write_text(yaml.safe_dump({"base": "nowhere.yaml", "space": SPACE}))
     with pytest.raises(RecipeError, match="nowhere.yaml: recipe file not found"):
         load_search(path)
+
+
+def test_the_readme_search_file_validates(tmp_path):
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(base: edge_resnet18_separable\.yaml.*?)```", readme, re.S).group(1)
+    data = yaml.safe_load(block)
+    data["base"] = str(REPO / "recipes" / data["base"])
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(data))
+    search, base = load_search(path)
+    assert len(search.space.rules) == 2 and search.goals.min_retention == 0.95 and base.guide.arch.startswith("torchvision")

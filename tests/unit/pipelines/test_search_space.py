@@ -101,3 +101,13 @@ def test_labels_rank_when_every_input_is_labelled_and_the_split_is_capped():
     trial, info = carve_validation(full, 10_000, "auto", 0)
     assert info["rank_by"] == "labels" and info["size"] == full.data.x_train.shape[0] // 5
     assert trial.data.labelled.numel() == trial.data.x_train.shape[0]
+
+
+def test_two_rules_on_nested_modules_are_never_combined():
+    resnet = open_session(parse_recipe(tiny_recipe_dict(guide={"arch": "torchvision:resnet18", "kwargs": {"num_classes": 10}},
+                                                        data={"channels": 3, "image_size": 32})), None, "cpu")
+    search = _search([{"match": "re:layer1\\.\\d\\.conv1", "with": ["keep", "separable_conv"]},
+                      {"match": "re:layer1\\.1", "with": ["keep", "identity"]}])
+    space = build_space(search, resnet.recipe, resnet.guide, resnet.data.x_train[:2], "s.yaml")
+    assert space.overlapping == 1 and len(space.architectures) == 2  # conv alone, block dropped alone
+    assert {a.label for a in space.architectures} == {"all:separable_conv", "all:identity"}

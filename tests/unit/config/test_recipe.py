@@ -75,7 +75,7 @@ def test_all_problems_reported_at_once_with_locations():
 
 def test_unknown_replacement_lists_valid_choices():
     data = tiny_recipe_dict(replace=[{"match": "Conv2d", "with": "lowrank"}])
-    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: elman_rnn, linear_attention, lowrank_conv, lowrank_linear, separable_conv, token_mlp\)"):
+    with pytest.raises(RecipeError, match=r"unknown replacement 'lowrank' \(valid: elman_rnn, identity, linear_attention, lowrank_conv, lowrank_linear, separable_conv, token_mlp\)"):
         parse_recipe(data)
 
 

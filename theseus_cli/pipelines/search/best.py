@@ -21,6 +21,7 @@ from theseus_cli.deploy.export import ExportOptions, export_target
 from theseus_cli.deploy.onnx_runtime import onnx_latency_pair, onnx_metric, open_onnx
 from theseus_cli.errors import ExportError
 from theseus_cli.pipelines.checks import retention
+from theseus_cli.pipelines.search.files import BEST_DIR
 from theseus_cli.pipelines.search.screen import MB
 from theseus_cli.tasks import get_task
 from theseus_cli.training import evaluate
@@ -28,7 +29,6 @@ from theseus_cli.training import evaluate
 if TYPE_CHECKING:
     from theseus_cli.pipelines.search.pipeline import Search
 
-BEST_DIR = "best"
 LEFT_BEHIND = {".theseus.lock", ".resume"}
 
 

@@ -31,7 +31,8 @@ from theseus_cli.artifacts import load_target, versions, write_json
 from theseus_cli.config.search import Goals
 from theseus_cli.errors import GateError
 from theseus_cli.pipelines.plots import plot_pareto
-from theseus_cli.pipelines.search.best import BEST_DIR
+from theseus_cli.pipelines.search.best import test_metric, write_best
+from theseus_cli.pipelines.search.files import BEST_DIR, PARETO_FILE, RESULT_FILE
 from theseus_cli.pipelines.search.screen import MB, goal_problems
 from theseus_cli.pipelines.search.study import counted
 from theseus_cli.pipelines.search.trials import trial_row
@@ -40,7 +41,6 @@ from theseus_cli.tasks import get_task
 if TYPE_CHECKING:
     from theseus_cli.pipelines.search.pipeline import Search
 
-PARETO_FILE = "pareto.png"
 
 
 def overshoot(record: dict[str, Any], goals: Goals) -> float:
@@ -74,8 +74,6 @@ def _finishing(out: Path) -> Iterator[bool]:
 
 
 def finish(search: "Search") -> dict[str, Any] | None:
-    from theseus_cli.pipelines.search.pipeline import RESULT_FILE
-
     with _finishing(search.out) as mine:
         if (search.out / RESULT_FILE).is_file():
             return json.loads((search.out / RESULT_FILE).read_text())
@@ -112,8 +110,6 @@ class Finish:
         winner = max(feasible, key=lambda e: (self.sign * e["validation_metric"], -e["latency_ms"]))
         s.progress.log(f"finish: winner {winner['label']} (validation {winner['validation_metric']:.4f})"
                        + ("; plain quantisation of the guide beats every conversion" if winner["label"] == "guide int8" else ""))
-        from theseus_cli.pipelines.search.best import write_best
-
         best = write_best(s, winner, self.goals)
         result.update(state="finished", winner={**winner, **best["summary"]}, best=best["summary"],
                       ranking=self.ranking(pool, winner, best), cost=self.cost(rows, winner))
@@ -191,8 +187,6 @@ class Finish:
     def ranking(self, pool: list[dict], winner: dict, best: dict) -> dict[str, Any]:
         """How well the validation ranking predicted the test metric, over the conversions at full budget (their
         test metric computed after the choice, for this report only)."""
-        from theseus_cli.pipelines.search.best import test_metric
-
         full = [e for e in pool if e["kind"] == "conversion"]
         for e in full:
             e["test_metric"] = (best["summary"]["test"]["target"] if e["label"] == winner["label"] else
@@ -206,8 +200,6 @@ class Finish:
                 "rank_by": self.s.validation["rank_by"]}
 
     def write(self, result: dict[str, Any], pool: list[dict]) -> None:
-        from theseus_cli.pipelines.search.pipeline import RESULT_FILE
-
         s = self.s
         plot_pareto(s.out / PARETO_FILE, [e for e in pool if "latency_ms" in e], result["pareto_front"],
                     self.task.metric, self.goals.max_latency_ms, f"{s.base.guide.arch}: {len(pool) - 2} conversions "

@@ -29,18 +29,18 @@ from theseus_cli.artifacts import write_json
 from theseus_cli.config.recipe import Recipe, parse_recipe
 from theseus_cli.config.search import SearchConfig, load_search
 from theseus_cli.data.core import batches_per_epoch
-from theseus_cli.errors import GateError, OutputError, TheseusWarning, UsageError
+from theseus_cli.errors import OutputError, TheseusWarning, UsageError
+from theseus_cli.pipelines.search.files import META_FILE, RESULT_FILE, TRIALS_DIR
+from theseus_cli.pipelines.search.finish import finish
 from theseus_cli.pipelines.search.methods import METHODS, MethodContext, method_label
 from theseus_cli.pipelines.search.screen import CACHE_FILE, Screen
 from theseus_cli.pipelines.search.space import Architecture, SearchSpace, build_space
+from theseus_cli.pipelines.search.trials import explore
 from theseus_cli.pipelines.search.validation import carve_validation
 from theseus_cli.progress import NullProgress, Progress, seconds
 from theseus_cli.training.runtime import align_batch_size
 from theseus_cli.training.session import Session, attach_guide_embeddings, open_session
 
-META_FILE = ".search.json"
-RESULT_FILE = "search.json"
-TRIALS_DIR = "trials"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,8 +129,6 @@ class Search:
         try:
             self.screen()
             self.explore()
-            from theseus_cli.pipelines.search.finish import finish
-
             return finish(self)
         finally:
             if getattr(self, "screener", None) is not None:
@@ -232,8 +230,6 @@ class Search:
 
     def explore(self) -> None:
         """Phase 2 (:mod:`theseus_cli.pipelines.search.trials`)."""
-        from theseus_cli.pipelines.search.trials import explore
-
         explore(self)
 
     # ------------------------------------------------------------------ helpers
@@ -290,23 +286,6 @@ class Search:
         int8 = onnx_metric(open_onnx(self.screener.guide_paths["int8"], 1), task, data.x_test.cpu(),
                            None if data.y_test is None else data.y_test.cpu(), bs)
         return {"fp32": fp32, "int8": int8}
-
-
-def nearest_text(record: dict[str, Any]) -> str:
-    figures = [f"{record['latency_ms']:.3g} ms" if "latency_ms" in record else None, f"{record['params']:,} params",
-               f"{record['file_bytes'] / 1e6:.3g} MB" if "file_bytes" in record else None]
-    return f"{record['label']} ({', '.join(f for f in figures if f)}: {'; '.join(record['dropped'])})"
-
-
-def no_feasible(search: Search) -> GateError:
-    """Exit 10 naming the candidate nearest the goals (the smallest largest overshoot of a goal)."""
-    from theseus_cli.pipelines.search.finish import overshoot
-
-    records = [r for r in search.phase1.values() if r.get("exported")]
-    nearest = min(records, key=lambda r: overshoot(r, search.search.goals)) if records else None
-    what = f"; nearest: {nearest_text(nearest)}" if nearest else ""
-    return GateError(f"no candidate meets the goals: none of {len(search.phase1)} architectures, nor the guide in fp32 "
-                     f"or int8{what}")
 
 
 def inspect_search(search_path: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:

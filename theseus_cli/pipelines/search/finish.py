@@ -102,7 +102,9 @@ class Finish:
         result = self.result(rows, pool)
         if not feasible:
             result["state"] = "no feasible candidate"
-            nearest = min(pool, key=lambda e: (overshoot(e, self.goals), -self.sign * e["validation_metric"]))
+            measured = pool + [{**r, "kind": "architecture", "reasons": r["dropped"]} for r in s.phase1.values()
+                               if r.get("exported")]
+            nearest = min(measured, key=lambda e: (overshoot(e, self.goals), -self.sign * (e.get("validation_metric") or 0)))
             result["nearest"] = nearest
             self.write(result, pool)
             raise GateError(f"no candidate meets the goals; nearest: {nearest['label']} "

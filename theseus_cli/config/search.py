@@ -176,6 +176,13 @@ class SearchConfig(StrictModel):
                                                       "random order; tpe / random: Optuna's samplers")
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _trials_for_samplers(self) -> "SearchConfig":
+        if self.sampler != "grid" and self.budget.trials is None:
+            raise ValueError(f"sampler: {self.sampler} proposes candidates without end; set budget.trials (grid tries "
+                             "each feasible candidate once)")
+        return self
+
 
 def is_search_file(path: str | Path) -> bool:
     """Whether ``path`` holds a search (a mapping with ``base`` and ``space``) rather than a recipe."""

@@ -76,3 +76,10 @@ def test_the_readme_search_file_validates(tmp_path):
     path.write_text(yaml.safe_dump(data))
     search, base = load_search(path)
     assert len(search.space.rules) == 2 and search.goals.min_retention == 0.95 and base.guide.arch.startswith("torchvision")
+
+
+def test_a_sampler_other_than_the_grid_needs_a_trial_count(tmp_path):
+    with pytest.raises(RecipeError, match="sampler: tpe proposes candidates without end; set budget.trials"):
+        load_search(_write(tmp_path, {"space": SPACE, "sampler": "tpe"}))
+    search, _ = load_search(_write(tmp_path, {"space": SPACE, "sampler": "tpe", "budget": {"trials": 3}}))
+    assert search.budget.trials == 3

@@ -235,3 +235,17 @@ def test_stage_grouping_benchmark_runs_small_and_compares_at_equal_alignment_ste
     assert {b: row["baselines"][b]["steps"] for b in ("scratch", "distill")} == {"scratch": row["per-module_steps"],
                                                                                "distill": row["per-module_steps"]}
     assert "(seed 0 only)" in run.stdout and "SMOKE RUN" in run.stdout
+
+
+@pytest.mark.parametrize("setting", ["resnet18", "minilm", "gpt2-cpu"])
+def test_search_benchmark_writes_valid_search_files_on_its_edge_recipes(setting, tmp_path):
+    """Each family's search file (bench/search.py) validates, on the hand-written edge recipe of bench/edge.py as its
+    base, at full size and in a smoke run's; the run itself is in docs/BENCHMARKS.md."""
+    from theseus_cli.config.search import load_search
+
+    bench = _bench_module("search")
+    for small in (False, True):
+        path, _ = bench.write_search(setting, bench.SETTINGS[setting], tmp_path / str(small), small)
+        search, base = load_search(path)
+        assert search.goals.max_latency_ratio == 0.5 and base.replace
+        assert base.baseline.enabled is False and base.data.seed == 0

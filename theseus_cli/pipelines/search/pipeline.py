@@ -168,7 +168,9 @@ class Search:
                                   f"{self.search.base}: {reason}") from None
 
     def _digest(self) -> str:
-        made_of = {"search": self.search.model_dump(mode="json", by_alias=True), "base": self.base.digest(),
+        # defaults left out: a later version's new field (at its default) does not orphan a study
+        made_of = {"search": self.search.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                   "base": self.base.digest(),
                    "guide": self.session.guide_info.get("checkpoint_sha256")}
         return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
 

@@ -167,8 +167,11 @@ def _finished_rungs(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/r*/report.json")} if out.is_dir() else {}
 
 
+ONE_RUNG = {"min_fraction": 1.0, "max_cost": 10}  # the process tests: one conversion per trial, the least work
+
+
 def test_a_killed_search_resumes_and_runs_no_finished_trial_again(tmp_path):
-    path = write_search(tmp_path)
+    path = write_search(tmp_path, budget=ONE_RUNG)
     out = tmp_path / "out"
     proc = subprocess.Popen(_cmd(path, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + HANG_S  # progress (a finished rung) decides when to kill, not a clock
@@ -189,7 +192,7 @@ def test_a_killed_search_resumes_and_runs_no_finished_trial_again(tmp_path):
 
 
 def test_two_workers_share_one_study_and_never_run_a_candidate_twice(tmp_path):
-    path = write_search(tmp_path, space={**SPACE, "methods": ["not", "progressive-distill", "distill"]})
+    path = write_search(tmp_path, space={**SPACE, "methods": ["not", "progressive-distill", "distill"]}, budget=ONE_RUNG)
     out, storage = tmp_path / "out", f"journal:{tmp_path / 'study.log'}"
     procs = [subprocess.Popen(_cmd(path, out, "--storage", storage), env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -50,7 +50,7 @@ def test_metric(search: "Search", model: torch.nn.Module) -> float:
 
 def _onnx_test_metric(search: "Search", path: Path) -> float:
     x, y = _test_split(search)
-    return onnx_metric(open_onnx(path, 1), get_task(search.base.task), x.cpu(), None if y is None else y.cpu(),
+    return onnx_metric(open_onnx(path, 1), get_task(search.base.task), x.to("cpu"), None if y is None else y.cpu(),
                        search.base.data.eval_batch_size)
 
 
@@ -111,7 +111,7 @@ def _measured(search: "Search", winner: dict, deployed: Path | None, guide_test:
     final: dict[str, Any] = {"file": deployed.name if deployed else None}
     if deployed is not None:
         timed = onnx_latency_pair({"guide": open_onnx(search.screener.guide_paths["fp32"], rt.threads),
-                                   "target": open_onnx(deployed, rt.threads)}, search.session.data.x_train[:1].cpu(),
+                                   "target": open_onnx(deployed, rt.threads)}, search.session.data.x_train[:1].to("cpu"),
                                   (rt.batch,))
         b = str(rt.batch)
         final.update(latency_ms=timed["latency"]["target"][b]["median_ms"],

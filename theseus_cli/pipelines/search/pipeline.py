@@ -144,8 +144,10 @@ class Search:
         self.space: SearchSpace = build_space(self.search, self.base, self.session.guide, sample, str(self.path))
         self.trial_session, self.validation = carve_validation(self.session, self.search.validation.size,
                                                                self.search.validation.rank_by, self.base.seed)
-        if self.base.task == "sentence-embedding":
-            attach_guide_embeddings(self.trial_session)  # once, not in every trial
+        if self.base.task == "sentence-embedding":  # once, not in every trial; minutes on a CPU: say so first
+            self.progress.log(f"search: the guide's embeddings of {len(self.trial_session.data.x_train):,} "
+                              "training sentences (once, for every trial)")
+            attach_guide_embeddings(self.trial_session)
         self._check_methods()
         self.digest = self._digest()
         self._claim()
@@ -285,7 +287,7 @@ class Search:
 
         data, task, bs = self.trial_session.data, get_task(self.base.task), self.base.data.eval_batch_size
         fp32 = evaluate(self.session.guide, task, data.x_test, data.y_test, bs, self.session.device)
-        int8 = onnx_metric(open_onnx(self.screener.guide_paths["int8"], 1), task, data.x_test.cpu(),
+        int8 = onnx_metric(open_onnx(self.screener.guide_paths["int8"], 1), task, data.x_test.to("cpu"),
                            None if data.y_test is None else data.y_test.cpu(), bs)
         return {"fp32": fp32, "int8": int8}
 

@@ -88,7 +88,7 @@ class Screen:
                     "input_shape": list(self.session.data.input_shape)}
         self.cache = self._read_cache()
         self.work = tempfile.TemporaryDirectory(prefix="theseus-phase1-")
-        self.sample = self.session.data.x_train[:1].cpu()
+        self.sample = self.session.data.x_train[:1].to("cpu")
         self.guide_cpu = copy.deepcopy(self.session.guide).cpu().eval()
         self.guide_paths = {}
 
@@ -120,7 +120,7 @@ class Screen:
 
     def _int8(self, fp32: Path, name: str) -> Path:
         reader = open_onnx(fp32, 1)
-        x = self.session.data.x_train[:CALIBRATION].cpu()
+        x = self.session.data.x_train[:CALIBRATION].to("cpu")
         feeds = [reader.feeds(x[s:s + 32]) for s in range(0, x.shape[0], 32)]
         int8 = Path(self.work.name) / f"{name}.int8.onnx"
         with tempfile.TemporaryDirectory(dir=self.work.name) as scratch:
@@ -129,7 +129,7 @@ class Screen:
 
     def guide(self) -> dict[str, Any]:
         """The guide's fp32 and int8 files timed against each other: the two guide candidates."""
-        plan = build_plan(self.guide_cpu, self.base.model_copy(update={"replace": []}), self.session.data.x_train[:2].cpu())
+        plan = build_plan(self.guide_cpu, self.base.model_copy(update={"replace": []}), self.session.data.x_train[:2].to("cpu"))
         self.guide_paths["fp32"] = self._export(self.guide_cpu, self.base, plan, "guide", "fp32")
         self.guide_paths["int8"] = self._int8(self.guide_paths["fp32"], "guide")
         timed = self._time({"fp32": self.guide_paths["fp32"], "int8": self.guide_paths["int8"]})
@@ -154,7 +154,7 @@ class Screen:
         if arch.digest in self.cache:
             return self.cache[arch.digest]
         recipe = self.base.model_copy(update={"replace": [RuleConfig.model_validate(r) for r in arch.replace_rules()]})
-        plan = build_plan(self.guide_cpu, recipe, self.session.data.x_train[:2].cpu())
+        plan = build_plan(self.guide_cpu, recipe, self.session.data.x_train[:2].to("cpu"))
         model = copy.deepcopy(self.guide_cpu)
         torch.manual_seed(self.base.seed)
         apply_entries(model, plan.entries)

@@ -170,14 +170,19 @@ def markdown(rows: list, device: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["feasible"]:
-            lines.append(f"| {r['setting']} | none meets the goal; nearest: {r['nearest']} | | | | "
+            lines.append(f"| {r['setting']} | none meets the goal; nearest: {_cell(r['nearest'])} | | | | "
                          f"{_n(r['search_cost'])} | |")
             continue
         metrics = " / ".join(pm(r, k) for k in ("winner", "hand", "distill", "scratch", "guide") if k in r)
-        lines.append(f"| {r['setting']} | {r['winner_label']} | {metrics} | {_ratio(r, 'winner_fp32')} | "
+        lines.append(f"| {r['setting']} | {_cell(r['winner_label'])} | {metrics} | {_ratio(r, 'winner_fp32')} | "
                      f"{_ratio(r, 'hand_fp32')} | {_n(r['search_cost'])} | {_n(r['phase1_latency_ms'], '.3g')} / "
                      f"{_n(r['final_latency_ms'], '.3g')} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text) -> str:
+    """A label in a table cell: its ' | ' (architecture | method) would split the cell."""
+    return str(text).replace("|", "\\|")
 
 
 def _n(value, fmt: str = ".2f") -> str:

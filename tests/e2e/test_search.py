@@ -85,14 +85,49 @@ def test_a_search_writes_its_result_the_front_and_the_winner_as_a_run(finished):
     assert {e["label"] for e in result["pool"]} >= {"guide fp32", "guide int8"}
 
 
-def test_the_winner_is_the_best_validation_metric_that_meets_the_goals(finished):
+def test_the_winner_is_the_fastest_within_one_standard_error_of_the_best_that_meets_the_goals(finished):
     _, _, result = finished
     feasible = [e for e in result["pool"] if e["feasible"]]
     best = max(e["validation_metric"] for e in feasible)
-    assert result["winner"]["validation_metric"] == best
+    choice = result["choice"]
+    assert choice["rule"] == "one-se" and choice["best_validation"] == best
+    near = [e for e in feasible if e["validation_metric"] >= best - choice["standard_error"]]
+    assert sorted(choice["within_one_se"]) == sorted(e["label"] for e in near)
+    assert result["winner"]["label"] == min(near, key=lambda e: e["ratio_to_guide"]["median"])["label"]
     full = [t for t in result["trials"] if t["full_budget"]]
     assert all(t["state"] == "complete" for t in full)
     assert result["pareto_front"] and result["winner"]["label"] in {e["label"] for e in result["pool"]}
+
+
+def test_every_candidate_runs_the_first_rung_before_any_is_promoted_and_the_cost_cap_holds(tmp_path):
+    path = write_search(tmp_path, space={**SPACE, "methods": ["not", "progressive-distill", "distill"]},
+                        budget={"min_fraction": 0.5, "reduction_factor": 2, "max_cost": 2.5})
+    res = cli("--recipe", str(path), "--out", str(tmp_path / "out"), "--json")
+    assert res.exit_code == 0, res.output[-3000:]
+    result = json.loads(res.stdout)
+    rungs = [line for line in res.stderr.splitlines() if line.startswith("trial: ")]
+    first = [i for i, line in enumerate(rungs) if "rung 1/2" in line]
+    second = [i for i, line in enumerate(rungs) if "rung 2/2" in line]
+    assert first and second and max(first) < min(second)  # synchronous: no head start for the first trials
+    cost = result["cost"]
+    assert cost["gradient_steps"] <= 2.5 * cost["full_conversion_steps"] and cost["full_conversion_equivalents"] <= 2.5
+    assert cost["reached_full_budget"] >= 1  # the reserve kept the winner's full rung affordable
+    stopped = [t["stopped"] or "" for t in result["trials"]]
+    assert cost["not_run_cost_cap"] == stopped.count("cost cap: not run") >= 1
+    assert len(result["trials"]) == result["candidates"] == 6
+
+
+@pytest.mark.parametrize("sampler,pruner", [("tpe", "successive-halving"), ("grid", "hyperband")])
+def test_optunas_own_samplers_and_hyperband_run_in_its_optimize_loop_under_the_cost_cap(tmp_path, sampler, pruner):
+    budget = {"min_fraction": 0.5, "reduction_factor": 2, "max_cost": 3, "pruner": pruner,
+              **({"trials": 3} if sampler == "tpe" else {})}
+    path = write_search(tmp_path, sampler=sampler, budget=budget)
+    res = cli("--recipe", str(path), "--out", str(tmp_path / "out"), "--json")
+    assert res.exit_code == 0, res.output[-3000:]
+    result = json.loads(res.stdout)
+    assert result["state"] == "finished" and result["cost"]["full_conversion_equivalents"] <= 3
+    assert len(result["trials"]) <= (3 if sampler == "tpe" else result["candidates"])
+    assert "synchronous" not in res.stderr
 
 
 def test_a_finished_search_resumed_runs_nothing(finished):

@@ -162,8 +162,13 @@ class Validation(StrictModel):
 
     size: int = Field(1000, ge=10, description="training inputs held out (at most a fifth of the training split)")
     rank_by: Literal["auto", "labels", "guide-agreement"] = Field(
-        "auto", description="labels: the task metric; guide-agreement: agreement with the guide's predictions on "
-        "held-out unlabelled inputs (auto: when data.label_limit makes labels scarce)")
+        "auto", description="labels: the task metric (held-out labelled inputs, at most a fifth of them where labels "
+        "are scarce); guide-agreement: agreement with the guide's predictions on held-out unlabelled inputs (auto: "
+        "labels when a fifth of the labels is at least 100 inputs, else guide-agreement)")
+    choose: Literal["one-se", "best"] = Field(
+        "one-se", description="the winner among the feasible candidates: best: the best validation metric; one-se: "
+        "where the metric is a share of the validation inputs (accuracy, agreement), the fastest candidate within one "
+        "standard error of the best, sqrt(p(1-p)/n) (other metrics: the best)")
 
 
 class SearchConfig(StrictModel):

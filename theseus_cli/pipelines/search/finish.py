@@ -2,8 +2,10 @@
 
 * **The pool.** Every trial that reached the full budget and kept ``goals.min_retention`` on the validation split,
   and the guide itself as its fp32 and its int8 file where they meet the phase-1 goals (scored on the same
-  validation inputs, the int8 file by ONNX Runtime). The winner has the best validation metric; so plain
-  quantisation wins whenever no conversion beats it, and the result says so.
+  validation inputs, the int8 file by ONNX Runtime). The winner has the best validation metric, or, under
+  ``validation.choose: one-se`` (the default) and a metric that is a share of the validation inputs, is the
+  fastest candidate within one standard error of the best (:meth:`Finish.choose`); so plain quantisation wins
+  whenever no conversion beats it, and the result says so (``choice`` in ``search.json`` says how it was chosen).
 * **``DIR/best``.** For a conversion: the winning trial's full-budget run directory (``target.safetensors``,
   ``report.json``, ``alignment.png``), its ONNX and int8 exports, both measured again (the file of the goal's
   precision timed alternating with the guide's), and ``report.json["search"]`` with the **test** metric of the
@@ -32,6 +34,7 @@ from theseus_cli.config.search import Goals
 from theseus_cli.errors import GateError
 from theseus_cli.pipelines.plots import plot_pareto
 from theseus_cli.pipelines.search.best import test_metric, write_best
+from theseus_cli.pipelines.search.cost import spent_steps
 from theseus_cli.pipelines.search.files import BEST_DIR, PARETO_FILE, RESULT_FILE
 from theseus_cli.pipelines.search.screen import MB, goal_problems
 from theseus_cli.pipelines.search.study import counted
@@ -109,7 +112,7 @@ class Finish:
             self.write(result, pool)
             raise GateError(f"no candidate meets the goals; nearest: {nearest['label']} "
                             f"({'; '.join(nearest['reasons'])}) — {s.out}/search.json lists every candidate")
-        winner = max(feasible, key=lambda e: (self.sign * e["validation_metric"], -e["latency_ms"]))
+        winner, result["choice"] = self.choose(feasible)
         s.progress.log(f"finish: winner {winner['label']} (validation {winner['validation_metric']:.4f})"
                        + ("; plain quantisation of the guide beats every conversion" if winner["label"] == "guide int8" else ""))
         best = write_best(s, winner, self.goals)
@@ -122,6 +125,28 @@ class Finish:
             raise GateError(f"the winner misses a goal on its final files: {'; '.join(failed)} (every file is written "
                             f"in {s.out})")
         return result
+
+    def choose(self, feasible: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The winner, and how it was chosen. ``best``: the best validation metric. ``one-se`` (the default): where
+        the metric is a share of the ``n`` validation inputs (accuracy, agreement with the guide), its standard error
+        at the best value p is sqrt(p(1-p)/n); every candidate within one of it of the best is as good as the
+        validation split can tell, and the fastest of them (median latency ratio to the guide) wins — Breiman's
+        one-standard-error rule, with latency as the simplicity it prefers. Other metrics: the best."""
+        top = max(feasible, key=lambda e: (self.sign * e["validation_metric"], -self._speed_key(e)))
+        rule, n = self.s.search.validation.choose, int(self.s.validation["size"])
+        if rule != "one-se" or self.task.metric != "accuracy":
+            return top, {"rule": "best", "best": top["label"]}
+        p = min(max(float(top["validation_metric"]), 0.0), 1.0)
+        se = math.sqrt(p * (1 - p) / max(n, 1))
+        near = [e for e in feasible if self.sign * e["validation_metric"] >= self.sign * top["validation_metric"] - se]
+        winner = min(near, key=lambda e: (self._speed_key(e), -self.sign * e["validation_metric"]))
+        return winner, {"rule": "one-se", "best": top["label"], "best_validation": top["validation_metric"],
+                        "standard_error": se, "within_one_se": [e["label"] for e in near]}
+
+    @staticmethod
+    def _speed_key(entry: dict[str, Any]) -> float:
+        ratio = entry.get("ratio_to_guide") or {}
+        return float(ratio.get("median", entry.get("latency_ms", math.inf)))
 
     @property
     def sign(self) -> float:
@@ -175,16 +200,16 @@ class Finish:
                 "warnings": s.warnings, "wall_seconds": time.perf_counter() - s.started}
 
     def cost(self, rows: list[dict], winner: dict) -> dict[str, Any]:
-        """Full-conversion equivalents: nominal (budget fractions run) and in gradient steps (every rung's steps over
-        a full-budget trial's, the mean of those that reached it)."""
-        steps = sum(r["steps"] for row in rows for r in row["rungs"])
-        full = [row["rungs"][-1]["steps"] for row in rows if row["full_budget"] and row["rungs"]]
-        per_full = sum(full) / len(full) if full else None
-        return {"nominal": sum(row["cost"] for row in rows), "gradient_steps": steps,
-                "full_conversion_steps": per_full,
-                "full_conversion_equivalents": steps / per_full if per_full else None,
+        """What the search spent, in gradient steps and in full conversions (one run of the base recipe as written:
+        :mod:`theseus_cli.pipelines.search.cost`), and the nominal budget fractions for comparison."""
+        steps = spent_steps(row["rungs"] for row in rows)
+        return {"nominal": sum(f["fraction"] for row in rows for f in row["rungs"]),
+                "gradient_steps": steps, "full_conversion_steps": self.s.full_steps,
+                "full_conversion_unit": "one run of the base recipe as written",
+                "full_conversion_equivalents": steps / self.s.full_steps, "cap": self.s.search.budget.max_cost,
                 "trial_seconds": sum(r["seconds"] for row in rows for r in row["rungs"]),
-                "trials": len(rows), "reached_full_budget": len(full)}
+                "trials": len(rows), "reached_full_budget": sum(bool(row["full_budget"]) for row in rows),
+                "not_run_cost_cap": sum(row["stopped"] == "cost cap: not run" for row in rows)}
 
     def ranking(self, pool: list[dict], winner: dict, best: dict) -> dict[str, Any]:
         """How well the validation ranking predicted the test metric, over the conversions at full budget (their

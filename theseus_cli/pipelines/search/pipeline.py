@@ -30,6 +30,7 @@ from theseus_cli.config.recipe import Recipe, parse_recipe
 from theseus_cli.config.search import SearchConfig, load_search
 from theseus_cli.data.core import batches_per_epoch
 from theseus_cli.errors import OutputError, TheseusWarning, UsageError
+from theseus_cli.pipelines.search.cost import planned_steps, spent_steps
 from theseus_cli.pipelines.search.files import META_FILE, RESULT_FILE, TRIALS_DIR
 from theseus_cli.pipelines.search.finish import finish
 from theseus_cli.pipelines.search.methods import METHODS, MethodContext, method_label
@@ -38,6 +39,7 @@ from theseus_cli.pipelines.search.space import Architecture, SearchSpace, build_
 from theseus_cli.pipelines.search.trials import explore
 from theseus_cli.pipelines.search.validation import carve_validation
 from theseus_cli.progress import NullProgress, Progress, seconds
+from theseus_cli.tasks import get_task
 from theseus_cli.training.runtime import align_batch_size
 from theseus_cli.training.session import Session, attach_guide_embeddings, open_session
 
@@ -120,6 +122,8 @@ class Search:
         self.started = time.perf_counter()
         self.fractions = search.budget.fractions()
         self.warnings: list[str] = []
+        self.storage = None  # the study's Optuna storage (phase 2)
+        self.higher_is_better = get_task(base.task).higher_is_better
 
     def run(self) -> dict[str, Any] | None:
         self.open()
@@ -217,12 +221,35 @@ class Search:
             bar.advance(1)
         bar.done(line=False)
         self.phase1_seconds = time.perf_counter() - started
+        self.full_steps = self._base_steps()
+        self.cap_steps = self.search.budget.max_cost * self.full_steps
         feasible = [a for a in self.space.architectures if self.phase1[a.digest]["feasible"]]
         self.candidates = [Candidate(a, m, s) for a in feasible for m, s in self.methods()]
         dropped = len(self.space.architectures) - len(feasible)
         self.progress.log(f"phase 1: {len(feasible)} of {len(self.space.architectures)} architectures meet the goals"
                           + (f"; {dropped} dropped ({self.drop_summary()})" if dropped else "")
                           + f"; guide {self.guide_files[rt.precision]['latency_ms']:.3g} ms; {seconds(self.phase1_seconds)}")
+
+    def _base_steps(self) -> int:
+        """One full conversion, the cost unit: the base recipe as written, on the search's training split."""
+        from theseus_cli.surgery.plan import build_plan
+
+        plan = build_plan(self.screener.guide_cpu, self.base, self.session.data.x_train[:2].to("cpu"))
+        return max(1, self._planned(self.base, len(plan.stages)))
+
+    def _planned(self, recipe: Recipe, stages: int) -> int:
+        data = self.trial_session.data
+        return planned_steps(recipe, stages, int(data.x_train.shape[0]), int(data.labelled.numel()), self.session.device)
+
+    def planned(self, cand: Candidate, fraction: float) -> int:
+        """The gradient steps a rung of ``cand`` at ``fraction`` of the budget runs at most."""
+        return self._planned(self.trial_recipe(cand, fraction), self.phase1[cand.arch.digest]["stages"])
+
+    def spent_steps(self) -> int:
+        """The steps every worker's rungs have run so far, each rung directory once."""
+        if getattr(self, "study", None) is None:
+            return 0
+        return spent_steps(t.user_attrs.get("rungs", []) for t in self.study.get_trials(deepcopy=False))
 
     def drop_summary(self) -> str:
         counts: dict[str, int] = {}
@@ -282,7 +309,6 @@ class Search:
     def evaluate_guide(self) -> dict[str, float]:
         """The guide's validation metric in fp32 (PyTorch) and as its int8 file (ONNX Runtime)."""
         from theseus_cli.deploy.onnx_runtime import onnx_metric, open_onnx
-        from theseus_cli.tasks import get_task
         from theseus_cli.training import evaluate
 
         data, task, bs = self.trial_session.data, get_task(self.base.task), self.base.data.eval_batch_size

@@ -11,9 +11,11 @@
   so no candidate runs twice, however many workers there are. ``tpe`` and ``random`` are Optuna's samplers over
   the candidates as one categorical parameter, for spaces too large to try whole (set ``budget.trials``); they
   may propose a candidate twice.
-* **Pruner.** ``successive-halving`` (asynchronous successive halving) or ``hyperband``: a trial runs rung after
-  rung of the budget (``budget.fractions()``) and reports its validation metric at each; the pruner stops the ones
-  that are not in the best ``1/η`` of their rung so far. Each rung is a fresh, shorter conversion (a cosine
+* **Pruner.** ``successive-halving`` or ``hyperband``: a trial runs rung after rung of the budget
+  (``budget.fractions()``) and reports its validation metric at each; the pruner stops the ones that are not in
+  the best ``1/η`` of their rung. On the grid, successive halving is synchronous (:class:`RungPruner`: every
+  candidate runs the first rung before any is promoted); with ``tpe``/``random`` and with ``hyperband`` the
+  pruners are Optuna's asynchronous ones, which compare a trial with those that reported before it. Each rung is a fresh, shorter conversion (a cosine
   schedule cut short is not the start of a longer one), so a promoted trial pays for each rung it ran.
 * **A killed worker.** Its trial stays RUNNING in the storage. ``--resume`` of a search with its own study (no
   ``--storage``: the process holds the output directory's lock, so no other worker exists) marks every RUNNING
@@ -92,10 +94,41 @@ def wait_until_queued(study: optuna.Study, timeout_s: float = 600.0) -> None:
         time.sleep(0.5)
 
 
-def make_pruner(kind: str, reduction_factor: int, rungs: int):
+class RungPruner(optuna.pruners.BasePruner):
+    """Synchronous successive halving: at a rung, a trial is kept when fewer than ``max(1, n // η)`` of the ``n``
+    values reported at that rung by the study's trials (failed ones left out: their retry reports again) are
+    better than its own; ties are all kept.
+
+    Optuna's own :class:`~optuna.pruners.SuccessiveHalvingPruner` is asynchronous: it compares a trial with the
+    trials that happened to report at the rung before it, so the first trials of a grid are promoted with almost no
+    competition, and under a cost cap they spend the budget before most candidates were tried at all. The grid
+    search therefore asks for this pruner's verdict only once every candidate has reported at the rung
+    (:mod:`theseus_cli.pipelines.search.halving`); with all values in, every worker reaches the same verdicts.
+    """
+
+    def __init__(self, reduction_factor: int, higher_is_better: bool):
+        self.reduction_factor, self.sign = reduction_factor, 1.0 if higher_is_better else -1.0
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        mine = trial.intermediate_values[step]
+        values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and counted(t) and t.state != TrialState.FAIL
+                  and step in t.intermediate_values] + [mine]
+        keep = max(1, len(values) // self.reduction_factor)
+        return sum(self.sign * v > self.sign * mine for v in values) >= keep
+
+
+def make_pruner(kind: str, reduction_factor: int, rungs: int, grid: bool = False, higher_is_better: bool = True):
+    """The grid's synchronous :class:`RungPruner` for ``successive-halving``; Optuna's asynchronous pruners for a
+    sampler that proposes candidates one at a time, and for ``hyperband``."""
     top = reduction_factor ** (rungs - 1)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=top, reduction_factor=reduction_factor)
+    if grid:
+        return RungPruner(reduction_factor, higher_is_better)
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor)
 
 

@@ -3,9 +3,11 @@ promoted rung by rung to the full budget by Optuna's pruner (:mod:`theseus_cli.p
 
 A trial is one candidate. At rung ``r`` it runs a normal conversion (``convert``'s pipeline, into
 ``DIR/trials/<candidate>/r<r>``) at ``budget.fractions()[r]`` of the base recipe's alignment and fine-tuning,
-reports the validation metric, and continues only if the pruner keeps it. Before each rung the study's spending
-so far (in full-conversion equivalents: the budget fractions of every rung run, by every worker) is checked
-against ``budget.max_cost``; a rung that would pass it is not run and the trial ends pruned ("cost cap").
+reports the validation metric, and continues only if the pruner keeps it. On the grid (the default) the rungs are
+synchronous (:mod:`theseus_cli.pipelines.search.halving`); Optuna's ``optimize`` loop with its asynchronous pruner
+runs the other samplers and hyperband. Before each rung the steps the study has spent (by every worker) plus the
+rung's planned steps are checked against ``budget.max_cost`` (:mod:`theseus_cli.pipelines.search.cost`); a rung
+that would pass it is not run and the trial ends pruned ("cost cap").
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import optuna
 from optuna.trial import TrialState
 
 from theseus_cli.errors import TheseusWarning
+from theseus_cli.pipelines.search.cost import fits
+from theseus_cli.pipelines.search.halving import GridHalving
 from theseus_cli.pipelines.search.study import (STUDY_NAME, counted, enqueue_all, from_queue, make_pruner,
                                                 make_sampler, open_storage, recover, rung_step, wait_until_queued,
                                                 work_left, worker_id)
@@ -31,36 +35,56 @@ def open_study(search: "Search") -> optuna.Study:
     """Create the study (and, on the grid, queue its candidates) or load it: creation is atomic in the storage, so
     of several workers starting together exactly one creates and queues."""
     cfg = search.search
-    from theseus_cli.tasks import get_task
-
-    direction = "maximize" if get_task(search.base.task).higher_is_better else "minimize"
+    grid = cfg.sampler == "grid"
+    direction = "maximize" if search.higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"study_name": f"{STUDY_NAME}-{search.digest[:12]}", "direction": direction,
               "sampler": make_sampler(cfg.sampler, cfg.seed),
-              "pruner": make_pruner(cfg.budget.pruner, cfg.budget.reduction_factor, len(search.fractions))}
+              "pruner": make_pruner(cfg.budget.pruner, cfg.budget.reduction_factor, len(search.fractions), grid,
+                                    search.higher_is_better)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = open_storage(search.options.storage, search.out)
+        storage = search.storage = open_storage(search.options.storage, search.out)
         try:
             study = optuna.create_study(storage=storage, **kwargs)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(storage=storage, study_name=kwargs["study_name"], sampler=kwargs["sampler"],
                                       pruner=kwargs["pruner"])
-            if cfg.sampler == "grid":
+            if grid:
                 wait_until_queued(study)
         else:
-            if cfg.sampler == "grid":
+            if grid:
                 enqueue_all(study, [c.label for c in search.candidates], cfg.seed)
     return study
 
 
-def spent(study: optuna.Study) -> float:
-    """Full-conversion equivalents the study's rungs have run (nominal budget fractions)."""
-    return sum(float(t.user_attrs.get("cost", 0.0)) for t in study.get_trials(deepcopy=False))
+def run_rung(search: "Search", trial: optuna.Trial, cand: "Candidate", rung: int) -> float:
+    """One rung of ``trial``: a normal conversion into ``DIR/trials/<candidate>/r<rung>`` (resumed if it ran
+    before), recorded on the trial (its measured steps, the study's cost) and reported to the pruner."""
+    from theseus_cli.pipelines.convert import ConvertOptions, run_conversion
+
+    s, fraction = search, search.fractions[rung]
+    recipe = s.trial_recipe(cand, fraction)
+    s.progress.log(f"trial: {cand.label}: rung {rung + 1}/{len(s.fractions)} ({fraction:g} of the budget)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TheseusWarning)  # said once by the search, not by every trial
+        report = run_conversion(recipe, s.trial_dir(cand, rung), ConvertOptions(
+            device=s.options.device, resume=True, latency=False, progress=s.trial_progress), session=s.trial_session)
+    rungs = list(trial.user_attrs.get("rungs", []))
+    rungs.append({**rung_entry(report, fraction), "candidate_key": cand.key})
+    trial.set_user_attr("rungs", rungs)
+    trial.set_user_attr("cost", sum(r["steps"] for r in rungs) / s.full_steps)
+    value = report["metric"]["target"]
+    trial.report(value, rung_step(rung, s.search.budget.reduction_factor))
+    s.progress.log(f"trial {trial.number}: {cand.label}: validation {value:.4f} at {fraction:g} of the budget "
+                   f"({rungs[-1]['steps']:,} steps; the search has spent {s.spent_steps() / s.full_steps:.2f} of "
+                   f"{s.search.budget.max_cost:g} full conversions)")
+    return value
 
 
 class Objective:
-    """Optuna's objective: one trial, rung after rung."""
+    """Optuna's objective for the samplers that propose candidates one at a time (tpe, random) and for hyperband:
+    one trial, rung after rung, Optuna's asynchronous pruner deciding after each."""
 
     def __init__(self, search: "Search", study: optuna.Study):
         self.search, self.study = search, study
@@ -76,37 +100,17 @@ class Objective:
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("architecture", cand.arch.label)
         trial.set_user_attr("method", cand.method + (f"({cand.similarity})" if cand.similarity else ""))
-        cost, value = 0.0, float("nan")
+        value = float("nan")
         for rung, fraction in enumerate(s.fractions):
-            if spent(self.study) + fraction > s.search.budget.max_cost + 1e-9:
+            if not fits(s.spent_steps(), s.planned(cand, fraction), s.cap_steps):
                 trial.set_user_attr("stopped", "cost cap")
                 raise optuna.TrialPruned(f"budget.max_cost {s.search.budget.max_cost:g} reached")
-            report = self.run_rung(cand, rung, fraction)
-            cost += fraction
-            rungs = list(trial.user_attrs.get("rungs", []))
-            rungs.append(rung_entry(report, fraction))
-            trial.set_user_attr("rungs", rungs)
-            trial.set_user_attr("cost", cost)
-            value = report["metric"]["target"]
-            if rung < len(s.fractions) - 1:
-                trial.report(value, rung_step(rung, s.search.budget.reduction_factor))
-                if trial.should_prune():
-                    trial.set_user_attr("stopped", f"pruned after rung {rung} ({fraction:g} of the budget)")
-                    raise optuna.TrialPruned()
+            value = run_rung(s, trial, cand, rung)
+            if rung < len(s.fractions) - 1 and trial.should_prune():
+                trial.set_user_attr("stopped", f"pruned after rung {rung} ({fraction:g} of the budget)")
+                raise optuna.TrialPruned()
         trial.set_user_attr("full_budget", True)
         return value
-
-    def run_rung(self, cand: "Candidate", rung: int, fraction: float) -> dict[str, Any]:
-        from theseus_cli.pipelines.convert import ConvertOptions, run_conversion
-
-        s = self.search
-        recipe = s.trial_recipe(cand, fraction)
-        s.progress.log(f"trial: {cand.label}: rung {rung + 1}/{len(s.fractions)} ({fraction:g} of the budget)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TheseusWarning)  # said once by the search, not by every trial
-            return run_conversion(recipe, s.trial_dir(cand, rung), ConvertOptions(
-                device=s.options.device, resume=True, latency=False, progress=s.trial_progress),
-                session=s.trial_session)
 
 
 def rung_entry(report: dict[str, Any], fraction: float) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def explore(search: "Search") -> None:
         search.study = None
         return
     study = search.study = open_study(search)
-    labels, grid = [c.label for c in search.candidates], search.search.sampler == "grid"
+    cfg, grid = search.search, search.search.sampler == "grid"
     retried = recover(study, exclusive=search.options.storage is None)
     done = [t for t in study.get_trials(deepcopy=False)
             if counted(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -143,12 +147,14 @@ def explore(search: "Search") -> None:
         search.progress.log(f"phase 2: resumed: {len(done)} finished trials kept"
                             + (f", trial{'s' if len(retried) > 1 else ''} {', '.join(map(str, retried))} of a "
                                "stopped worker run again" if retried else ""))
-    limit = search.search.budget.trials
-    budget = search.search.budget
-    search.progress.log(f"phase 2: {len(labels)} candidates, rungs at {', '.join(f'{f:g}' for f in search.fractions)} "
-                        f"of the budget, {budget.pruner} (η = {budget.reduction_factor}), at most "
-                        f"{budget.max_cost:g} full conversions")
-    def finished(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    budget = cfg.budget
+    search.progress.log(f"phase 2: {len(search.candidates)} candidates, rungs at "
+                        f"{', '.join(f'{f:g}' for f in search.fractions)} of the budget, {budget.pruner} (η = "
+                        f"{budget.reduction_factor}{', synchronous' if grid and budget.pruner != 'hyperband' else ''}), "
+                        f"at most {budget.max_cost:g} full conversions ({search.cap_steps:,.0f} gradient steps; one "
+                        f"run of the base recipe: {search.full_steps:,})")
+
+    def told(trial: optuna.trial.FrozenTrial) -> None:
         if not counted(trial):
             return
         row = trial_row(trial)
@@ -160,13 +166,21 @@ def explore(search: "Search") -> None:
                             + (f", {seconds(row['seconds'])}" if row["seconds"] else ""))
         if search.options.on_trial is not None:
             search.options.on_trial(row)
-        if not work_left(study_, grid, limit) or spent(study_) + search.fractions[0] > budget.max_cost + 1e-9:
-            study_.stop()
 
-    if not work_left(study, grid, limit):
-        return
     try:
-        study.optimize(Objective(search, study), callbacks=[finished], n_trials=limit, gc_after_trial=False)
+        if grid and budget.pruner != "hyperband":
+            GridHalving(search, study, told, run_rung).run()
+            return
+        if not work_left(study, grid, budget.trials):
+            return
+
+        def finished(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            told(trial)
+            cheapest = min(search.planned(c, search.fractions[0]) for c in search.candidates)
+            if not work_left(study_, grid, budget.trials) or not fits(search.spent_steps(), cheapest, search.cap_steps):
+                study_.stop()
+
+        study.optimize(Objective(search, study), callbacks=[finished], n_trials=budget.trials, gc_after_trial=False)
     except Interrupted as stop:
         raise Interrupted(f"{stop.message.split(';')[0]}; rerun the same command with --resume to continue the "
                           "search (finished trials are kept)", stop.exit_code - 128) from None

@@ -87,8 +87,9 @@ def searched(name: str, spec: dict, out: Path, device: str, small: bool) -> dict
         result = run_search(path, run, SearchOptions(checkpoint=guide, device=device, resume=(run / ".search.json").is_file(),
                                                      progress=bench_progress()))
         feasible = True
-    except GateError as exc:
-        result, feasible = json.loads((run / "search.json").read_text()), False
+    except GateError as exc:  # no feasible candidate; or a winner whose final file missed a goal when measured again
+        result = json.loads((run / "search.json").read_text())
+        feasible = result["state"] == "finished"
         result["gate_error"] = str(exc)
     return {"guide": guide, "raw": raw, "result": result, "feasible": feasible, "dir": run}
 
@@ -153,6 +154,8 @@ def run_one(name: str, spec: dict, out_root: Path, seed: int, device: str, small
            "phase1_latency_ms": (result.get("best") or {}).get("phase1_latency_ms"),
            "final_latency_ms": ((result.get("best") or {}).get("final") or {}).get("latency_ms"),
            "search_spearman": (result.get("ranking") or {}).get("spearman"),
+           "winner_gates": (result.get("best") or {}).get("gates"), "choice": result.get("choice"),
+           "validation": result.get("validation"),
            "phase1": {k: result["phase1"][k] for k in ("architectures", "feasible", "dropped", "seconds")},
            "trials": len(result.get("trials", [])), "search_seconds": result.get("wall_seconds"),
            "wall_time": {"total": result.get("wall_seconds") or 0.0}}

@@ -112,3 +112,16 @@ def test_the_one_se_rule_is_the_default_and_can_be_turned_off():
     search = SearchConfig.model_validate({"base": "b.yaml", "space": {"rules": [{"match": "x", "with": ["keep"]}]}})
     assert search.validation.choose == "one-se"
     assert "choose" not in search.model_dump(mode="json", exclude_defaults=True).get("validation", {})
+
+
+@pytest.mark.parametrize("guide_accuracy,rank_by,warned", [(1.0, "labels", True), (0.9, "labels", False),
+                                                           (1.0, "guide-agreement", False)])
+def test_a_guide_perfect_on_the_validation_labels_is_said_to_have_seen_them(guide_accuracy, rank_by, warned):
+    logged = []
+    search = SimpleNamespace(base=SimpleNamespace(task="classification"), validation={"size": 200, "rank_by": rank_by},
+                             search=SimpleNamespace(goals=Goals(), validation=SimpleNamespace(choose="one-se")),
+                             warnings=[], progress=SimpleNamespace(log=logged.append))
+    Finish(search, []).warn_if_guide_saw_validation(guide_accuracy)
+    assert bool(search.warnings) == warned and len(logged) == int(warned)
+    if warned:
+        assert "most likely trained on these labelled inputs" in search.warnings[0]

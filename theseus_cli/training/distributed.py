@@ -218,6 +218,8 @@ def process_group(device: str) -> Iterator[tuple[Dist, str]]:
     try:
         with changed(dist=d):
             yield d, device
+        if owned:  # every rank done before any tears the group down: a rank torn down mid-call aborted at exit
+            dist.barrier()
     finally:
         if owned:
             dist.destroy_process_group()

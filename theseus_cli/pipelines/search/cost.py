@@ -24,11 +24,16 @@ from theseus_cli.data.core import batches_per_epoch
 from theseus_cli.training.runtime import align_batch_size
 
 
+def align_batches_per_epoch(recipe: Recipe, n_train: int, device) -> int:
+    """Alignment batches in one pass over ``n_train`` inputs (before ``align.max_steps_per_epoch``)."""
+    return batches_per_epoch(n_train, min(align_batch_size(recipe, device), n_train))
+
+
 def planned_steps(recipe: Recipe, stages: int, n_train: int, n_labelled: int, device) -> int:
     """Gradient steps ``recipe`` runs at most on a training split of ``n_train`` inputs (``n_labelled`` labelled)
     when its plan has ``stages`` alignment stages."""
     align = recipe.align
-    per_epoch = batches_per_epoch(n_train, min(align_batch_size(recipe, device), n_train))
+    per_epoch = align_batches_per_epoch(recipe, n_train, device)
     steps = min(align.max_steps_per_epoch or per_epoch, per_epoch)
     epochs = align.auto.max_epochs if align.auto.enabled else align.epochs
     epochs = max([epochs] + [o.epochs for o in align.overrides if o.epochs is not None]) if epochs else 0

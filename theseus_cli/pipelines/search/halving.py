@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from theseus_cli.pipelines.search.cost import fits
-from theseus_cli.pipelines.search.study import counted, from_queue, recover, rung_step, worker_id
+from theseus_cli.pipelines.search.study import counted, from_queue, recover, rung_step, tag_trial
 
 if TYPE_CHECKING:
     from theseus_cli.pipelines.search.pipeline import Candidate, Search
@@ -70,12 +70,12 @@ class GridHalving:
         self.fractions = search.fractions
         self.open: dict[int, tuple[optuna.Trial, "Candidate"]] = {}
         self.done_rungs: dict[int, int] = {}  # trial number → rungs it has run
-        self.plan = {(c.label, r): search.planned(c, f) for c in search.candidates for r, f in enumerate(self.fractions)}
-        self.reserve = [sum(max(self.plan[(c.label, later)] for c in search.candidates)
+        self.reserve = [sum(max(search.planned(c, self.fractions[later]) for c in search.candidates)
                             for later in range(r + 1, len(self.fractions))) for r in range(len(self.fractions))]
+        self.heartbeat = Heartbeat(search.storage, self.open)
 
     def run(self) -> None:
-        with Heartbeat(self.s.storage, self.open):
+        with self.heartbeat:
             for rung in range(len(self.fractions)):
                 if rung > 0:
                     for number in self._promoted_best_first(rung - 1):
@@ -97,9 +97,7 @@ class GridHalving:
             self.study.tell(trial, state=TrialState.PRUNED)
             return None
         cand = self.by_label[trial.suggest_categorical("candidate", list(self.by_label))]
-        trial.set_user_attr("worker", worker_id())
-        trial.set_user_attr("architecture", cand.arch.label)
-        trial.set_user_attr("method", cand.method + (f"({cand.similarity})" if cand.similarity else ""))
+        tag_trial(trial, cand)
         self.open[trial.number], self.done_rungs[trial.number] = (trial, cand), 0
         return trial.number
 
@@ -109,7 +107,8 @@ class GridHalving:
         trial, cand = self.open[number]
         while self.done_rungs[number] <= upto:
             rung = self.done_rungs[number]
-            if not fits(self.s.spent_steps(), self.plan[(cand.label, rung)], self.s.cap_steps, self.reserve[rung]):
+            if not fits(self.s.spent_steps(), self.s.planned(cand, self.fractions[rung]), self.s.cap_steps,
+                        self.reserve[rung]):
                 self._tell(number, TrialState.PRUNED, "cost cap: not run" if rung == 0 else
                            f"cost cap: not promoted to {self.fractions[rung]:g} of the budget")
                 return
@@ -127,7 +126,7 @@ class GridHalving:
                 continue
             if self._everyone_at(rung):
                 return
-            if Heartbeat(self.s.storage, {}).interval:  # workers on other machines: Optuna's heartbeat finds them
+            if self.heartbeat.interval:  # workers on other machines: Optuna's heartbeat finds them
                 optuna.storages.fail_stale_trials(self.study)
             recover(self.study, exclusive=False)
             time.sleep(POLL_S)

@@ -30,7 +30,7 @@ from theseus_cli.config.recipe import Recipe, parse_recipe
 from theseus_cli.config.search import SearchConfig, load_search
 from theseus_cli.data.core import batches_per_epoch
 from theseus_cli.errors import OutputError, TheseusWarning, UsageError
-from theseus_cli.pipelines.search.cost import planned_steps, spent_steps
+from theseus_cli.pipelines.search.cost import align_batches_per_epoch, planned_steps, spent_steps
 from theseus_cli.pipelines.search.files import META_FILE, RESULT_FILE, TRIALS_DIR
 from theseus_cli.pipelines.search.finish import finish
 from theseus_cli.pipelines.search.methods import METHODS, MethodContext, method_label
@@ -40,7 +40,6 @@ from theseus_cli.pipelines.search.trials import explore
 from theseus_cli.pipelines.search.validation import carve_validation
 from theseus_cli.progress import NullProgress, Progress, seconds
 from theseus_cli.tasks import get_task
-from theseus_cli.training.runtime import align_batch_size
 from theseus_cli.training.session import Session, attach_guide_embeddings, open_session
 
 
@@ -122,7 +121,8 @@ class Search:
         self.started = time.perf_counter()
         self.fractions = search.budget.fractions()
         self.warnings: list[str] = []
-        self.storage = None  # the study's Optuna storage (phase 2)
+        self.storage = self.study = None  # the study and its Optuna storage (phase 2)
+        self._planned_cache: dict[tuple[str, float], int] = {}
         self.higher_is_better = get_task(base.task).higher_is_better
 
     def run(self) -> dict[str, Any] | None:
@@ -242,12 +242,17 @@ class Search:
         return planned_steps(recipe, stages, int(data.x_train.shape[0]), int(data.labelled.numel()), self.session.device)
 
     def planned(self, cand: Candidate, fraction: float) -> int:
-        """The gradient steps a rung of ``cand`` at ``fraction`` of the budget runs at most."""
-        return self._planned(self.trial_recipe(cand, fraction), self.phase1[cand.arch.digest]["stages"])
+        """The gradient steps a rung of ``cand`` at ``fraction`` of the budget runs at most (each pair planned once:
+        the cap is checked before every rung)."""
+        key = (cand.label, fraction)
+        if key not in self._planned_cache:
+            self._planned_cache[key] = self._planned(self.trial_recipe(cand, fraction),
+                                                     self.phase1[cand.arch.digest]["stages"])
+        return self._planned_cache[key]
 
     def spent_steps(self) -> int:
         """The steps every worker's rungs have run so far, each rung directory once."""
-        if getattr(self, "study", None) is None:
+        if self.study is None:
             return 0
         return spent_steps(t.user_attrs.get("rungs", []) for t in self.study.get_trials(deepcopy=False))
 
@@ -296,8 +301,7 @@ class Search:
             return parse_recipe(data, f"{self.path}: candidate {cand.label}")
 
     def _align_per_epoch(self) -> int:
-        n = int(self.trial_session.data.x_train.shape[0])
-        return batches_per_epoch(n, min(align_batch_size(self.base, self.session.device), n))
+        return align_batches_per_epoch(self.base, int(self.trial_session.data.x_train.shape[0]), self.session.device)
 
     def trial_dir(self, cand: Candidate, rung: int) -> Path:
         return self.out / TRIALS_DIR / cand.key / f"r{rung}"

@@ -45,6 +45,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def tag_trial(trial: optuna.Trial, cand) -> None:
+    """What a trial records of itself when a worker opens it: the worker, and its candidate's architecture and
+    method (the columns of ``search.json``'s trials)."""
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("architecture", cand.arch.label)
+    trial.set_user_attr("method", cand.method + (f"({cand.similarity})" if cand.similarity else ""))
+
+
 def open_storage(url: str | None, out: Path):
     """Optuna's storage for ``url`` (None: the journal file in ``out``)."""
     from optuna.storages import JournalStorage, RDBStorage

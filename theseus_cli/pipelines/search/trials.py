@@ -22,8 +22,8 @@ from theseus_cli.errors import TheseusWarning
 from theseus_cli.pipelines.search.cost import fits
 from theseus_cli.pipelines.search.halving import GridHalving
 from theseus_cli.pipelines.search.study import (STUDY_NAME, counted, enqueue_all, from_queue, make_pruner,
-                                                make_sampler, open_storage, recover, rung_step, wait_until_queued,
-                                                work_left, worker_id)
+                                                make_sampler, open_storage, recover, rung_step, tag_trial,
+                                                wait_until_queued, work_left)
 from theseus_cli.progress import seconds
 from theseus_cli.training.faults import Interrupted
 
@@ -97,9 +97,7 @@ class Objective:
             self.study.stop()
             raise optuna.TrialPruned("no queued candidate left")
         cand = self.by_label[trial.suggest_categorical("candidate", list(self.by_label))]
-        trial.set_user_attr("worker", worker_id())
-        trial.set_user_attr("architecture", cand.arch.label)
-        trial.set_user_attr("method", cand.method + (f"({cand.similarity})" if cand.similarity else ""))
+        tag_trial(trial, cand)
         value = float("nan")
         for rung, fraction in enumerate(s.fractions):
             if not fits(s.spent_steps(), s.planned(cand, fraction), s.cap_steps):

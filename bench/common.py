@@ -51,14 +51,17 @@ def guide_cache_path(name: str, recipe: Recipe, epochs: int) -> Path:
     return ROOT / ".cache" / "bench" / f"{name}-{recipe_hash(fields)[:12]}-e{epochs}.safetensors"
 
 
-def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str) -> tuple[Path, dict]:
+def cached_guide(name: str, recipe: Recipe, epochs: int, lr: float, device: str, hold_out=None) -> tuple[Path, dict]:
     """Train the recipe's guide once per :func:`guide_cache_path`; later calls reuse the file, also from another
-    benchmark's recipe with other replacements."""
+    benchmark's recipe with other replacements. ``hold_out``: a search file's ``validation``, whose held-out labels
+    the guide does not train on (``train-guide --recipe SEARCH.yaml``; cached under its own name)."""
+    if hold_out is not None:
+        name = f"{name}-holdout-{hold_out.rank_by}{hold_out.size}"
     cache = guide_cache_path(name, recipe, epochs)
     started = time.perf_counter()
     if cache.is_file():
         return cache, {"cached": True, "epochs": epochs, "seconds": 0.0}
-    info = train_guide(recipe, cache, epochs=epochs, lr=lr, device=device, progress=bench_progress())
+    info = train_guide(recipe, cache, epochs=epochs, lr=lr, device=device, progress=bench_progress(), hold_out=hold_out)
     return cache, {"cached": False, "epochs": epochs, "seconds": time.perf_counter() - started, info["metric"]: info[info["metric"]]}
 
 

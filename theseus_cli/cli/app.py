@@ -545,20 +545,28 @@ def train_guide_cmd(
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Train the recipe's guide architecture from scratch on the recipe's data."""
+    """Train the recipe's guide architecture from scratch on the recipe's data (a search file: its base recipe's,
+    leaving out the labels the search holds out to rank its trials)."""
 
     def work():
+        from theseus_cli.config.search import is_search_file, load_search
         from theseus_cli.pipelines.train_guide import train_guide
         from theseus_cli.config.recipe import load_recipe
 
+        if is_search_file(recipe):
+            search, base = load_search(recipe)
+            return train_guide(base, out, epochs, lr, device=device, progress=_progress(quiet),
+                               hold_out=search.validation)
         return train_guide(load_recipe(recipe), out, epochs, lr, device=device, progress=_progress(quiet))
 
     result = _run(debug, work)
     if as_json:
         _emit_json(result)
         return
+    held = result.get("held_out")
+    kept = f"; {held['size']} {held['from']} held out for the search" if held else ""
     out_console.print(f"guide {_e(result['arch'])}: test {result['metric']} {result[result['metric']]:.4f} after {result['epochs']} epochs "
-                      f"({result['seconds']:.0f}s on {result['device']}) → {_e(result['checkpoint'])}")
+                      f"({result['seconds']:.0f}s on {result['device']}{kept}) → {_e(result['checkpoint'])}")
 
 
 def main() -> None:

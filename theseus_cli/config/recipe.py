@@ -235,12 +235,19 @@ class Recipe(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    start: Literal["guide", "fresh"] = Field(
+        "guide", description="replace recipes: the target starts as the guide, its weights kept outside the replaced "
+        "modules (Network of Theseus), or as the guide's architecture from fresh seeded weights (with align.epochs: 0 "
+        "and finetune.distill: the same target distilled from the guide, as baseline.runs: distill trains it)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="every random stream of the run derives from it")
 
     @model_validator(mode="after")
     def _replace_or_transfer(self) -> "Recipe":
         if self.target is None and not self.replace:
             raise ValueError("replace: give replacement rules, or a target section for architecture transfer")
+        if self.target is not None and self.start == "fresh":
+            raise ValueError("start: fresh applies to replace recipes (an architecture transfer's target starts "
+                             "fresh anyway)")
         if self.target is not None and self.replace:
             raise ValueError("target: a recipe either replaces modules in place (replace) or rebuilds a target network "
                              "(target), not both")

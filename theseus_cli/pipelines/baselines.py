@@ -81,10 +81,14 @@ def baseline_model(conv: "Conversion", from_guide: bool) -> torch.nn.Module:
         if from_guide:
             inherit_weights(conv.guide, model, conv.plan_.blocks)
         return model
-    if from_guide:
-        model = copy.deepcopy(conv.guide)
-    else:
-        model = rebuild_head(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task), conv.session.head, seed)
-        model = conv.rt.prepare(model.to(dev))
+    model = copy.deepcopy(conv.guide) if from_guide else fresh_guide_architecture(conv, seed)
     apply_entries(model, conv.plan_.entries)
     return model
+
+
+def fresh_guide_architecture(conv: "Conversion", seed: int) -> torch.nn.Module:
+    """The guide's architecture (with the head the session gave it) from fresh weights seeded by ``seed``, on the
+    run's device: a baseline's start, and a ``start: fresh`` conversion's."""
+    recipe = conv.recipe
+    model = rebuild_head(build_model(recipe.guide.arch, recipe.guide.kwargs, seed, recipe.task), conv.session.head, seed)
+    return conv.rt.prepare(model.to(conv.session.device))

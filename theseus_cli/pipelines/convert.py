@@ -33,7 +33,7 @@ from theseus_cli.data.core import batches_per_epoch, sample_batches
 from theseus_cli.deploy.gates import Gates, evaluate_gates
 from theseus_cli.errors import DataError, OutputError, TheseusWarning, UsageError
 from theseus_cli.models.build import build_model
-from theseus_cli.pipelines.baselines import distill_teacher, train_baselines
+from theseus_cli.pipelines.baselines import distill_teacher, fresh_guide_architecture, train_baselines
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
 from theseus_cli.progress import NullProgress, Progress, seconds
@@ -201,7 +201,8 @@ class Conversion:
         if recipe.target is None:
             self.plan_ = build_plan(self.guide, recipe, sample)
             by_path = {e.path: e for e in self.plan_.entries}
-            self.target = copy.deepcopy(self.guide)
+            self.target = copy.deepcopy(self.guide) if recipe.start == "guide" else fresh_guide_architecture(
+                self, self.seeds.target_init)
             self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced],
                                                                  self.calibration)
         else:

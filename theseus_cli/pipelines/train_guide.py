@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,10 +26,19 @@ from theseus_cli.training.session import check_classes, check_vocabulary, resolv
 from theseus_cli.tasks import get_task
 from theseus_cli.training import TaskJob, evaluate, train_task
 
+if TYPE_CHECKING:
+    from theseus_cli.config.search import Validation
+
 
 def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e-3, weight_decay: float = 0.05,
-                device: str = "auto", progress: Progress = NullProgress()) -> dict[str, Any]:
-    """Train ``recipe.guide.arch`` from scratch on the labelled training data (the task's loss); save its state dict."""
+                device: str = "auto", progress: Progress = NullProgress(), hold_out: "Validation | None" = None
+                ) -> dict[str, Any]:
+    """Train ``recipe.guide.arch`` from scratch on the labelled training data (the task's loss); save its state dict.
+
+    ``hold_out`` (a search file's ``validation``; the CLI passes it when ``--recipe`` is a search file): leave out
+    of training the inputs that search holds out to rank its trials, so that a guide which memorised its labels
+    does not make the ranking reward imitating it (a guide scores near 1.0 on labels it was trained on, and every
+    target that keeps its weights scores high there too, whatever it does on new inputs)."""
     from safetensors.torch import save_model
 
     if recipe.task == "sentence-embedding":
@@ -39,6 +48,7 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     dev = resolve_device(device)
     task = get_task(recipe.task)
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
+    held = _hold_out(data, recipe, hold_out)
     model = build_model(recipe.guide.arch, recipe.guide.kwargs, recipe.seed, recipe.task)
     check_vocabulary(model, data)
     check_classes(model, data, "the guide")
@@ -48,6 +58,8 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     model = rt.prepare(model.to(dev))
     with using(rt):
         per_epoch = batches_per_epoch(data.labelled.numel(), recipe.data.batch_size)
+        if held is not None:
+            progress.log(f"train guide: {held['size']} {held['from']} held out (the search's validation split)")
         progress.log(f"train guide {recipe.guide.arch}: {epochs} epochs, {epochs * per_epoch:,} steps on {dev}")
         job = TaskJob(epochs * per_epoch, lr, weight_decay, per_epoch // 2, 1.0, 0.0, recipe.data.batch_size,
                       Seeds(recipe.seed).generator("train_guide"), dev, "train guide", progress)
@@ -57,7 +69,24 @@ def train_guide(recipe: Recipe, out: str | Path, epochs: int = 5, lr: float = 2e
     atomic_write(out, lambda tmp: save_model(model, str(tmp), metadata={"arch": recipe.guide.arch}))
     return {"checkpoint": str(out), "arch": recipe.guide.arch, "task": recipe.task, "metric": task.metric,
             task.metric: score, "epochs": epochs, "steps": result.steps, "epoch_losses": result.epoch_losses,
-            "device": str(dev), "runtime": rt.summary(), "data": data.summary(), "seconds": time.perf_counter() - started}
+            "device": str(dev), "runtime": rt.summary(), "data": data.summary(), "held_out": held,
+            "seconds": time.perf_counter() - started}
+
+
+def _hold_out(data, recipe: Recipe, validation) -> dict[str, Any] | None:
+    """Drop the search's held-out inputs from ``data.labelled`` (in place); what was held out, or None."""
+    if validation is None:
+        return None
+    from theseus_cli.pipelines.search.validation import held_out
+
+    found = held_out(data, recipe.task, validation.size, validation.rank_by, recipe.seed)
+    keep = ~torch.isin(data.labelled.cpu(), found.indices)
+    data.labelled = data.labelled[keep.to(data.labelled.device)]
+    if data.labelled.numel() == 0:
+        raise RecipeError("train-guide: the search's validation split holds every labelled input; nothing is left "
+                          "to train the guide on")
+    return {"size": int(found.indices.numel()), "from": found.origin, "rank_by": found.mode,
+            "labelled_left": int(data.labelled.numel())}
 
 
 def _train(model, task, data, recipe: Recipe, job: TaskJob):

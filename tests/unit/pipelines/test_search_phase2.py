@@ -125,3 +125,80 @@ def test_a_guide_perfect_on_the_validation_labels_is_said_to_have_seen_them(guid
     assert bool(search.warnings) == warned and len(logged) == int(warned)
     if warned:
         assert "most likely trained on these labelled inputs" in search.warnings[0]
+
+
+def test_train_guide_on_a_search_file_leaves_out_exactly_the_labels_the_search_ranks_on(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from theseus_cli.cli.app import app
+    from theseus_cli.config.search import load_search
+    from theseus_cli.data.dataset import load_dataset
+    from theseus_cli.pipelines.search.validation import held_out
+
+    base = tiny_recipe_dict(data={"label_limit": 500, "train_limit": 1200})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    search_file = tmp_path / "search.yaml"
+    search_file.write_text(yaml.safe_dump({"base": "base.yaml", "validation": {"size": 1000},
+                                           "space": {"rules": [{"match": "Conv2d", "with": ["keep", "separable_conv"]}]}}))
+    res = CliRunner().invoke(app, ["train-guide", "--recipe", str(search_file), "--out", str(tmp_path / "g.safetensors"),
+                                   "--epochs", "1", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["held_out"] == {"size": 100, "from": "labelled training inputs", "rank_by": "labels",
+                                  "labelled_left": 400}
+    search, recipe = load_search(search_file)
+    data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
+    held = held_out(data, recipe.task, search.validation.size, search.validation.rank_by, recipe.seed).indices
+    session = open_session(recipe, tmp_path / "g.safetensors", "cpu")
+    trial, _ = carve_validation(session, search.validation.size, search.validation.rank_by, recipe.seed)
+    assert torch.equal(trial.data.x_test, data.x_train[held])  # the search holds out the very inputs the guide skipped
+    plain = CliRunner().invoke(app, ["train-guide", "--recipe", str(tmp_path / "base.yaml"), "--out",
+                                     str(tmp_path / "p.safetensors"), "--epochs", "1", "--json", "--quiet"])
+    assert plain.exit_code == 0 and json.loads(plain.output)["held_out"] is None
+
+
+def test_phase_1_keeps_an_architecture_only_within_the_goal_less_its_margin():
+    from theseus_cli.pipelines.search.screen import goal_problems
+
+    record = {"latency_ms": 0.9, "params": 10, "file_bytes": 10, "ratio_to_guide": {"median": 0.46}}
+    assert goal_problems(record, Goals(max_latency_ratio=0.5, latency_margin=0.0)) == []
+    said = goal_problems(record, Goals(max_latency_ratio=0.5))  # the default margin, 15 %: ×0.425 at most
+    assert len(said) == 1 and "×0.425" in said[0] and "margin" in said[0]
+    assert goal_problems(record, Goals(max_latency_ms=1.0, latency_margin=0.05)) == []
+    assert len(goal_problems(record, Goals(max_latency_ms=1.0, latency_margin=0.2))) == 1
+
+
+@pytest.mark.filterwarnings("ignore::theseus_cli.errors.TheseusWarning")
+def test_start_fresh_draws_every_weight_anew_and_the_distill_method_asks_for_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from theseus_cli.pipelines.search.methods import METHODS, MethodContext
+
+    raw = tiny_recipe_dict(replace=[{"match": "Conv2d", "with": "separable_conv"}], align={"epochs": 0},
+                           finetune={"epochs": 0}, bn_recalibration={"enabled": False})
+    kept = {}
+    for start in ("guide", "fresh"):
+        recipe = parse_recipe({**raw, "start": start})
+        session = open_session(recipe, None, "cpu")
+        guide = {k: v.detach().clone() for k, v in session.guide.state_dict().items()}
+        run_conversion(recipe, tmp_path / start, ConvertOptions(device="cpu", latency=False), session=session)
+        target = load_file(str(tmp_path / start / "target.safetensors"))
+        heads = [k for k in target if k in guide and k.endswith("weight") and target[k].shape == guide[k].shape
+                 and target[k].dim() == 2]  # the kept linear layers
+        assert heads
+        kept[start] = [torch.equal(target[k], guide[k]) for k in heads]
+    assert all(kept["guide"]) and not any(kept["fresh"])
+    ctx = MethodContext(None, align_steps=12, finetune_steps_per_epoch=4)
+    for method, start in (("distill", "fresh"), ("guide-init-distill", None)):
+        data = parse_recipe(raw).resolved()
+        METHODS.lookup(method).rewrite(data, ctx)
+        assert data["start"] == (start or "guide") and data["finetune"]["distill"] is not None
+        assert data["align"]["epochs"] == 0 and data["finetune"]["epochs"] == 3  # 12 alignment steps, 4 a epoch
+    with pytest.raises(Exception, match="start: fresh applies to replace recipes"):
+        parse_recipe({**{k: v for k, v in raw.items() if k != "replace"}, "start": "fresh",
+                      "similarity": {"kind": "cka"},
+                      "target": {"arch": "theseus_cli.zoo:cnn_small", "kwargs": {"num_classes": 10, "in_chans": 1},
+                                 "blocks": {"guide": "re:features\\.\\d+", "target": "re:features\\.\\d+"}}})

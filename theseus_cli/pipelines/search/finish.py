@@ -180,7 +180,8 @@ class Finish:
             return
         text = (f"the guide scores {guide_accuracy:.3f} on the validation split: it was most likely trained on these "
                 "labelled inputs, so the ranking rewards what the trials inherit of the guide's memory; train the guide "
-                "without them (data.label_limit over the others) for a ranking that measures generalisation")
+                "without them (theseus train-guide --recipe on this search file leaves them out) for a ranking that "
+                "measures generalisation")
         self.s.warnings.append(text)
         self.s.progress.log(f"warning: {text}")
 

@@ -35,15 +35,40 @@ HELD_OUT_SHARE = 5  # at most 1/5 of the training split (of its labelled inputs,
 MIN_LABELLED = 100  # auto ranks by labels when it can hold out at least this many labelled inputs
 
 
-def rank_mode(session: Session, rank_by: str) -> str:
-    data = session.data
-    if session.recipe.task != "classification":
+def rank_mode(data, task: str, rank_by: str) -> str:
+    """What the held-out inputs are scored on: ``labels`` or ``guide-agreement`` (``auto`` resolved)."""
+    if task != "classification":
         return "labels"
     if rank_by == "auto":
         labelled = int(data.labelled.numel())
         every = labelled >= int(data.x_train.shape[0])
         return "labels" if every or labelled // HELD_OUT_SHARE >= MIN_LABELLED else "guide-agreement"
     return rank_by
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    indices: torch.Tensor  # into the training split, sorted
+    mode: str  # labels | guide-agreement
+    origin: str  # which inputs they were drawn from, in words
+
+
+def held_out(data, task: str, size: int, rank_by: str, seed: int) -> HeldOut:
+    """The training inputs a search holds out to rank on, seeded by ``seed``: a function of the data alone, so that
+    ``train-guide`` on a search file can leave exactly these labels out of the guide's training."""
+    mode = rank_mode(data, task, rank_by)
+    n = int(data.x_train.shape[0])
+    size = min(size, n // HELD_OUT_SHARE)
+    labelled = torch.zeros(n, dtype=torch.bool)
+    labelled[data.labelled.cpu()] = True
+    gen = torch.Generator().manual_seed(seed + 9173)
+    pool, origin = torch.arange(n), "training inputs"
+    if mode == "guide-agreement" and int((~labelled).sum()) >= size:
+        pool, origin = pool[~labelled], "unlabelled training inputs"
+    elif mode == "labels" and task == "classification" and int((~labelled).sum()) > 0:  # scarce labels: hold out a share of them, never more
+        pool, origin = pool[labelled], "labelled training inputs"
+        size = min(size, max(1, pool.numel() // HELD_OUT_SHARE))
+    return HeldOut(pool[torch.randperm(pool.numel(), generator=gen)[:size]].sort().values, mode, origin)
 
 
 def _guide_classes(session: Session, x) -> torch.Tensor:
@@ -60,19 +85,11 @@ def _guide_classes(session: Session, x) -> torch.Tensor:
 def carve_validation(session: Session, size: int, rank_by: str, seed: int) -> tuple[Session, dict[str, Any]]:
     """A session whose test split is the held-out validation inputs and whose training split is the rest (its
     labelled indices renumbered), and what was held out."""
-    data, mode = session.data, rank_mode(session, rank_by)
-    n = int(data.x_train.shape[0])
-    size = min(size, n // HELD_OUT_SHARE)
+    data = session.data
+    found = held_out(data, session.recipe.task, size, rank_by, seed)
+    n, held, mode = int(data.x_train.shape[0]), found.indices, found.mode
     labelled = torch.zeros(n, dtype=torch.bool)
     labelled[data.labelled.cpu()] = True
-    gen = torch.Generator().manual_seed(seed + 9173)
-    pool, origin = torch.arange(n), "training inputs"
-    if mode == "guide-agreement" and int((~labelled).sum()) >= size:
-        pool, origin = pool[~labelled], "unlabelled training inputs"
-    elif mode == "labels" and session.recipe.task == "classification" and int((~labelled).sum()) > 0:  # scarce labels: hold out a share of them, never more
-        pool, origin = pool[labelled], "labelled training inputs"
-        size = min(size, max(1, pool.numel() // HELD_OUT_SHARE))
-    held = pool[torch.randperm(pool.numel(), generator=gen)[:size]].sort().values
     keep_mask = torch.ones(n, dtype=torch.bool)
     keep_mask[held] = False
     keep = keep_mask.nonzero().squeeze(1)
@@ -87,6 +104,6 @@ def carve_validation(session: Session, size: int, rank_by: str, seed: int) -> tu
     y_train = data.y_train[keep] if data.y_train is not None and data.kind == "image" else None
     trial_data = dataclasses.replace(data, x_train=data.x_train[keep], y_train=y_train, x_test=x_val, y_test=y_val,
                                      labelled=kept_labels)
-    info = {"size": size, "rank_by": mode, "from": origin, "train_left": int(keep.numel()),
+    info = {"size": int(held.numel()), "rank_by": mode, "from": found.origin, "train_left": int(keep.numel()),
             "labelled_left": int(kept_labels.numel())}
     return dataclasses.replace(session, data=trial_data), info

@@ -257,3 +257,34 @@ def test_on_a_terminal_finished_trials_fill_a_live_table():
     table.close()
     text = console.file.getvalue()
     assert "phase 1: [timing]" in text and "layer2:separable_conv [x]" in text and "0.7000" in text
+
+
+def test_the_base_recipe_as_written_is_never_pruned_and_competes_at_the_full_budget(tmp_path):
+    base = tiny_recipe_dict(finetune={"epochs": 2}, guide={"checkpoint": str(trained_guide())},
+                            replace=[{"match": "3", "with": "separable_conv"}])
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(SEARCH))
+    res = cli("--recipe", str(path), "--out", str(tmp_path / "out"), "--json")
+    assert res.exit_code == 0, res.output[-3000:]
+    result = json.loads(res.stdout)
+    assert result["incumbent"] == "all:separable_conv | not"
+    trials = {t["candidate"]: t for t in result["trials"]}
+    assert trials[result["incumbent"]]["incumbent"] and trials[result["incumbent"]]["full_budget"]
+    others = [t for t in result["trials"] if not t["incumbent"]]
+    at_rung0 = sorted((t["rungs"][0]["metric"] for t in others), reverse=True)
+    promoted = [t for t in others if t["full_budget"]]
+    # the other three compete for max(1, 3 // 2) = 1 place (all tied at the top are kept), the incumbent takes none
+    assert len(promoted) == sum(v == at_rung0[0] for v in at_rung0) >= 1
+    assert all(t["rungs"][0]["metric"] == at_rung0[0] for t in promoted)
+
+
+def test_the_incumbent_is_the_base_recipes_own_method():
+    from theseus_cli.config.recipe import parse_recipe
+    from theseus_cli.pipelines.search.incumbent import base_method
+
+    assert base_method(parse_recipe(tiny_recipe_dict())) == ("not", "cka")
+    assert base_method(parse_recipe(tiny_recipe_dict(finetune={"distill": {}}, similarity={"kind": "mse"}))) == \
+        ("not-teacher", "mse")
+    assert base_method(parse_recipe(tiny_recipe_dict(schedule={"objective": "distill"})))[0] == "progressive-distill"
+    assert base_method(parse_recipe(tiny_recipe_dict(align={"epochs": 0}))) is None  # no method of a space runs it

@@ -38,7 +38,7 @@ from theseus_cli.errors import RecipeError
 from theseus_cli.replacements import get_replacement
 
 KEEP = "keep"
-MethodName = Literal["not", "not-teacher", "progressive-distill", "distill", "guide-init-distill"]
+MethodName = Literal["not", "not-teacher", "progressive-distill", "distill", "guide-init-distill", "scratch"]
 METHODS: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 
 
@@ -90,7 +90,9 @@ class SearchRule(StrictModel):
 class MethodChoice(StrictModel):
     method: MethodName = Field(description="not: NoT; not-teacher: NoT with the guide as teacher in fine-tuning; "
                                "progressive-distill: stages trained on the output KL; distill: the same target "
-                               "distilled from the guide, no alignment")
+                               "from fresh weights distilled from the guide, no alignment; guide-init-distill: the "
+                               "same with the guide's weights outside the replacements; scratch: the same target "
+                               "from fresh weights on the labels alone")
     similarity: list[SimilarityName] = Field(default_factory=list, description="not / not-teacher: the similarities "
                                              "to try (none: the base recipe's)")
 
@@ -153,6 +155,9 @@ class Budget(StrictModel):
                                   "cost cap's worth)")
     max_cost: float = Field(4.0, gt=0, description="stop promoting once this many full-conversion equivalents "
                             "(gradient steps) are spent")
+    incumbent: bool = Field(True, description="grid successive halving: the base recipe's own candidate (its "
+                            "replacements and method), where the space holds it, is never pruned and reaches the full "
+                            "budget, so the winner is chosen against what the user would run without a search")
 
     def fractions(self) -> list[float]:
         out, f = [], self.min_fraction

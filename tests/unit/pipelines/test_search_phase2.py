@@ -192,10 +192,11 @@ def test_start_fresh_draws_every_weight_anew_and_the_distill_method_asks_for_it(
         kept[start] = [torch.equal(target[k], guide[k]) for k in heads]
     assert all(kept["guide"]) and not any(kept["fresh"])
     ctx = MethodContext(None, align_steps=12, finetune_steps_per_epoch=4)
-    for method, start in (("distill", "fresh"), ("guide-init-distill", None)):
+    for method, start, teacher in (("distill", "fresh", True), ("guide-init-distill", "guide", True),
+                                   ("scratch", "fresh", False)):
         data = parse_recipe(raw).resolved()
         METHODS.lookup(method).rewrite(data, ctx)
-        assert data["start"] == (start or "guide") and data["finetune"]["distill"] is not None
+        assert data["start"] == start and (data["finetune"]["distill"] is not None) == teacher
         assert data["align"]["epochs"] == 0 and data["finetune"]["epochs"] == 3  # 12 alignment steps, 4 a epoch
     with pytest.raises(Exception, match="start: fresh applies to replace recipes"):
         parse_recipe({**{k: v for k, v in raw.items() if k != "replace"}, "start": "fresh",

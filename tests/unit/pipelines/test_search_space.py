@@ -111,3 +111,9 @@ def test_two_rules_on_nested_modules_are_never_combined():
     space = build_space(search, resnet.recipe, resnet.guide, resnet.data.x_train[:2], "s.yaml")
     assert space.overlapping == 1 and len(space.architectures) == 2  # conv alone, block dropped alone
     assert {a.label for a in space.architectures} == {"all:separable_conv", "all:identity"}
+
+
+def test_every_method_a_search_file_may_name_is_registered_and_no_other():
+    from theseus_cli.config.search import METHODS as NAMES
+
+    assert set(METHODS) == set(NAMES)

@@ -213,7 +213,8 @@ class Finish:
                 "phase1": {"architectures": len(s.phase1), "feasible": sum(r["feasible"] for r in s.phase1.values()),
                            "dropped": s.drop_summary(), "seconds": s.phase1_seconds, "guide": s.guide_files,
                            "records": list(s.phase1.values())},
-                "candidates": len(s.candidates), "trials": rows, "pool": pool, "pareto_front": pareto_front(pool, self.sign),
+                "candidates": len(s.candidates), "incumbent": s.incumbent.label if s.incumbent else None,
+                "trials": rows, "pool": pool, "pareto_front": pareto_front(pool, self.sign),
                 "warnings": s.warnings, "wall_seconds": time.perf_counter() - s.started}
 
     def cost(self, rows: list[dict], winner: dict) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Rung by rung:
 
 **Cost cap** (:mod:`theseus_cli.pipelines.search.cost`). A rung starts only if the steps spent so far plus its
 planned steps fit under ``budget.max_cost`` full conversions, less a **reserve**: the planned steps of one trial of
-the most expensive candidate at each later rung. So the first rung can never spend the budget that the winner
+the most expensive candidate at each later rung, and the incumbent's
+(:mod:`theseus_cli.pipelines.search.incumbent`). So the first rung can never spend the budget that the winner
 needs to reach the full budget; candidates the first rung cannot afford end PRUNED ("cost cap: not run") and the
 result counts them.
 """
@@ -70,7 +71,9 @@ class GridHalving:
         self.fractions = search.fractions
         self.open: dict[int, tuple[optuna.Trial, "Candidate"]] = {}
         self.done_rungs: dict[int, int] = {}  # trial number → rungs it has run
+        self.incumbent = search.incumbent.label if search.incumbent is not None else None
         self.reserve = [sum(max(search.planned(c, self.fractions[later]) for c in search.candidates)
+                            + (search.planned(search.incumbent, self.fractions[later]) if self.incumbent else 0)
                             for later in range(r + 1, len(self.fractions))) for r in range(len(self.fractions))]
         self.heartbeat = Heartbeat(search.storage, self.open)
 
@@ -97,7 +100,7 @@ class GridHalving:
             self.study.tell(trial, state=TrialState.PRUNED)
             return None
         cand = self.by_label[trial.suggest_categorical("candidate", list(self.by_label))]
-        tag_trial(trial, cand)
+        tag_trial(trial, cand, incumbent=cand.label == self.incumbent)
         self.open[trial.number], self.done_rungs[trial.number] = (trial, cand), 0
         return trial.number
 
@@ -155,16 +158,18 @@ class GridHalving:
                 self._pruned(number, rung)
 
     def _pruned(self, number: int, rung: int) -> bool:
-        trial, _ = self.open[number]
-        if trial.should_prune():
+        trial, cand = self.open[number]
+        if cand.label != self.incumbent and trial.should_prune():
             self._tell(number, TrialState.PRUNED, f"pruned after rung {rung} ({self.fractions[rung]:g} of the budget)")
             return True
         return False
 
     def _promoted_best_first(self, rung: int) -> list[int]:
+        """The promoted trials, the incumbent first (its share of the cap is reserved), then the best first."""
         sign = 1.0 if self.s.higher_is_better else -1.0
         promoted = [n for n, done in self.done_rungs.items() if n in self.open and done == rung + 1]
-        return sorted(promoted, key=lambda n: -sign * self.open[n][0].user_attrs["rungs"][rung]["metric"])
+        return sorted(promoted, key=lambda n: (self.open[n][1].label != self.incumbent,
+                                               -sign * self.open[n][0].user_attrs["rungs"][rung]["metric"]))
 
     def _tell(self, number: int, state: TrialState, stopped: Optional[str], value: Optional[float] = None) -> None:
         trial, _ = self.open.pop(number)

@@ -13,7 +13,10 @@ Each method rewrites the base recipe (as plain data) into the recipe its trials 
   loss on the labelled ones, fine-tuning running as many extra epochs as the alignment would have taken steps
   (rounded to whole epochs), so every method spends about the same gradient steps;
 * ``guide-init-distill`` — the same, but the kept modules keep the guide's weights (only the replacements start
-  fresh): the conversion without its alignment, with the teacher.
+  fresh): the conversion without its alignment, with the teacher;
+* ``scratch`` — the same target from fresh weights on the labelled inputs alone, no guide at all (as
+  ``baseline.runs: scratch`` trains it), at the same steps: where the guide is weaker than what its target can
+  learn on its own, the search can say so by choosing it.
 
 Why ``distill`` starts fresh: it is what a user would otherwise do, and the benchmark a search must beat (the
 issue's done-when compares the winner with the same architecture distilled). A weak guide (trained on few labels)
@@ -99,6 +102,13 @@ def _guide_init_distill(recipe: dict[str, Any], ctx: MethodContext) -> None:
     recipe["schedule"]["objective"] = "similarity"
     recipe["finetune"]["epochs"] += extra
     _teacher(recipe, teacher)
+
+
+@register_method("scratch", summary="the same target from fresh weights on the labels alone, no guide", aligns=False)
+def _scratch(recipe: dict[str, Any], ctx: MethodContext) -> None:
+    _guide_init_distill(recipe, ctx)
+    recipe["start"] = "fresh"
+    recipe["finetune"]["distill"] = None
 
 
 def method_label(name: str, similarity: str | None) -> str:

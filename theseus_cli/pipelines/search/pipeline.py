@@ -33,6 +33,7 @@ from theseus_cli.errors import OutputError, TheseusWarning, UsageError
 from theseus_cli.pipelines.search.cost import align_batches_per_epoch, planned_steps, spent_steps
 from theseus_cli.pipelines.search.files import META_FILE, RESULT_FILE, TRIALS_DIR
 from theseus_cli.pipelines.search.finish import finish
+from theseus_cli.pipelines.search.incumbent import find_incumbent
 from theseus_cli.pipelines.search.methods import METHODS, MethodContext, method_label
 from theseus_cli.pipelines.search.screen import CACHE_FILE, Screen
 from theseus_cli.pipelines.search.space import Architecture, SearchSpace, build_space
@@ -122,6 +123,7 @@ class Search:
         self.fractions = search.budget.fractions()
         self.warnings: list[str] = []
         self.storage = self.study = None  # the study and its Optuna storage (phase 2)
+        self.incumbent: Optional[Candidate] = None  # the base recipe's own candidate (phase 1 finds it)
         self._planned_cache: dict[tuple[str, float], int] = {}
         self.higher_is_better = get_task(base.task).higher_is_better
 
@@ -225,6 +227,9 @@ class Search:
         self.cap_steps = self.search.budget.max_cost * self.full_steps
         feasible = [a for a in self.space.architectures if self.phase1[a.digest]["feasible"]]
         self.candidates = [Candidate(a, m, s) for a in feasible for m, s in self.methods()]
+        self.incumbent = find_incumbent(self)
+        if self.incumbent is not None:
+            self.progress.log(f"phase 2: the base recipe as written is candidate {self.incumbent.label}: never pruned")
         dropped = len(self.space.architectures) - len(feasible)
         self.progress.log(f"phase 1: {len(feasible)} of {len(self.space.architectures)} architectures meet the goals"
                           + (f"; {dropped} dropped ({self.drop_summary()})" if dropped else "")

@@ -45,12 +45,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def tag_trial(trial: optuna.Trial, cand) -> None:
+def tag_trial(trial: optuna.Trial, cand, incumbent: bool = False) -> None:
     """What a trial records of itself when a worker opens it: the worker, and its candidate's architecture and
     method (the columns of ``search.json``'s trials)."""
     trial.set_user_attr("worker", worker_id())
     trial.set_user_attr("architecture", cand.arch.label)
     trial.set_user_attr("method", cand.method + (f"({cand.similarity})" if cand.similarity else ""))
+    if incumbent:
+        trial.set_user_attr("incumbent", True)
 
 
 def open_storage(url: str | None, out: Path):
@@ -104,8 +106,9 @@ def wait_until_queued(study: optuna.Study, timeout_s: float = 600.0) -> None:
 
 class RungPruner(optuna.pruners.BasePruner):
     """Synchronous successive halving: at a rung, a trial is kept when fewer than ``max(1, n // η)`` of the ``n``
-    values reported at that rung by the study's trials (failed ones left out: their retry reports again) are
-    better than its own; ties are all kept.
+    values reported at that rung by the study's trials (failed ones left out: their retry reports again; the
+    incumbent left out: it is promoted anyway, :mod:`theseus_cli.pipelines.search.incumbent`) are better than its
+    own; ties are all kept.
 
     Optuna's own :class:`~optuna.pruners.SuccessiveHalvingPruner` is asynchronous: it compares a trial with the
     trials that happened to report at the rung before it, so the first trials of a grid are promoted with almost no
@@ -124,7 +127,7 @@ class RungPruner(optuna.pruners.BasePruner):
         mine = trial.intermediate_values[step]
         values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
                   if t.number != trial.number and counted(t) and t.state != TrialState.FAIL
-                  and step in t.intermediate_values] + [mine]
+                  and step in t.intermediate_values and not t.user_attrs.get("incumbent")] + [mine]
         keep = max(1, len(values) // self.reduction_factor)
         return sum(self.sign * v > self.sign * mine for v in values) >= keep
 

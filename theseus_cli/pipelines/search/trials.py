@@ -126,7 +126,7 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "validation_retention": last.get("retention"), "rungs": rungs,
             "full_budget": bool(trial.user_attrs.get("full_budget")), "stopped": trial.user_attrs.get("stopped"),
             "cost": trial.user_attrs.get("cost", 0.0), "worker": trial.user_attrs.get("worker"),
-            "retry_of": trial.user_attrs.get("retry_of"),
+            "retry_of": trial.user_attrs.get("retry_of"), "incumbent": bool(trial.user_attrs.get("incumbent")),
             "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
             if trial.datetime_complete and trial.datetime_start else None}
 

@@ -65,7 +65,8 @@ SETTINGS = {
         "rules": [{"match": "re:transformer\\.h\\.\\d+", "groups": {"depth": 3}, "with": ["keep", "identity"]},
                   {"match": "GPT2Attention", "align_up": 1, "with": ["keep", {"with": "linear_attention",
                                                                               "params": {"feature_map": "hedgehog"}}]}],
-        "methods": [{"method": "not", "similarity": ["cka"]}, "progressive-distill", "distill"]},
+        # guide-init-distill: what this setting measured on 2026-12-06 as "distill", before distill started fresh
+        "methods": [{"method": "not", "similarity": ["cka"]}, "progressive-distill", "guide-init-distill"]},
         "budget": {"min_fraction": 0.25, "reduction_factor": 4, "max_cost": 4}},
 }
 SMALL_BUDGET = {"min_fraction": 0.5, "reduction_factor": 2, "max_cost": 3}

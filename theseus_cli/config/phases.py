@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from theseus_cli.config.base import StrictModel, check_pattern
+from theseus_cli.config.base import StrictModel, check_pattern, check_patterns
 
 
 class ScheduleConfig(StrictModel):
@@ -113,6 +113,26 @@ BaselineRun = Literal["scratch", "guide-init", "distill"]
 BASELINE_RUNS: tuple[str, ...] = BaselineRun.__args__  # type: ignore[attr-defined]
 
 
+class PeftConfig(StrictModel):
+    """Parameter-efficient fine-tuning with the PEFT library (:mod:`theseus_cli.training.lora`): LoRA adapters on the
+    kept (frozen) modules, the replacements trained in full, the adapters merged into the weights at write time."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="r: the adapters' rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA's scale numerator: the update is (alpha / rank) · B·A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear", "Conv1D"], min_length=1,
+        description="kept modules that get adapters: class names (subclasses too), 're:' patterns on the dotted path "
+        "or exact paths; modules inside a replacement, and layers whose weight is tied to another's (GPT-2's head), "
+        "never do")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        return check_patterns(v, "targets")
+
+
 class FinetuneConfig(StrictModel):
     epochs: int = Field(5, ge=0)
     lr: float = Field(5e-4, gt=0)
@@ -123,6 +143,8 @@ class FinetuneConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     distill: Optional[DistillConfig] = Field(None, description="add the guide as teacher to fine-tuning (off when "
                                              "absent; {} takes the defaults)")
+    peft: Optional[PeftConfig] = Field(None, description="train LoRA adapters on the kept modules and the replacements "
+                                       "in full, instead of every parameter (off when absent; {} takes the defaults)")
 
 
 class BaselineConfig(StrictModel):

@@ -245,6 +245,11 @@ class Recipe(StrictModel):
     def _replace_or_transfer(self) -> "Recipe":
         if self.target is None and not self.replace:
             raise ValueError("replace: give replacement rules, or a target section for architecture transfer")
+        if self.target is not None and self.finetune.peft is not None:
+            raise ValueError("finetune.peft: LoRA adapts a replace recipe's kept (frozen) modules; an architecture "
+                             "transfer trains every block of its target")
+        if self.finetune.peft is not None and self.start == "fresh":
+            raise ValueError("finetune.peft: LoRA adapts the guide's kept weights; start: fresh has none to keep")
         if self.target is not None and self.start == "fresh":
             raise ValueError("start: fresh applies to replace recipes (an architecture transfer's target starts "
                              "fresh anyway)")

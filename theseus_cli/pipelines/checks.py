@@ -43,12 +43,27 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
     biggest = max(plan.entries, key=lambda e: e.target_params, default=None)
     hint = (f" (the largest replacement: module '{biggest.path}' → {biggest.replacement} with {biggest.target_params:,} "
             f"parameters, replace[{biggest.rule}])" if biggest is not None else "")
-    memory.require_trainable(plan.target_params, dev, "the target" + hint)
+    trained, frozen = trained_params(recipe, guide, plan)
+    memory.require_trainable(trained, dev, "the target" + hint, frozen)
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
     memory.require_batches(guide, data.x_train[:1].to(dev), {
         "align.batch_size": min(align_batch_size(recipe, dev), n_train),
         "data.batch_size": min(recipe.data.batch_size, n_train),
         "data.eval_batch_size": min(recipe.data.eval_batch_size, n_test)}, dev)
+
+
+def trained_params(recipe: Recipe, guide: torch.nn.Module, plan) -> tuple[int, int]:
+    """(parameters trained, parameters held frozen) of the target: all of them are trained, except under
+    ``finetune.peft``, where the replacements and the adapters train and the kept weights stay frozen."""
+    peft = recipe.finetune.peft
+    if peft is None or recipe.target is not None:
+        return plan.target_params, 0
+    from theseus_cli.training.lora import adapter_params, checked_targets
+
+    replaced = [e.path for e in plan.entries]
+    new = sum(e.target_params for e in plan.entries)
+    adapters = adapter_params(guide, checked_targets(guide, peft, replaced), peft.rank)
+    return new + adapters, plan.target_params - new
 
 
 def check_world(session: Session, dist: Dist) -> None:

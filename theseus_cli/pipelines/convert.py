@@ -51,6 +51,7 @@ from theseus_cli.training.distributed import current_dist, process_group
 from theseus_cli.training.faults import Interrupted, graceful_stop
 from theseus_cli.training.distill import Teacher
 from theseus_cli.training.guide_cache import GuideCache
+from theseus_cli.training.lora import attach_lora
 from theseus_cli.training.runtime import Runtime, align_batch_size, current_runtime, resolve_runtime, using
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
 
@@ -281,10 +282,17 @@ class Conversion:
         torch.manual_seed(self.seeds.finetune)  # dropout draws the same masks whether or not the run was resumed
         cfg = self.recipe.finetune
         teacher = distill_teacher(self, cfg.distill, "finetune_teacher") if cfg.distill is not None else None
-        self.progress.log(f"fine-tune: {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}, {ft_steps:,} steps")
-        ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher)
+        adapters = attach_lora(self.target, cfg.peft, [e.path for e in self.plan_.entries]) if cfg.peft else None
+        lora = (f"; LoRA rank {cfg.peft.rank} on {len(adapters.targets)} kept modules, {adapters.trainable:,} "
+                f"parameters trained, {adapters.frozen:,} frozen" if adapters else "")
+        self.progress.log(f"fine-tune: {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}, {ft_steps:,} steps{lora}")
+        ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher,
+                                marked_only=adapters is not None)
+        if adapters is not None:
+            self.target = adapters.merge()
         self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,
-                                 "distill": cfg.distill.model_dump() if cfg.distill is not None else None}
+                                 "distill": cfg.distill.model_dump() if cfg.distill is not None else None,
+                                 "peft": adapters.summary() if adapters is not None else None}
         self.results.m_target = self.evaluate(self.target)
         self.results.sim_after_ft = self._similarity()
         self.results.m_guide = self.evaluate(self.guide)
@@ -355,7 +363,7 @@ class Conversion:
         return ft.epochs * per_epoch, int(round(ft.warmup_epochs * per_epoch))
 
     def train_on_task(self, model, steps: int, warmup: int, lr: float, stream: str, label: str,
-                      teacher: Teacher | None = None):
+                      teacher: Teacher | None = None, marked_only: bool = False):
         """``steps`` task-training steps on the labelled examples, batches from the ``stream`` seed, with fine-tuning's
         optimiser settings; with a ``teacher``, its term is added (:mod:`theseus_cli.training.distill`)."""
         ft, data = self.recipe.finetune, self.session.data
@@ -364,7 +372,7 @@ class Conversion:
         return train_task(model, self.task, x, y, TaskJob(steps, lr, ft.weight_decay, warmup, ft.grad_clip,
                                                           ft.label_smoothing, self.recipe.data.batch_size,
                                                           self.seeds.generator(stream), self.session.device, label,
-                                                          self.progress, teacher))
+                                                          self.progress, teacher, marked_only))
 
     def calibration(self, n: int) -> Iterator[Any]:
         """``n`` training inputs in a seeded random order, in evaluation-sized batches on the device: what a replacement

@@ -91,10 +91,12 @@ class TaskJob:
     description: str
     progress: Progress = field(default_factory=NullProgress)
     teacher: Teacher | None = None  # a teacher term (theseus_cli.training.distill); None: the task loss alone
+    marked_only: bool = False  # train only the parameters that require grad (LoRA: adapters and replacements)
 
 
 def train_task(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor | None, job: TaskJob) -> TaskTrainResult:
-    """Train every parameter on ``task``'s loss for exactly ``job.steps`` steps (AdamW, warm-up + cosine)."""
+    """Train every parameter (``job.marked_only``: those that require grad) on ``task``'s loss for exactly
+    ``job.steps`` steps (AdamW, warm-up + cosine)."""
     return TaskTrainer(model, task, job).run(x, y)
 
 
@@ -109,13 +111,14 @@ class TaskTrainer:
 
     def run(self, x: torch.Tensor, y: torch.Tensor | None) -> TaskTrainResult:
         job, model = self.job, self.model
-        for p in model.parameters():
-            p.requires_grad_(True)
+        if not job.marked_only:
+            for p in model.parameters():
+                p.requires_grad_(True)
         model.train()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=job.lr, weight_decay=job.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, job.steps, job.warmup_steps))
         self.forward = self.rt.compiled(model)
-        self.params = list(model.parameters())
         self.bar = job.progress.task(job.description, job.steps)
         teacher = job.teacher
         self.teacher_batches = teacher.batches(job.batch_size) if teacher and teacher.inputs is not None else None
@@ -194,7 +197,7 @@ class TaskTrainer:
             loss = self._guarded_step(xb, yb, share, self._teacher_batch())
             dist.sum_grads(self.params)
             if job.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.params, job.grad_clip)
             self.opt.step()
             self.sched.step()
             losses.append(loss.detach())

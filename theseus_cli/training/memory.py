@@ -35,9 +35,13 @@ def require(needed: int, device: torch.device, what: str) -> None:
         raise DeviceError(f"{what} needs at least {gib(needed)}; {device} has {gib(have)} available")
 
 
-def require_trainable(params: int, device: torch.device, what: str) -> None:
-    require(params * 4 * TRAINING_COPIES, device, f"{what}: {params:,} parameters; training them (float32 weights, "
-                                                   "gradients and AdamW's two moments)")
+def require_trainable(params: int, device: torch.device, what: str, frozen: int = 0) -> None:
+    """``params`` trained in float32 (weights, gradients, AdamW's two moments) beside ``frozen`` float32 weights
+    that are never trained (LoRA's kept modules)."""
+    held = f", beside {frozen:,} frozen" if frozen else ""
+    require(params * 4 * TRAINING_COPIES + frozen * 4, device,
+            f"{what}: {params:,} parameters trained{held}; training them (float32 weights, gradients and AdamW's "
+            "two moments)")
 
 
 def largest_activation_bytes(model: nn.Module, sample: Any) -> int:

@@ -145,6 +145,8 @@ class FinetuneConfig(StrictModel):
                                              "absent; {} takes the defaults)")
     peft: Optional[PeftConfig] = Field(None, description="train LoRA adapters on the kept modules and the replacements "
                                        "in full, instead of every parameter (off when absent; {} takes the defaults)")
+    checkpointing: bool = Field(False, description="activation checkpointing: each block's activations are "
+                                "recomputed in the backward pass instead of kept (less memory, one more forward)")
 
 
 class BaselineConfig(StrictModel):

@@ -43,6 +43,12 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
     biggest = max(plan.entries, key=lambda e: e.target_params, default=None)
     hint = (f" (the largest replacement: module '{biggest.path}' → {biggest.replacement} with {biggest.target_params:,} "
             f"parameters, replace[{biggest.rule}])" if biggest is not None else "")
+    if recipe.finetune.checkpointing and recipe.target is None:
+        from theseus_cli.training.checkpointing import blocks
+
+        if not blocks(guide):
+            raise RecipeError("finetune.checkpointing: the target has no blocks to checkpoint (elements of an "
+                              "nn.Sequential or nn.ModuleList with layers of their own); turn it off for this network")
     trained, frozen = trained_params(recipe, guide, plan)
     memory.require_trainable(trained, dev, "the target" + hint, frozen)
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]

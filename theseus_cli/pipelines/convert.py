@@ -51,6 +51,7 @@ from theseus_cli.training.distributed import current_dist, process_group
 from theseus_cli.training.faults import Interrupted, graceful_stop
 from theseus_cli.training.distill import Teacher
 from theseus_cli.training.guide_cache import GuideCache
+from theseus_cli.training.checkpointing import activation_checkpointing
 from theseus_cli.training.lora import attach_lora
 from theseus_cli.training.runtime import Runtime, align_batch_size, current_runtime, resolve_runtime, using
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
@@ -286,8 +287,9 @@ class Conversion:
         lora = (f"; LoRA rank {cfg.peft.rank} on {len(adapters.targets)} kept modules, {adapters.trainable:,} "
                 f"parameters trained, {adapters.frozen:,} frozen" if adapters else "")
         self.progress.log(f"fine-tune: {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}, {ft_steps:,} steps{lora}")
-        ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher,
-                                marked_only=adapters is not None)
+        with activation_checkpointing(self.target, cfg.checkpointing):
+            ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher,
+                                    marked_only=adapters is not None)
         if adapters is not None:
             self.target = adapters.merge()
         self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,

@@ -59,8 +59,9 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
 
 
 def trained_params(recipe: Recipe, guide: torch.nn.Module, plan) -> tuple[int, int]:
-    """(parameters trained, parameters held frozen) of the target: all of them are trained, except under
-    ``finetune.peft``, where the replacements and the adapters train and the kept weights stay frozen."""
+    """(parameters trained, frozen parameters held beside the guide) of the target: all of them are trained,
+    except under ``finetune.peft``, where the replacements and the adapters train and the kept weights stay frozen,
+    shared with the guide (:func:`theseus_cli.pipelines.convert.hybrid_start`): no second copy, so none extra."""
     peft = recipe.finetune.peft
     if peft is None or recipe.target is not None:
         return plan.target_params, 0
@@ -69,7 +70,7 @@ def trained_params(recipe: Recipe, guide: torch.nn.Module, plan) -> tuple[int, i
     replaced = [e.path for e in plan.entries]
     new = sum(e.target_params for e in plan.entries)
     adapters = adapter_params(guide, checked_targets(guide, peft, replaced), peft.rank)
-    return new + adapters, plan.target_params - new
+    return new + adapters, 0
 
 
 def check_world(session: Session, dist: Dist) -> None:

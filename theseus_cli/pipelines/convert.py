@@ -146,6 +146,17 @@ class Results:
     m_guide: Optional[float] = None
 
 
+def hybrid_start(guide: torch.nn.Module, shared: bool) -> torch.nn.Module:
+    """The model a replace recipe's alignment starts from: a copy of the guide. ``shared`` (``finetune.peft``: the
+    kept weights are never trained) holds no second copy of the guide's parameters: the copy's modules point at the
+    guide's own (frozen) tensors, and only buffers (BatchNorm's statistics, which recalibration and training mode
+    update) are copied. Memory is then about one guide plus the replacements, their gradients and optimiser state;
+    LoRA un-shares the layers it merges into (:meth:`theseus_cli.training.lora.LoraAdapters.merge`)."""
+    if not shared:
+        return copy.deepcopy(guide)
+    return copy.deepcopy(guide, memo={id(p): p for p in guide.parameters()})
+
+
 class Conversion:
     """One conversion, phase by phase: :meth:`plan`, :meth:`align`, :meth:`recalibrate`, :meth:`finetune`,
     :meth:`baselines`, :meth:`profile`, :meth:`write`. :meth:`run` chains them and skips what a resumed run
@@ -203,8 +214,8 @@ class Conversion:
         if recipe.target is None:
             self.plan_ = build_plan(self.guide, recipe, sample)
             by_path = {e.path: e for e in self.plan_.entries}
-            self.target = copy.deepcopy(self.guide) if recipe.start == "guide" else fresh_guide_architecture(
-                self, self.seeds.target_init)
+            self.target = (hybrid_start(self.guide, shared=recipe.finetune.peft is not None)
+                           if recipe.start == "guide" else fresh_guide_architecture(self, self.seeds.target_init))
             self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced],
                                                                  self.calibration)
         else:

@@ -67,6 +67,15 @@ class StageResult:
     seconds: float = 0.0
 
 
+def _restore_trainable(before: list[tuple[nn.Parameter, bool]], trained: list[nn.Module]) -> None:
+    """Each parameter's ``requires_grad`` as it was before the stage; the stage's own modules trainable."""
+    for p, flag in before:
+        p.requires_grad_(flag)
+    for module in trained:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
 def set_trainable(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
     """Freeze everything in ``model`` except the parameters of ``modules``."""
     for p in model.parameters():
@@ -209,10 +218,11 @@ class StageTrainer:
         cfg, auto = self.cfg, self.auto
         self.guide.eval()
         self.target.eval()
+        before = [(p, p.requires_grad) for p in self.target.parameters()]  # put back after the stage: a hybrid
+        # that shares the guide's frozen tensors (finetune.peft) must leave them frozen
         self.params = set_trainable(self.target, self.trainable)
         if not self.params:  # only weightless replacements (identity: a dropped block) so far: nothing to align
-            for p in self.target.parameters():
-                p.requires_grad_(True)
+            _restore_trainable(before, self.trainable)
             self.result.stopped = "nothing to train"
             return self.result
         for module in self.trainable:
@@ -235,8 +245,7 @@ class StageTrainer:
         self.result.lr = self.opt.param_groups[0]["lr"]
         self.bar.done(line=False)  # the conversion reports the stage, with what is left of the alignment
         self.result.seconds = time.perf_counter() - start
-        for p in self.target.parameters():
-            p.requires_grad_(True)
+        _restore_trainable(before, self.trainable)
         return self.result
 
     def step(self, xb, idx, micro: int | None = None) -> torch.Tensor:

@@ -89,12 +89,16 @@ class LoraAdapters:
     frozen: int
 
     def merge(self) -> nn.Module:
-        """Fold the adapters into the frozen weights and take them out: the plain model, every parameter trainable
-        again (as a conversion's target is everywhere else)."""
-        model = self.wrapper.merge_and_unload()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        """Fold the adapters into the frozen weights and take them out: the plain model. Each adapted layer's weight
+        is copied first, so a hybrid that shares the guide's tensors (``hybrid_start``) never writes into the
+        guide; the other kept weights stay shared and frozen."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.wrapper.model.modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        return self.wrapper.merge_and_unload()
 
     def summary(self) -> dict[str, Any]:
         return {"kind": "lora", "modules": len(self.targets), "trainable_params": self.trainable,

@@ -72,3 +72,27 @@ def test_targets_that_match_nothing_and_transfer_recipes_are_refused(tmp_path):
     assert not (tmp_path / "run" / "report.json").exists()
     with pytest.raises(Exception, match="finetune.peft: LoRA adapts"):
         parse_recipe(tiny_recipe_dict(start="fresh", finetune={"peft": {}}))
+
+
+@pytest.mark.filterwarnings("ignore::theseus_cli.errors.TheseusWarning")
+def test_under_lora_the_hybrid_shares_the_guides_frozen_tensors_and_never_writes_into_them(tmp_path):
+    from theseus_cli.pipelines.convert import Conversion
+    from theseus_cli.progress import NullProgress
+    from theseus_cli.training.runtime import resolve_runtime
+
+    recipe = _recipe(peft=PEFT)
+    session = open_session(recipe, None, "cpu")
+    before = {k: v.detach().clone() for k, v in session.guide.state_dict().items()}
+    conv = Conversion(session, resolve_runtime(recipe.runtime, session.device, session.data), tmp_path / "c",
+                      ConvertOptions(device="cpu"), NullProgress(), 0.0)
+    conv.plan()
+    guide_params = {k: p for k, p in session.guide.named_parameters()}
+    shared = [k for k, p in conv.target.named_parameters() if k in guide_params and p is guide_params[k]]
+    assert set(shared) == set(guide_params)  # before any stage: every weight is the guide's own tensor
+    guide_buffers = dict(session.guide.named_buffers())
+    assert all(b is not guide_buffers[k] for k, b in conv.target.named_buffers())  # statistics are the hybrid's
+    assert trained_params(recipe, session.guide, conv.plan_)[1] == 0  # nothing frozen is held twice
+    run_conversion(recipe, tmp_path / "run", ConvertOptions(device="cpu", latency=False), session=session)
+    after = session.guide.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the guide came out as it went in
+    assert not any(p.requires_grad for p in session.guide.parameters())

@@ -3,7 +3,9 @@ and as the same architecture distilled, under a latency budget on ONNX Runtime? 
 
 For each setting (a family: the CNN, the encoder, the decoder), in one run:
 
-1. the setting's guide (bench/edge.py's, cached) and its hand-written edge recipe as the search's **base**;
+1. the setting's guide (bench/edge.py's, cached; ResNet-18's trained without the labels the search holds out to
+   rank on, as ``theseus train-guide --recipe SEARCH.yaml`` trains it) and its hand-written edge recipe as the
+   search's **base** (the incumbent where the space holds it);
 2. ``theseus search`` (library call, ``--device`` as given) over the setting's space with the goal
    ``max_latency_ratio: 0.5`` (at most half the guide's ONNX Runtime fp32 batch-1 latency, one thread, timed
    alternating with the guide) — the winner, the search's cost in full-conversion equivalents, its phase-1

@@ -62,6 +62,14 @@ def test_distillation_benchmark_runs_small_over_two_seeds(tmp_path):
     assert "best: " in run.stdout and " ± " in run.stdout and "SMOKE RUN" in run.stdout
 
 
+def test_lora_benchmark_runs_small_and_fine_tunes_fewer_parameters(tmp_path):
+    run = _bench("lora.py", tmp_path, "--small", "--device", "cpu", "--seeds", "0")
+    row = json.loads((tmp_path / "lora.json").read_text())["rows"][0]
+    assert row["metric_name"] == "perplexity" and all(row[k] > 1 for k in ("full", "lora", "scratch", "distill"))
+    assert 0 < row["lora_trained_params"] < row["full_trained_params"] and row["lora_modules"] > 0
+    assert "NoT, LoRA" in run.stdout and "SMOKE RUN" in run.stdout
+
+
 def _bench_module(name: str):
     """bench/<name>.py as a module (the benchmark scripts import each other from their own folder)."""
     import importlib

@@ -107,13 +107,14 @@ def raw_recipe(spec: dict, seed: int, small: bool) -> dict:
     return raw
 
 
-def the_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> Path | None:
-    """The setting's trained guide (cached, seed 0), or None where the recipe's guide is pretrained (MiniLM)."""
+def the_guide(name: str, spec: dict, raw: dict, device: str, small: bool, hold_out=None) -> Path | None:
+    """The setting's trained guide (cached, seed 0), or None where the recipe's guide is pretrained (MiniLM).
+    ``hold_out``: a search file's ``validation``, whose held-out labels the guide does not train on."""
     if "guide_epochs" not in spec:
         return None
     recipe = parse_recipe(guide_raw(spec, raw, small), spec["recipe"])
     return cached_guide(spec.get("guide_name", f"edge-{name}"), recipe, 1 if small else spec["guide_epochs"],
-                        spec["guide_lr"], device)[0]
+                        spec["guide_lr"], device, hold_out=hold_out)[0]
 
 
 def guide_as_target(raw: dict, guide: Path | None, out: Path) -> Path:

@@ -27,8 +27,8 @@ import math
 from pathlib import Path
 
 import yaml
-from common import (add_seeds_option, add_small_option, bench_progress, cached_guide, finished_report, guide_raw, merge, pm,
-                    run_settings, settings_parser, smoke_note)
+from common import (add_seeds_option, add_small_option, bench_progress, finished_report, merge, pm, run_settings,
+                    settings_parser, smoke_note)
 from edge import SETTINGS as EDGE, guide_as_target, on_onnxruntime, raw_recipe, the_guide
 
 from theseus_cli import ConvertOptions, run_conversion
@@ -89,13 +89,8 @@ def write_search(name: str, spec: dict, out: Path, small: bool) -> tuple[Path, d
 def search_guide(spec: dict, raw: dict, search_path: Path, device: str, small: bool) -> Path | None:
     """The setting's guide: bench/edge.py's, or (``guide_holds_out``) the same trained without the labels the search
     holds out to rank its trials, as ``theseus train-guide --recipe SEARCH.yaml`` trains it."""
-    espec = EDGE[spec["edge"]]
-    if not spec.get("guide_holds_out") or "guide_epochs" not in espec:
-        return the_guide(spec["edge"], espec, raw, device, small)
-    search, _ = load_search(search_path)
-    recipe = parse_recipe(guide_raw(espec, raw, small), espec["recipe"])
-    return cached_guide(espec.get("guide_name", f"edge-{spec['edge']}"), recipe, 1 if small else espec["guide_epochs"],
-                        espec["guide_lr"], device, hold_out=search.validation)[0]
+    hold_out = load_search(search_path)[0].validation if spec.get("guide_holds_out") else None
+    return the_guide(spec["edge"], EDGE[spec["edge"]], raw, device, small, hold_out=hold_out)
 
 
 def searched(name: str, spec: dict, out: Path, device: str, small: bool) -> dict:

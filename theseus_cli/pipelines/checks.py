@@ -44,11 +44,9 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
     hint = (f" (the largest replacement: module '{biggest.path}' → {biggest.replacement} with {biggest.target_params:,} "
             f"parameters, replace[{biggest.rule}])" if biggest is not None else "")
     if recipe.finetune.checkpointing and recipe.target is None:
-        from theseus_cli.training.checkpointing import blocks
+        from theseus_cli.training.checkpointing import checked_blocks
 
-        if not blocks(guide):
-            raise RecipeError("finetune.checkpointing: the target has no blocks to checkpoint (elements of an "
-                              "nn.Sequential or nn.ModuleList with layers of their own); turn it off for this network")
+        checked_blocks(guide)  # before any work, not after the alignment
     trained, frozen = trained_params(recipe, guide, plan)
     memory.require_trainable(trained, dev, "the target" + hint, frozen)
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]

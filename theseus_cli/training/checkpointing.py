@@ -41,6 +41,15 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def checked_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """:func:`blocks`, or a :class:`RecipeError` naming the field when there are none."""
+    found = blocks(model)
+    if not found:
+        raise RecipeError("finetune.checkpointing: the target has no blocks to checkpoint (elements of an "
+                          "nn.Sequential or nn.ModuleList with layers of their own); turn it off for this network")
+    return found
+
+
 @contextlib.contextmanager
 def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of ``module`` leave their running statistics and batch counter as they were."""
@@ -74,10 +83,7 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[int]:
     if not enabled:
         yield 0
         return
-    found = blocks(model)
-    if not found:
-        raise RecipeError("finetune.checkpointing: the target has no blocks to checkpoint (elements of an "
-                          "nn.Sequential or nn.ModuleList with layers of their own); turn it off for this network")
+    found = checked_blocks(model)
     for _, module in found:
         module.forward = _checkpointed(module, module.forward)
     try:

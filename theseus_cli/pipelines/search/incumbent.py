@@ -6,9 +6,10 @@ biased judge of exactly that recipe when it aligns many stages: at 1/8 of the bu
 first rung (0.605 on validation) although at the full budget it beat every candidate the search promoted. So, with
 ``budget.incumbent: true`` (the default), the candidate whose architecture plans exactly the base recipe's
 replacements and whose method is the base's own (NoT, with the teacher or not, with its similarity; or progressive
-distillation) skips the short rungs and runs the full budget once, and the winner is chosen against it on the same
-validation split. It costs one full conversion of the cap, reserved before the first rung. Hyperband and the tpe /
-random samplers have no incumbent (their pruners are Optuna's own).
+distillation) runs every rung like the others but is never pruned, so it reaches the full budget, and the winner is
+chosen against it on the same validation split. Its later rungs are reserved out of the cap before the first rung,
+and it takes no place from the others at a rung. Hyperband and the tpe / random samplers have no incumbent (their
+pruners are Optuna's own).
 """
 
 from __future__ import annotations

@@ -106,8 +106,7 @@ def _guide_init_distill(recipe: dict[str, Any], ctx: MethodContext) -> None:
 
 @register_method("scratch", summary="the same target from fresh weights on the labels alone, no guide", aligns=False)
 def _scratch(recipe: dict[str, Any], ctx: MethodContext) -> None:
-    _guide_init_distill(recipe, ctx)
-    recipe["start"] = "fresh"
+    _distill(recipe, ctx)
     recipe["finetune"]["distill"] = None
 
 

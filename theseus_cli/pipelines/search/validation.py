@@ -51,6 +51,7 @@ class HeldOut:
     indices: torch.Tensor  # into the training split, sorted
     mode: str  # labels | guide-agreement
     origin: str  # which inputs they were drawn from, in words
+    labelled: torch.Tensor  # the training split's labelled inputs, as a mask
 
 
 def held_out(data, task: str, size: int, rank_by: str, seed: int) -> HeldOut:
@@ -68,7 +69,7 @@ def held_out(data, task: str, size: int, rank_by: str, seed: int) -> HeldOut:
     elif mode == "labels" and task == "classification" and int((~labelled).sum()) > 0:  # scarce labels: hold out a share of them, never more
         pool, origin = pool[labelled], "labelled training inputs"
         size = min(size, max(1, pool.numel() // HELD_OUT_SHARE))
-    return HeldOut(pool[torch.randperm(pool.numel(), generator=gen)[:size]].sort().values, mode, origin)
+    return HeldOut(pool[torch.randperm(pool.numel(), generator=gen)[:size]].sort().values, mode, origin, labelled)
 
 
 def _guide_classes(session: Session, x) -> torch.Tensor:
@@ -87,9 +88,7 @@ def carve_validation(session: Session, size: int, rank_by: str, seed: int) -> tu
     labelled indices renumbered), and what was held out."""
     data = session.data
     found = held_out(data, session.recipe.task, size, rank_by, seed)
-    n, held, mode = int(data.x_train.shape[0]), found.indices, found.mode
-    labelled = torch.zeros(n, dtype=torch.bool)
-    labelled[data.labelled.cpu()] = True
+    n, held, mode, labelled = int(data.x_train.shape[0]), found.indices, found.mode, found.labelled
     keep_mask = torch.ones(n, dtype=torch.bool)
     keep_mask[held] = False
     keep = keep_mask.nonzero().squeeze(1)

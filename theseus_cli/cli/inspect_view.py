@@ -126,8 +126,10 @@ def print_plan(plan: dict, out_console: Console) -> None:
 def _print_cost(cost: dict, out_console: Console) -> None:
     """The alignment's size (stages × steps), and grouping's stage counts when there are many stages."""
     cap = " at most" if cost["epochs_are_a_cap"] else ""
+    each = ("each through one stored block, after one pass of the guide storing the blocks' inputs on disk"
+            if cost.get("blockwise") else "each through the guide and the hybrid")
     out_console.print(f"alignment:{cap} {cost['align_steps']:,} steps ({cost['stages']} stages × {cost['steps_per_stage']:,} "
-                      "steps, each through the guide and the hybrid)")
+                      f"steps, {each})")
     if cost.get("grouped"):
         options = ", ".join(f"group_depth: {d} → {n} stage{'' if n == 1 else 's'}" for d, n in cost["grouped"].items())
         out_console.print(f"[yellow]{cost['stages']} stages, one per replaced module:[/] grouping modules by their "

@@ -11,7 +11,7 @@ from theseus_cli.config.base import StrictModel, check_pattern, check_patterns
 
 
 class ScheduleConfig(StrictModel):
-    kind: Literal["progressive", "sequential", "independent", "joint"] = "progressive"
+    kind: Literal["progressive", "sequential", "independent", "blockwise", "joint"] = "progressive"
     order: Literal["forward", "reverse"] = "forward"
     group_depth: Optional[int] = Field(None, ge=1, description="introduce modules sharing the first N path components in one stage")
     objective: Literal["similarity", "distill"] = Field(
@@ -19,6 +19,8 @@ class ScheduleConfig(StrictModel):
         "the guide's activations at the replaced modules (NoT), or the KL between the hybrid's and the guide's output "
         "distributions (progressive distillation, the paper's Appendix I; in-place replace recipes only)")
     temperature: float = Field(4.0, gt=0, le=100, description="objective distill: the softmax temperature T")
+    max_store_gb: Optional[float] = Field(None, gt=0, description="blockwise: refuse a guide pass that would store "
+                                          "more block inputs than this on disk; default 90 % of the free disk")
 
 
 class AutoStageConfig(StrictModel):
@@ -91,6 +93,8 @@ class RuntimeConfig(StrictModel):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA for images")
     data_on_device: Literal["auto", "on", "off"] = Field("auto", description="auto: on CUDA when the data fits easily")
     compile: bool = Field(False, description="torch.compile the model for task training; falls back to eager on failure")
+    fsdp: bool = Field(False, description="under torchrun: shard guide and target by block with FSDP2 (fully_shard) "
+                       "instead of holding both whole on every rank; see theseus_cli.training.fsdp")
 
 
 class BNRecalConfig(StrictModel):

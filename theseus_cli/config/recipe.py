@@ -256,10 +256,13 @@ class Recipe(StrictModel):
         if self.target is not None and self.replace:
             raise ValueError("target: a recipe either replaces modules in place (replace) or rebuilds a target network "
                              "(target), not both")
-        if self.align.micro_batch_size and self.schedule.kind == "independent":
-            raise ValueError("align.micro_batch_size: not available for the independent schedule (each module is fed "
-                             "the guide's input)")
-        if self.target is not None and (self.schedule.kind == "independent" or self.schedule.order == "reverse"):
+        if self.align.micro_batch_size and self.schedule.kind in ("independent", "blockwise"):
+            raise ValueError(f"align.micro_batch_size: not available for the {self.schedule.kind} schedule (each "
+                             "block is fed the guide's input; lower align.batch_size instead)")
+        if self.align.cache_guide and self.schedule.kind == "blockwise":
+            raise ValueError("align.cache_guide: the blockwise schedule stores the guide's outputs on disk already")
+        if self.target is not None and (self.schedule.kind in ("independent", "blockwise")
+                                        or self.schedule.order == "reverse"):
             raise ValueError("schedule: architecture transfer builds the target front to back; use progressive, "
                              "sequential or joint in forward order")
         return self
@@ -281,14 +284,37 @@ class Recipe(StrictModel):
     def _batch_fits_similarity(self) -> "Recipe":
 
         sim = self.similarity
-        batch = min(self.data.batch_size, self.align.batch_size or self.data.batch_size)
+        batch = self.align.batch_size or self.data.batch_size  # what alignment's similarity sees
+        field = "align.batch_size" if self.align.batch_size else "data.batch_size"
         if batch < min_batch(sim.kind, sim.k):
             if sim.kind == "dmnn":
-                raise ValueError(f"similarity.k: dmnn with k={sim.k} needs data.batch_size > k, got {batch}")
-            raise ValueError(f"similarity.kind: {sim.kind} needs data.batch_size ≥ {min_batch(sim.kind)}, got {batch}")
+                raise ValueError(f"similarity.k: dmnn with k={sim.k} needs {field} > k, got {batch}")
+            raise ValueError(f"similarity.kind: {sim.kind} needs {field} ≥ {min_batch(sim.kind)}, got {batch}")
         if sim.kind == "mse" and self.target is not None:
             raise ValueError("similarity.kind: mse compares activations element by element, but an architecture "
                              "transfer aligns blocks whose widths may differ; use cka, ucka or dmnn")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_applies(self) -> "Recipe":
+        """What the sharded path (theseus_cli.training.fsdp) does not do yet, refused before any work."""
+        if not self.runtime.fsdp:
+            return self
+        why = None
+        if self.target is not None:
+            why = "architecture transfers are not sharded; use a replace recipe"
+        elif self.schedule.kind in ("blockwise", "independent") or self.schedule.order == "reverse":
+            why = "it introduces every replacement before the first stage: use a progressive, sequential or joint schedule in forward order"
+        elif self.schedule.objective != "similarity":
+            why = "progressive distillation is not sharded"
+        elif self.finetune.peft is not None or self.finetune.checkpointing or self.finetune.distill is not None:
+            why = "finetune.peft, finetune.checkpointing and finetune.distill are not combined with sharding yet"
+        elif self.align.micro_batch_size or self.align.cache_guide:
+            why = "align.micro_batch_size and align.cache_guide are not combined with sharding"
+        elif self.baseline.enabled:
+            why = "the baselines are not sharded; run them without runtime.fsdp"
+        if why:
+            raise ValueError(f"runtime.fsdp: {why}")
         return self
 
     @model_validator(mode="after")
@@ -302,8 +328,8 @@ class Recipe(StrictModel):
         elif self.target is not None:
             why = ("an architecture transfer's partial target has no output until its last block; progressive "
                    "distillation needs in-place replace rules, whose hybrid runs end to end at every stage")
-        elif self.schedule.kind == "independent":
-            why = "the independent schedule feeds each replacement the guide's input; there is no hybrid output"
+        elif self.schedule.kind in ("independent", "blockwise"):
+            why = f"the {self.schedule.kind} schedule feeds each replacement the guide's input; there is no hybrid output"
         elif self.align.cache_guide:
             why = "align.cache_guide caches activations at the replaced modules, which distillation does not compare"
         elif self.align.micro_batch_size:

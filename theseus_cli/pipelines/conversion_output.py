@@ -59,6 +59,7 @@ def conversion_report(conv: "Conversion") -> dict[str, Any]:
         "similarity": {"optimised": sim.kind, "heldout_samples": int(conv.heldout.shape[0]), "mknn_k": sim.k,
                        "after_alignment": r.sim_after_align, "after_finetune": r.sim_after_ft},
         "guide_cache": conv.cache.summary() if conv.cache is not None else None,
+        "alignment_store": r.align_store,
         "bn_recalibration": {"enabled": recipe.bn_recalibration.enabled, "layers": r.bn_layers},
         "task": recipe.task,
         "metric": {"name": task.metric, "higher_is_better": task.higher_is_better, "guide": r.m_guide,

@@ -10,7 +10,7 @@ import torch
 from theseus_cli.data.core import batches_per_epoch
 from theseus_cli.models.build import build_model
 from theseus_cli.surgery.schedule import build_stages
-from theseus_cli.training.runtime import align_batch_size
+from theseus_cli.training.runtime import align_batch_size, frozen_weights_dtype
 from theseus_cli.surgery.plan import build_plan
 from theseus_cli.config.recipe import Recipe
 from theseus_cli.seeds import Seeds
@@ -20,7 +20,8 @@ from theseus_cli.surgery.transfer import build_transfer_plan
 
 def inspect_guide(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Build the plan for ``recipe`` on its guide and return it as plain data (``kind``: replace or transfer)."""
-    session = open_session(recipe, checkpoint, "cpu", probe=False)
+    # the guide as the conversion holds it (bf16 frozen weights: half the memory, and the memory check sees that)
+    session = open_session(recipe, checkpoint, "cpu", probe=False, weights_dtype=frozen_weights_dtype(recipe))
     sample = session.data.x_train[:2]
     if recipe.target is not None:
         target = build_model(recipe.target.arch, recipe.target.kwargs, Seeds(recipe.seed).target_init, recipe.task)
@@ -59,7 +60,8 @@ def alignment_cost(recipe: Recipe, train_examples: int, plan) -> dict[str, Any]:
     epochs = cfg.auto.max_epochs if cfg.auto.enabled else cfg.epochs
     stages = len(plan.stages)
     cost: dict[str, Any] = {"stages": stages, "steps_per_stage": per_epoch * epochs,
-                            "align_steps": stages * per_epoch * epochs, "epochs_are_a_cap": cfg.auto.enabled}
+                            "align_steps": stages * per_epoch * epochs, "epochs_are_a_cap": cfg.auto.enabled,
+                            "blockwise": recipe.schedule.kind == "blockwise"}
     sched = recipe.schedule
     if recipe.target is None and stages > MANY_STAGES and sched.group_depth is None and sched.kind != "joint":
         paths = plan.paths

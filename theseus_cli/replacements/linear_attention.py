@@ -10,8 +10,10 @@ and the sums are computed once (non-causal) or as running sums (causal) instead 
 * ``feature_map: elu1`` — ``φ(x) = elu(x) + 1`` (Katharopoulos et al.). ``hedgehog`` — a learnable per-head
   ``W`` (starting at the identity) and ``φ(x) = softmax([Wx, −Wx])`` (Hedgehog, Zhang et al. 2024; LoLCATs), whose
   features can mimic softmax attention's spikiness; twice the feature width.
-* ``heads`` — default: the replaced module's own head count (``num_heads``, ``num_attention_heads``, ``n_head``),
-  else one head per 64 features.
+* ``heads`` — default: the replaced module's own head count (``num_heads``, ``num_attention_heads``, ``n_head``,
+  or its transformers config's ``num_attention_heads``: Llama, Qwen2, Mistral attention), else one head per 64
+  features. Grouped-query guides (fewer key/value heads) become full multi-head linear attention: the replacement's
+  k and v are as wide as q.
 * ``causal`` — default: the replaced module's ``is_causal`` (transformers' attention modules carry it; GPT-2's is
   true, BERT's false). A module that does not say (timm's ``Attention``) is refused until the recipe sets it: a
   decoder silently made non-causal would read the future.
@@ -70,7 +72,11 @@ def _declared(old: nn.Module, names: tuple[str, ...]):
 
 
 def resolved_heads(old: nn.Module, params: LinearAttentionParams, width: int) -> int:
-    return params.heads or _declared(old, _HEAD_ATTRS) or max(1, width // 64)
+    """``params.heads``, else the module's own head count (an attribute, or its transformers ``config``'s
+    ``num_attention_heads``: Llama-style attention carries only the config), else one head per 64 features."""
+    config_heads = getattr(getattr(old, "config", None), "num_attention_heads", None)
+    config_heads = config_heads if isinstance(config_heads, int) and width % max(config_heads, 1) == 0 else None
+    return params.heads or _declared(old, _HEAD_ATTRS) or config_heads or max(1, width // 64)
 
 
 def resolved_causal(old: nn.Module, params: LinearAttentionParams) -> bool | None:

@@ -9,6 +9,12 @@ whole ResNet layer), and taken in ``forward`` or ``reverse`` order:
 * ``independent`` — stage t trains group t alone, each module fed the *guide's* own input at that point
   and matched to the guide's output there; the pieces are assembled at the end.
 * ``joint`` — one stage introduces, trains and aligns everything at once.
+* ``blockwise`` — as ``independent`` (each group trained alone on the guide's input there, matched to the guide's
+  output), but one pass of the guide first stores every aligned block's inputs and outputs on disk
+  (:mod:`theseus_cli.training.block_store`), and each stage then runs only its own blocks, read back from there: the
+  guide is not run again, a stage's memory is one block's, and the stages are independent of each other (each has its
+  own batch order, and a resumed run skips the finished ones in any order). LoLCATs trains attention replacements
+  this way; RADLADS aligns per layer.
 
 A schedule is plain data (:class:`Stage` lists), printed by ``inspect`` and followed by ``convert``.
 
@@ -28,7 +34,8 @@ class Stage:
     introduced: list[str]
     trained: list[str]
     aligned: list[str]  # in execution order
-    feed: Literal["hybrid", "guide"] = "hybrid"  # guide: each module gets the guide's input (independent)
+    feed: Literal["hybrid", "guide", "disk"] = "hybrid"  # guide: each module gets the guide's input (independent);
+    # disk: each aligned block is run alone on the guide's input there, read from the block store (blockwise)
     guide_points: list[str] | None = None  # architecture transfer: guide paths paired with ``aligned`` (None: the same paths)
 
     @property
@@ -77,8 +84,8 @@ def build_stages(paths: list[str], kind: str, order: str, group_depth: int | Non
             stages.append(Stage(list(group), in_order(seen), aligned(seen)))
         elif kind == "sequential":
             stages.append(Stage(list(group), list(group), aligned(group)))
-        elif kind == "independent":
-            stages.append(Stage(list(group), list(group), aligned(group), feed="guide"))
+        elif kind in ("independent", "blockwise"):
+            stages.append(Stage(list(group), list(group), aligned(group), feed="guide" if kind == "independent" else "disk"))
         else:
-            raise ValueError(f"unknown schedule {kind!r} (valid: progressive, sequential, independent, joint)")
+            raise ValueError(f"unknown schedule {kind!r} (valid: progressive, sequential, independent, blockwise, joint)")
     return stages

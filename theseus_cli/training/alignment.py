@@ -25,7 +25,8 @@ from theseus_cli.models.hf import model_output
 from theseus_cli.models.hooks import first_tensor, forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.config.recipe import AlignConfig
-from theseus_cli.training.runtime import current_runtime
+from theseus_cli.training.fsdp import loss_scale
+from theseus_cli.training.runtime import adamw, current_runtime
 from theseus_cli.surgery.schedule import Stage
 from theseus_cli.similarity import LossFn, sequence_rows
 from theseus_cli.training.distill import teacher_term
@@ -104,6 +105,8 @@ def stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: 
     deepest = stage.aligned[-1]
     mask = token_mask(x)
     rows = lambda a: sequence_rows(dist.gather(a, n), tokens, mask, MAX_TOKEN_ROWS)  # noqa: E731
+    if stage.feed == "disk":  # blockwise: each aligned block alone, on the guide's input there read from the store
+        return stored_block_losses(target, stage, il, cache, loss_fn, rows)
     if stage.feed == "guide":  # independent: each replacement sees the guide's own input there
         with torch.no_grad():
             g_in, g_out = forward_until(guide, xl, stage.aligned, deepest, with_inputs=True)
@@ -117,6 +120,19 @@ def stage_losses(guide: nn.Module, target: nn.Module, stage: Stage, x, loss_fn: 
             g_acts = forward_until(guide, xl, g_paths, g_paths[-1])
     t_acts = forward_until(target, xl, stage.aligned, deepest)
     return torch.stack([loss_fn(rows(t_acts[p]), rows(g_acts[q])) for p, q in zip(stage.aligned, g_paths)])
+
+
+def stored_block_losses(target: nn.Module, stage: Stage, idx: torch.Tensor, store, loss_fn: LossFn, rows) -> torch.Tensor:
+    """Δ per aligned block of a ``blockwise`` stage: each block of the target runs alone on the guide's input there,
+    called as the guide called it (:class:`~theseus_cli.training.block_store.BlockStore` replays the call), and is
+    compared with the guide's stored output. Nothing else of either network runs."""
+    device = next(target.parameters()).device
+    losses = []
+    for point in stage.aligned:
+        args, kwargs, guide_out = store.fetch(point, idx, device)
+        out = first_tensor(target.get_submodule(point)(*args, **kwargs))
+        losses.append(loss_fn(rows(out), rows(guide_out)))
+    return torch.stack(losses)
 
 
 def output_distillation_loss(guide: nn.Module, target: nn.Module, x, task, temperature: float) -> torch.Tensor:
@@ -227,7 +243,7 @@ class StageTrainer:
             return self.result
         for module in self.trainable:
             module.train()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.params, cfg.lr, cfg.weight_decay)
         self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=auto.factor,
                                                                    patience=auto.patience, min_lr=auto.min_lr)
                         if auto else None)
@@ -243,6 +259,7 @@ class StageTrainer:
                 if self._epoch(x_train):
                     break
         self.result.lr = self.opt.param_groups[0]["lr"]
+        self.opt.zero_grad(set_to_none=True)  # a finished stage's gradients: garbage, held until the next stage
         self.bar.done(line=False)  # the conversion reports the stage, with what is left of the alignment
         self.result.seconds = time.perf_counter() - start
         _restore_trainable(before, self.trainable)
@@ -262,7 +279,7 @@ class StageTrainer:
         with self.rt.autocast():
             layer_losses = stage_losses(self.guide, self.target, self.stage, xb, self.job.loss_fn, self.job.tokens,
                                         self.job.cache, idx)
-        layer_losses.mean().backward()
+        (layer_losses.mean() * loss_scale()).backward()
         return layer_losses
 
     def _guarded_step(self, xb, idx) -> torch.Tensor:

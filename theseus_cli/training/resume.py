@@ -8,7 +8,9 @@ fine-tuning, it replaces ``OUT/.resume/phase.pt`` (the target and the results so
 ``convert --resume`` continues from the latest of these: it rebuilds the hybrid, loads the
 state and carries on; everything later (stage seeds, batch order, recalibration,
 fine-tuning, baseline) is seeded, so the resumed run reaches the same target as an
-uninterrupted one. Each baseline run (``baseline.runs``) that finishes adds its result to
+uninterrupted one. The ``blockwise`` schedule checkpoints each stage alone (``OUT/.resume/blocks/``: its trained
+modules' state and its result), and a sharded run (``runtime.fsdp``) writes the target's shards with
+``torch.distributed.checkpoint`` beside the figures (:mod:`theseus_cli.pipelines.sharded`). Each baseline run (``baseline.runs``) that finishes adds its result to
 ``OUT/.resume/baselines.pt`` (figures only: a baseline's weights are never kept), and a
 resumed run skips it: each run starts from its own seeds, so the others come out the same.
 The work of a stage, phase or baseline run that was cut short is redone. Files are read
@@ -35,13 +37,22 @@ def _file(out: Path) -> Path:
     return out / RESUME_DIR / RESUME_FILE
 
 
-def save_stages(out: Path, target: nn.Module, stages: list[dict[str, Any]], generator: torch.Generator,
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict on the CPU. Tensors already there are saved as they are, not cloned: ``torch.save``
+    writes them before anything changes them, and a clone would double the memory of a large model at every
+    checkpoint."""
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
+def save_stages(out: Path, target: nn.Module | None, stages: list[dict[str, Any]], generator: torch.Generator,
                 fingerprint: dict[str, Any]) -> None:
+    """The finished stages' figures, the batch generator and the target's state (None: a sharded run, whose state
+    :mod:`theseus_cli.pipelines.sharded` writes beside it)."""
     payload = {
         "fingerprint": fingerprint,
         "stages": stages,
         "generator": generator.get_state(),
-        "state": {k: v.detach().cpu().clone() for k, v in target.state_dict().items()},
+        "state": cpu_state(target) if target is not None else {},
     }
     atomic_write(_file(out), lambda tmp: torch.save(payload, tmp))
 
@@ -88,6 +99,23 @@ def load_stages(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None
     return _load_checked(_file(out), fingerprint)
 
 
+BLOCKS_SUBDIR = "blocks"
+
+
+def save_block_stage(out: Path, index: int, modules: dict[str, nn.Module], result: dict[str, Any],
+                     fingerprint: dict[str, Any]) -> None:
+    """A finished ``blockwise`` stage: its trained modules' state and its result, one file per stage (stages are
+    independent, so a resumed run restores each finished one whatever the order they ran in)."""
+    state = {f"{path}.{k}": v for path, module in modules.items() for k, v in cpu_state(module).items()}
+    payload = {"fingerprint": fingerprint, "index": index, "result": result, "state": state}
+    atomic_write(out / RESUME_DIR / BLOCKS_SUBDIR / f"{index:05d}.pt", lambda tmp: torch.save(payload, tmp))
+
+
+def load_block_stage(out: Path, index: int, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished ``blockwise`` stage's checkpoint, or None; refuses one of another recipe or guide."""
+    return _load_checked(out / RESUME_DIR / BLOCKS_SUBDIR / f"{index:05d}.pt", fingerprint)
+
+
 def clear(out: Path) -> None:
     shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
 
@@ -95,11 +123,12 @@ def clear(out: Path) -> None:
 PHASE_FILE = "phase.pt"
 
 
-def save_phase(out: Path, phase: str, target: nn.Module, results: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+def save_phase(out: Path, phase: str, target: nn.Module | None, results: dict[str, Any],
+               fingerprint: dict[str, Any]) -> None:
     """After alignment (``aligned``: aligned and recalibrated) and after fine-tuning (``finetuned``): the target's
     state and everything the report needs from the phases done, so a resumed run skips them."""
     payload = {"fingerprint": fingerprint, "phase": phase, "results": results,
-               "state": {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}}
+               "state": cpu_state(target) if target is not None else {}}
     atomic_write(out / RESUME_DIR / PHASE_FILE, lambda tmp: torch.save(payload, tmp))
 
 
@@ -137,6 +166,9 @@ def describe(out: Path) -> str:
         if stages.is_file():
             n = len(torch.load(stages, map_location="cpu", weights_only=True)["stages"])
             return f"after alignment stage {n}"
+        blocks = sorted((out / RESUME_DIR / BLOCKS_SUBDIR).glob("*.pt"))
+        if blocks:
+            return f"with the {len(blocks)} block-wise stage{'s' if len(blocks) > 1 else ''} that had finished"
     except Exception:  # an unreadable checkpoint: resume will say so
         pass
     return "from the start (no stage had finished)"

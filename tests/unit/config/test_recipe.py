@@ -36,7 +36,7 @@ def test_defaults_are_filled_and_hash_is_stable():
     a = parse_recipe(tiny_recipe_dict())
     b = parse_recipe(tiny_recipe_dict())
     assert a.resolved()["schedule"] == {"kind": "progressive", "order": "forward", "group_depth": None,
-                                        "objective": "similarity", "temperature": 4.0}
+                                        "objective": "similarity", "temperature": 4.0, "max_store_gb": None}
     assert a.resolved()["replace"][0]["params"] == {"rank": 16, "rank_ratio": None, "init": "random",
                                                     "calibration": 512, "bias": True}
     assert a.digest() == b.digest()

@@ -29,6 +29,11 @@ except ImportError:  # pragma: no cover
 from theseus_cli.cli.inspect_view import print_plan
 from theseus_cli.errors import TheseusError, TheseusWarning, disk_error, one_line
 
+# typer's vendored click has no Abort: naming a missing attribute in an except clause would turn any error that
+# reaches it (a --debug traceback) into an AttributeError
+ABORT = getattr(click_exceptions, "Abort", KeyboardInterrupt)
+
+
 class OneLineErrors(TyperGroup):
     """The command group with click's usage errors as one line on stderr (``error: No such option: --bogus (see
     'theseus convert --help')``, exit 2), like every other error of the tool, instead of a multi-line box."""
@@ -44,7 +49,7 @@ class OneLineErrors(TyperGroup):
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc.format_message()))} (see '{escape(where)} "
                               "--help')", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
-        except click_exceptions.Abort:
+        except ABORT:
             err_console.print("[bold red]interrupted[/]")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)

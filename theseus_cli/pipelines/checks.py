@@ -11,7 +11,7 @@ from theseus_cli.config.recipe import Recipe
 from theseus_cli.errors import MatchError, RecipeError
 from theseus_cli.tasks import Task
 from theseus_cli.training import memory
-from theseus_cli.training.distributed import Dist
+from theseus_cli.training.distributed import Dist, current_dist
 from theseus_cli.training.runtime import align_batch_size
 from theseus_cli.training.session import Session
 
@@ -36,7 +36,7 @@ def check_overrides(overrides, stages, matches) -> None:
         raise MatchError("; ".join(problems))
 
 
-def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
+def check_fits(session: Session, guide: torch.nn.Module, plan, baseline: bool = False) -> None:
     """Before any work: the target can be trained on the device, and each batch size fits (lower bounds, see
     :mod:`theseus_cli.training.memory`). A plan of 700 billion parameters is refused here, not by the allocator."""
     recipe, data, dev = session.recipe, session.data, session.device
@@ -47,8 +47,10 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
         from theseus_cli.training.checkpointing import checked_blocks
 
         checked_blocks(guide)  # before any work, not after the alignment
-    trained, frozen = trained_params(recipe, guide, plan)
-    memory.require_trainable(trained, dev, "the target" + hint, frozen)
+    trained, frozen = trained_params(recipe, guide, plan, baseline)
+    shards = current_dist().world if recipe.runtime.fsdp else 1  # sharded: each rank holds 1/N of the state
+    memory.require_trainable(trained // shards, dev, "the target" + hint + (f", 1/{shards} of it per rank" if shards > 1 else ""),
+                             frozen // shards)
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
     memory.require_batches(guide, data.x_train[:1].to(dev), {
         "align.batch_size": min(align_batch_size(recipe, dev), n_train),
@@ -56,12 +58,17 @@ def check_fits(session: Session, guide: torch.nn.Module, plan) -> None:
         "data.eval_batch_size": min(recipe.data.eval_batch_size, n_test)}, dev)
 
 
-def trained_params(recipe: Recipe, guide: torch.nn.Module, plan) -> tuple[int, int]:
+def trained_params(recipe: Recipe, guide: torch.nn.Module, plan, baseline: bool = False) -> tuple[int, int]:
     """(parameters trained, frozen parameters held beside the guide) of the target: all of them are trained,
     except under ``finetune.peft``, where the replacements and the adapters train and the kept weights stay frozen,
-    shared with the guide (:func:`theseus_cli.pipelines.convert.hybrid_start`): no second copy, so none extra."""
+    shared with the guide (:func:`theseus_cli.pipelines.convert.hybrid_start`): no second copy, so none extra; and
+    where a replace recipe does not fine-tune (``finetune.epochs: 0``) and trains no ``baseline``, whose alignment
+    trains the replacements alone."""
     peft = recipe.finetune.peft
-    if peft is None or recipe.target is not None:
+    replace = recipe.target is None
+    if replace and peft is None and recipe.finetune.epochs == 0 and not baseline:
+        return sum(e.target_params for e in plan.entries), 0
+    if peft is None or not replace:
         return plan.target_params, 0
     from theseus_cli.training.lora import adapter_params, checked_targets
 

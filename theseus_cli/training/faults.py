@@ -2,8 +2,9 @@
 
 * **Divergence.** Loss values stay on the device during an epoch (no per-step host sync), so a
   non-finite loss is seen at the epoch's end. Each epoch starts from a snapshot of the weights it
-  trains; on a NaN/Inf the snapshot is put back (the model is left as it was before the bad
-  epoch) and :class:`~theseus_cli.errors.TrainingError` (exit 9) names the first module that went
+  trains (not its frozen ones); on a NaN/Inf the snapshot is put back (the model is left as it was before the bad
+  epoch; LoRA fine-tuning keeps no snapshot — its trained replacements may be gigabytes — and leaves the model as
+  the bad epoch made it) and :class:`~theseus_cli.errors.TrainingError` (exit 9) names the first module that went
   non-finite — the first aligned point with a non-finite loss, or the first module whose weights
   or gradients are not finite.
 * **Out of memory** (CUDA): the step that failed is retried on smaller slices of the batch, without
@@ -79,8 +80,14 @@ def check_stop(where: str, unit: str = "step") -> None:
 
 
 def snapshot(modules: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """Copies of the parameters and buffers of ``modules`` (on their device)."""
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+    """Copies of what training can change in ``modules`` (on their device): the parameters that require grad and the
+    buffers. Frozen parameters are left out: no step changes them, and under LoRA they are a whole guide's weights
+    (a copy per epoch would double the memory of a large decoder's fine-tuning)."""
+    saved = []
+    for m in modules:
+        frozen = {name for name, p in m.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        saved.append({k: v.detach().clone() for k, v in m.state_dict().items() if k not in frozen})
+    return saved
 
 
 def restore(modules: list[nn.Module], saved: list[dict[str, torch.Tensor]]) -> None:

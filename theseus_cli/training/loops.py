@@ -22,7 +22,8 @@ from theseus_cli.training.faults import (check_stop, diverged, first_nonfinite_m
                                  restore, snapshot)
 from theseus_cli.models.hooks import forward_until
 from theseus_cli.progress import NullProgress, Progress
-from theseus_cli.training.runtime import current_runtime
+from theseus_cli.training.fsdp import loss_scale
+from theseus_cli.training.runtime import adamw, current_runtime
 from theseus_cli.similarity import all_similarities, sequence_rows
 from theseus_cli.tasks import Task
 from theseus_cli.training.distill import Teacher, teacher_term
@@ -116,7 +117,7 @@ class TaskTrainer:
                 p.requires_grad_(True)
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=job.lr, weight_decay=job.weight_decay)
+        self.opt = adamw(self.params, job.lr, job.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, job.steps, job.warmup_steps))
         self.forward = self.rt.compiled(model)
         self.bar = job.progress.task(job.description, job.steps)
@@ -126,16 +127,20 @@ class TaskTrainer:
         start = time.perf_counter()
         with self.dist.synced_batchnorm(model):
             while self.step < job.steps:
-                saved = snapshot([model])  # put back if this epoch diverges
+                # put back if this epoch diverges; not under LoRA (marked_only), whose trained replacements may be a
+                # large decoder's gigabytes: a diverged epoch ends the run all the same, with the same message
+                saved = None if job.marked_only else snapshot([model])
                 mean = self._epoch(x, y)
                 if not torch.isfinite(mean):
                     module = first_nonfinite_module(model)
-                    restore([model], saved)
+                    if saved is not None:
+                        restore([model], saved)
                     raise diverged(job.description, "the task loss", module,
                                    "lower the learning rate or set finetune.grad_clip")
                 result.epoch_losses.append(float(mean))
                 self.bar.note(f"epoch {len(result.epoch_losses)}/{self._epochs(x.shape[0])}, mean loss {float(mean):.4g}")
         self.bar.done()
+        self.opt.zero_grad(set_to_none=True)  # a finished run's gradients are garbage, as large as what it trained
         model.eval()
         result.seconds = time.perf_counter() - start
         result.compile = self.forward.status
@@ -158,7 +163,7 @@ class TaskTrainer:
                 s_out = out if teacher_batch is None else run_model(self.forward, t_in)
                 term = teacher_term(s_out, teacher.outputs(t_in), t_in, self.task, teacher.temperature) * t_share
                 loss = teacher.weight * term + (1.0 - teacher.weight) * loss
-        loss.backward()
+        (loss * loss_scale()).backward()
         return loss
 
     def _guarded_step(self, xb, yb, share: float, teacher_batch=None):
@@ -226,10 +231,13 @@ def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    part = dist.shard(x.shape[0])  # under torchrun each rank takes a contiguous part; the sums are all-reduced
+    # under torchrun each rank takes a contiguous part and the sums are all-reduced; sharded (runtime.fsdp), every
+    # rank runs every batch (each forward gathers blocks from all ranks) and the sums are its own
+    split = dist.enabled and not dist.sharded
+    part = dist.shard(x.shape[0])
     offset = part.start or 0
-    for idx in iterate_batches(part.stop - offset if dist.enabled else x.shape[0], batch_size, None, drop_last=False):
-        idx = idx + offset if dist.enabled else idx
+    for idx in iterate_batches(part.stop - offset if split else x.shape[0], batch_size, None, drop_last=False):
+        idx = idx + offset if split else idx
         xb = rt.batch(x[idx])
         with rt.autocast():
             out = run_model(model, xb)
@@ -237,7 +245,7 @@ def evaluate(model: nn.Module, task: Task, x, y: torch.Tensor | None, batch_size
         total += s
         count += c
         check_stop("evaluation", unit="batch")
-    sums = dist.all_sum(torch.stack([total, count]))
+    sums = dist.all_sum(torch.stack([total, count])) if split else torch.stack([total, count])
     return task.finish(float(sums[0]), float(sums[1]))
 
 
@@ -273,8 +281,9 @@ def layer_similarity(guide: nn.Module, target: nn.Module, paths: list[str], x,
     target.eval()
     x = rt.batch(x)
     g_paths = guide_paths or paths  # keyed by the target's path either way
-    g = forward_until(guide, x, g_paths, g_paths[-1])
-    t = forward_until(target, x, paths, paths[-1])
+    with rt.autocast():  # a target with bfloat16 frozen weights and float32 replacements runs as in training
+        g = forward_until(guide, x, g_paths, g_paths[-1])
+        t = forward_until(target, x, paths, paths[-1])
     mask = token_mask(x)
     return {p: all_similarities(sequence_rows(t[p], tokens, mask, MAX_TOKEN_ROWS),
                                 sequence_rows(g[q], tokens, mask, MAX_TOKEN_ROWS), k) for p, q in zip(paths, g_paths)}

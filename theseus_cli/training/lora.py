@@ -119,6 +119,12 @@ def attach_lora(model: nn.Module, cfg: PeftConfig, replaced: list[str]) -> LoraA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out set per Conv1D layer: PEFT says so in a warning each time
         wrapper = LoraModel(model, config, "default")
+    try:
+        from peft.functional import cast_adapter_dtype
+    except ImportError:  # peft < 0.15
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+    # adapters on bfloat16 frozen weights are created bfloat16; they train in float32 (autocast runs them in bf16)
+    cast_adapter_dtype(model, "default", autocast_adapter_dtype=True)
     modules = dict(model.named_modules())
     for path in replaced:
         for p in modules[path].parameters():

@@ -13,6 +13,7 @@ import torch.nn as nn
 from theseus_cli.models.build import load_guide_fitted, pickles_trusted, resolve_checkpoint
 from theseus_cli.models.checkpoint_fit import CheckpointFit
 from theseus_cli.training.probe import probe_reset_head
+from theseus_cli.training.runtime import default_dtype
 from theseus_cli.data.dataset import Dataset, load_dataset
 from theseus_cli.errors import DataError, DeviceError
 from theseus_cli.config.recipe import Recipe
@@ -76,7 +77,8 @@ class Session:
         return info
 
 
-def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: str = "cpu", probe: bool = True) -> Session:
+def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: str = "cpu", probe: bool = True,
+                 weights_dtype: torch.dtype | None = None) -> Session:
     """Resolve device, load data, build the guide.
 
     The guide's weights come from ``checkpoint``, else the recipe's ``guide.checkpoint``, else the
@@ -88,19 +90,21 @@ def open_session(recipe: Recipe, checkpoint: str | Path | None = None, device: s
     ckpt = checkpoint if checkpoint is not None else recipe.guide.checkpoint
     ckpt = resolve_checkpoint(ckpt) if ckpt is not None else default_checkpoint(recipe.guide.arch)
     data = load_dataset(recipe.data, recipe.seed, recipe.task, recipe.guide.arch)
-    guide, fitted = prepared_guide(recipe, ckpt, data, dev, probe)
+    guide, fitted = prepared_guide(recipe, ckpt, data, dev, probe, weights_dtype)
     return Session(recipe, data, guide, ckpt, dev, fitted)
 
 
-def prepared_guide(recipe: Recipe, checkpoint: Path | None, data, device: torch.device, probe: bool = True
-                   ) -> tuple[nn.Module, dict | None]:
+def prepared_guide(recipe: Recipe, checkpoint: Path | None, data, device: torch.device, probe: bool = True,
+                   weights_dtype: torch.dtype | None = None) -> tuple[nn.Module, dict | None]:
     """The recipe's guide on ``device``, its checkpoint fitted (``guide.key_map``/``ignore_keys``/``head``) and,
     with ``head: reset``, its new head fitted as a linear probe (:mod:`theseus_cli.training.probe`; not with
     ``probe=False``, as ``inspect`` plans without training anything); checked
-    against the data (vocabulary, classes). Also what fitting did, or None where nothing was asked."""
+    against the data (vocabulary, classes). Also what fitting did, or None where nothing was asked. ``weights_dtype``:
+    the guide is built in that dtype, its checkpoint read into it (:func:`~theseus_cli.training.runtime.frozen_weights_dtype`)."""
     cfg = recipe.guide
     fit = CheckpointFit.of(cfg, data.num_classes)
-    guide, report = load_guide_fitted(cfg.arch, cfg.kwargs, checkpoint, recipe.seed, recipe.task, fit)
+    with default_dtype(weights_dtype):
+        guide, report = load_guide_fitted(cfg.arch, cfg.kwargs, checkpoint, recipe.seed, recipe.task, fit)
     guide = guide.to(device)
     check_vocabulary(guide, data)
     if not fit.changes_anything:

@@ -34,7 +34,7 @@ def test_conversion_under_bf16_and_channels_last_runs_and_saves(tmp_path):
     assert guide["runtime"]["bf16"] and guide["runtime"]["channels_last"]
     report = run_conversion(recipe, tmp_path / "out", ConvertOptions(checkpoint=tmp_path / "g.safetensors", device="cpu", baseline=True))
     assert report["runtime"] == {"device": "cpu", "bf16": True, "channels_last": True, "data_on_device": False,
-                                 "compile": False, "align_batch_size": 64}
+                                 "compile": False, "cast_cache": True, "align_batch_size": 64}
     assert all(torch.isfinite(torch.tensor(s["losses"])).all() for s in report["stages"])
     assert 0 <= report["metric"]["target"] <= 1 and 0 <= report["metric"]["baseline"] <= 1
     import theseus_cli
@@ -74,5 +74,7 @@ def test_alignment_batch_is_larger_by_default_on_cuda_only():
     assert align_batch_size(pinned, torch.device("cuda")) == 32
     from theseus_cli.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="needs data.batch_size ≥ 4"):
+    with pytest.raises(RecipeError, match="needs align.batch_size ≥ 4"):
         parse_recipe(tiny_recipe_dict(align={"batch_size": 2}, similarity={"kind": "ucka"}))
+    # the similarity sees alignment's batches: fine-tuning's may be smaller (a large decoder's, for memory)
+    assert parse_recipe(tiny_recipe_dict(align={"batch_size": 8}, data={"batch_size": 2})).data.batch_size == 2

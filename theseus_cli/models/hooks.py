@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from theseus_cli.batch import run_model, token_mask
+from theseus_cli.context import run_state
 from theseus_cli.shapes import OTHER_OUTPUT, ShapeRecord
 
 
@@ -76,6 +77,8 @@ def forward_until(model: nn.Module, x, paths: list[str], stop_after: str | None,
     """Run ``model`` on ``x`` (a tensor or a token batch), return the outputs at ``paths`` (and, ``with_inputs``, a second dict of
     their inputs), stopping right after ``stop_after`` runs."""
     inputs: dict[str, torch.Tensor] | None = {} if with_inputs else None
+    if getattr(run_state().dist, "sharded", False):  # runtime.fsdp: every rank takes part in every block's gather
+        stop_after = None
     with capture(model, paths, stop_after, inputs) as acts:
         try:
             run_model(model, x)

@@ -34,6 +34,9 @@ from theseus_cli.deploy.gates import Gates, evaluate_gates
 from theseus_cli.errors import DataError, OutputError, TheseusWarning, UsageError
 from theseus_cli.models.build import build_model
 from theseus_cli.pipelines.baselines import distill_teacher, fresh_guide_architecture, train_baselines
+from theseus_cli.pipelines.blockwise import align_blockwise, remove_store
+from theseus_cli.pipelines.sharded import (prepare_sharded, restore_sharded_phase, restore_sharded_stage,
+                                           save_sharded_phase, save_sharded_stage, unshard)
 from theseus_cli.pipelines.checks import check_fits, check_overrides, check_world
 from theseus_cli.pipelines.conversion_output import write_outputs
 from theseus_cli.progress import NullProgress, Progress, seconds
@@ -53,7 +56,8 @@ from theseus_cli.training.distill import Teacher
 from theseus_cli.training.guide_cache import GuideCache
 from theseus_cli.training.checkpointing import activation_checkpointing
 from theseus_cli.training.lora import attach_lora
-from theseus_cli.training.runtime import Runtime, align_batch_size, current_runtime, resolve_runtime, using
+from theseus_cli.training.runtime import (Runtime, align_batch_size, current_runtime, frozen_weights_dtype,
+                                         resolve_runtime, using)
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
 
 HELDOUT_FOR_SIMILARITY = 512
@@ -89,10 +93,12 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
         raise UsageError("--max-latency-ms gates on the measured latency; it cannot be combined with --no-latency")
     started = time.perf_counter()
     out = Path(out)
-    with process_group(options.device) as (dist, device), _hold(out, options, dist.main):
+    if recipe.runtime.fsdp and options.baseline:
+        raise UsageError("--baseline: the baselines are not sharded; run them without runtime.fsdp")
+    with process_group(options.device) as (dist, device), _sharding(recipe, dist) as dist, _hold(out, options, dist.main):
         progress = options.progress if dist.main else NullProgress()
         session = (dataclasses.replace(session, recipe=recipe) if session is not None
-                   else open_session(recipe, options.checkpoint, device))
+                   else open_session(recipe, options.checkpoint, device, weights_dtype=frozen_weights_dtype(recipe)))
         untrained = warn_untrained(session) if dist.main else None
         if options.resume and finished(out):
             return finished_run(out, session, options.gates) if dist.main else None
@@ -100,6 +106,8 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
         progress.log(f"convert: guide {recipe.guide.arch} on {recipe.data.source} "  # after the set-up's checks
                      f"({session.data.x_train.shape[0]:,} training inputs), device {session.device}")
         rt = resolve_runtime(recipe.runtime, session.device, session.data)
+        if frozen_weights_dtype(recipe) is not None:
+            rt = dataclasses.replace(rt, cast_cache=False)
         if rt.data_on_device:
             session.data.to(session.device)
         rt.prepare(session.guide)
@@ -144,6 +152,7 @@ class Results:
     m_target: Optional[float] = None
     sim_after_ft: Optional[dict] = None
     m_guide: Optional[float] = None
+    align_store: Optional[dict] = None  # blockwise: the block store's size, samples and guide-pass seconds
 
 
 def hybrid_start(guide: torch.nn.Module, shared: bool) -> torch.nn.Module:
@@ -169,6 +178,7 @@ class Conversion:
         self.seeds = Seeds(self.recipe.seed)
         self.task = get_task(self.recipe.task)
         self.main = current_dist().main
+        self.sharded = current_dist().sharded  # runtime.fsdp under torchrun (theseus_cli.pipelines.sharded)
         self.fingerprint = {"recipe_hash": self.recipe.digest(), "guide": session.guide_info.get("checkpoint_sha256"),
                             "checkpoint": session.guide_info.get("checkpoint")}  # the path: named, not compared
         self.results = Results()
@@ -195,6 +205,8 @@ class Conversion:
         baseline = self.recipe.baseline.enabled if self.options.baseline is None else self.options.baseline
         if baseline:
             self.baselines()
+        if self.sharded:
+            unshard(self)  # every rank gathers; rank 0 gets the plain guide and target
         if not self.main:  # every file and measurement below is rank 0's
             return None
         self.profile()
@@ -216,38 +228,49 @@ class Conversion:
             by_path = {e.path: e for e in self.plan_.entries}
             self.target = (hybrid_start(self.guide, shared=recipe.finetune.peft is not None)
                            if recipe.start == "guide" else fresh_guide_architecture(self, self.seeds.target_init))
-            self.introduce = lambda target, stage: apply_entries(target, [by_path[p] for p in stage.introduced],
-                                                                 self.calibration)
+            # bf16 frozen weights: a start measured on the hybrid (init: activation_svd) runs it as training does
+            cast = current_runtime(dev).autocast if frozen_weights_dtype(recipe) is not None else contextlib.nullcontext
+            self.introduce = lambda target, stage: _under(cast, apply_entries, target,
+                                                          [by_path[p] for p in stage.introduced], self.calibration)
         else:
             self.target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs,
                                                                    self.seeds.target_init, recipe.task).to(dev))
             check_classes(self.target, session.data, f"the target {recipe.target.arch}")
             self.plan_ = build_transfer_plan(self.guide, self.target, recipe, sample)  # also copies inherited weights
             self.introduce = lambda target, stage: None
-        check_fits(session, self.guide, self.plan_)
+        baseline = self.recipe.baseline.enabled if self.options.baseline is None else self.options.baseline
+        check_fits(session, self.guide, self.plan_, baseline)
         plan = self.plan_
         what = f"{len(plan.entries)} modules to replace" if recipe.target is None else f"{len(plan.pairs)} target blocks to align"
         self.progress.log(f"plan: {what}, {plan.guide_params:,} → {plan.target_params:,} params")
         self.heldout = session.data.x_test[:HELDOUT_FOR_SIMILARITY]
+        if recipe.runtime.fsdp:
+            prepare_sharded(self)
 
     def align(self) -> None:
         """Align the target stage by stage as the schedule says; checkpoint after each stage. With ``resume``,
         stages already checkpointed are rebuilt (same seeds) and their trained weights restored, not retrained."""
         started = self.align_started = time.perf_counter()
         job = self._align_job()
+        sim = self.recipe.similarity.kind if self.recipe.schedule.objective == "similarity" else "output KL"
+        self.progress.log(f"align: {len(self.plan_.stages)} stages, {self.recipe.schedule.kind} schedule, {sim}")
+        if self.recipe.schedule.kind == "blockwise":
+            self._finish_align(align_blockwise(self, job))
+            return
         saved = resume_stages.load_stages(self.out, self.fingerprint) if self.options.resume else None
         if saved is None and self.main:
             resume_stages.clear(self.out)
         stages: list[dict[str, Any]] = []
         first = None  # the first stage this run trains (a resumed run skips the saved ones)
-        sim = self.recipe.similarity.kind if self.recipe.schedule.objective == "similarity" else "output KL"
-        self.progress.log(f"align: {len(self.plan_.stages)} stages, {self.recipe.schedule.kind} schedule, {sim}")
         for index, stage in enumerate(self.plan_.stages):
             torch.manual_seed(self.seeds.stage(index))
             self.introduce(self.target, stage)
             if saved is not None and index < len(saved["stages"]):
                 if index == len(saved["stages"]) - 1:  # the hybrid is complete up to the last saved stage: restore it
-                    self.target.load_state_dict(saved["state"])
+                    if self.sharded:
+                        restore_sharded_stage(self, saved)
+                    else:
+                        self.target.load_state_dict(saved["state"])
                     job.generator.set_state(saved["generator"])
                     stages = saved["stages"]
                     self.progress.log(f"resumed after stage {index + 1} of {len(self.plan_.stages)}")
@@ -258,9 +281,15 @@ class Conversion:
             stages.append(asdict(result))
             self._log_stage(result, index, len(self.plan_.stages), time.perf_counter() - started, first)
             first = first if first is not None else index
-            if self.main:
+            if self.sharded:
+                save_sharded_stage(self, stages, job.generator)
+            elif self.main:
                 resume_stages.save_stages(self.out, self.target, stages, job.generator, self.fingerprint)
+            if self.main:
                 self._save_legs()
+        self._finish_align(stages)
+
+    def _finish_align(self, stages: list[dict[str, Any]]) -> None:
         self.results.stages, self.results.align_seconds = stages, self._align_seconds()
         self.align_started = None
         self.results.sim_after_align = self._similarity()
@@ -303,6 +332,9 @@ class Conversion:
                                     marked_only=adapters is not None)
         if adapters is not None:
             self.target = adapters.merge()
+        frozen = frozen_weights_dtype(self.recipe)
+        if frozen is not None:  # one dtype throughout, as the frozen weights: it evaluates, exports and writes as such
+            self.target.to(frozen)
         self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,
                                  "distill": cfg.distill.model_dump() if cfg.distill is not None else None,
                                  "peft": adapters.summary() if adapters is not None else None}
@@ -334,6 +366,7 @@ class Conversion:
         """The target file, the plot, the gates' verdict and, last (its presence marks a finished run), the report."""
         report = write_outputs(self)
         resume_stages.clear(self.out)
+        remove_store(self.out)
         self.progress.log(f"wrote {self.out}")
         return report
 
@@ -361,8 +394,9 @@ class Conversion:
                         self.task, len(self.plan_.stages))
 
     def _similarity(self) -> dict | None:
-        """Every similarity metric at every aligned point on held-out inputs (rank 0 only)."""
-        if not self.main:
+        """Every similarity metric at every aligned point on held-out inputs (rank 0 only; sharded, every rank runs
+        the forwards, each needing all ranks)."""
+        if not self.main and not self.sharded:
             return None
         sim, plan = self.recipe.similarity, self.plan_
         guide_points = plan.guide_points if self.recipe.target is not None else None
@@ -398,7 +432,11 @@ class Conversion:
         return evaluate(model, self.task, data.x_test, data.y_test, self.recipe.data.eval_batch_size, self.session.device)
 
     def _checkpoint(self, phase: str) -> None:
-        if self.main:
+        if self.sharded:
+            save_sharded_phase(self, phase, asdict(self.results))
+            if self.main:
+                self._save_legs()
+        elif self.main:
             resume_stages.save_phase(self.out, phase, self.target, asdict(self.results), self.fingerprint)
             self._save_legs()
 
@@ -422,7 +460,10 @@ class Conversion:
     def _restore_phase(self, done: dict[str, Any]) -> None:
         for stage in self.plan_.stages:
             self.introduce(self.target, stage)
-        self.target.load_state_dict(done["state"])
+        if self.sharded:
+            restore_sharded_phase(self, done)
+        else:
+            self.target.load_state_dict(done["state"])
         self.results = Results(**done["results"])
         self.progress.log(f"resumed {resume_stages.describe_phase(done['phase'])}")
 
@@ -444,6 +485,25 @@ def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:
     if gates.any:
         report["gates"] = evaluate_gates(gates, report)
     return report
+
+
+def _under(context, fn, *args):
+    with context():
+        return fn(*args)
+
+
+@contextlib.contextmanager
+def _sharding(recipe: Recipe, dist):
+    """The run's :class:`~theseus_cli.training.distributed.Dist`, marked sharded under ``runtime.fsdp`` with more
+    than one process (:mod:`theseus_cli.training.fsdp`)."""
+    if not (recipe.runtime.fsdp and dist.enabled):
+        yield dist
+        return
+    from theseus_cli.context import changed
+
+    sharded = dataclasses.replace(dist, sharded=True)
+    with changed(dist=sharded):
+        yield sharded
 
 
 def _hold(out: Path, options: ConvertOptions, main: bool):

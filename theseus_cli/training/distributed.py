@@ -46,6 +46,7 @@ from theseus_cli.errors import DeviceError
 class Dist:
     rank: int = 0
     world: int = 1
+    sharded: bool = False  # runtime.fsdp: guide and target sharded by block (theseus_cli.training.fsdp)
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +90,8 @@ class Dist:
         import torch.distributed as dist
 
         params = [p for p in params if p.requires_grad]
+        if self.sharded:  # FSDP's reduce-scatter has combined them (theseus_cli.training.fsdp.loss_scale)
+            return
         if not params:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

@@ -213,6 +213,34 @@ def fmt_mean_std(values: list[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def seeded_settings_main(doc: str, settings: dict, out_name: str, name: str, run_one: Callable[..., dict],
+                         markdown: Callable[[list, str], str]) -> None:
+    """The ``main`` of a script comparing variants per setting and seed: ``--settings``, ``--seeds``, ``--small``,
+    ``--device``, ``--out``; ``run_one(setting, spec, out, seed, device, small)`` returns a seed's row."""
+    parser = settings_parser(doc, settings, out_name)
+    add_seeds_option(parser)
+    add_small_option(parser)
+    args = parser.parse_args()
+    run_settings(parser, args, settings, name,
+                 lambda setting, spec, out, seed: run_one(setting, spec, out, seed, args.device, args.small), markdown)
+
+
+def variant_report(raw: dict, changes: dict, baselines: list | None, seed: int, guide: Path, device: str, out: Path,
+                   label: str) -> dict:
+    """The report of ``raw`` with ``changes`` at conversion ``seed`` (and ``baselines`` trained beside it, at its
+    steps), on ``guide``: a finished identical run in ``out`` is reused (:func:`finished_report`), else it runs."""
+    from theseus_cli import ConvertOptions, run_conversion
+    from theseus_cli.config.recipe import parse_recipe
+
+    data = merge(raw, {**changes, "seed": seed})
+    if baselines:
+        data = merge(data, {"baseline": {"runs": baselines}})
+    recipe = parse_recipe(data, f"{label} seed {seed}")
+    return finished_report(out, recipe.digest(), guide) or run_conversion(recipe, out, ConvertOptions(
+        progress=bench_progress(), checkpoint=guide, device=device, baseline=bool(baselines), overwrite=True,
+        latency=False))
+
+
 def finished_report(out: Path, digest: str, guide: Path | None) -> dict | None:
     """A finished run of the very same recipe on the very same guide file (None: the recipe's pretrained guide) in
     ``out``: an interrupted benchmark goes on where it stopped instead of re-running hours of CPU; anything else is

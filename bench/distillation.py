@@ -87,6 +87,19 @@ def fixed_guide(name: str, spec: dict, raw: dict, device: str, small: bool) -> t
     return untrained_guide(f"distill-{name}", recipe), {"trained": False}
 
 
+def variant_pair(setting: str, variants: dict, seed: int, device: str, small: bool, out: Path) -> tuple[dict, dict]:
+    """The reports of two recipe variants (``variants``: name → (recipe changes, baselines)) of a distillation setting
+    at conversion ``seed``, on its guide, each in ``out / name``."""
+    from common import variant_report
+
+    spec = SETTINGS[setting]
+    raw = raw_recipe(spec, small)
+    guide, _ = fixed_guide(setting, spec, raw, device, small)
+    first, second = (variant_report(raw, *changes, seed, guide, device, out / name, name)
+                     for name, changes in variants.items())
+    return first, second
+
+
 def run_method(method: str, raw: dict, seed: int, guide: Path, device: str, out: Path) -> dict | None:
     changes, baselines = METHODS[method]
     data = merge(raw, {**changes, "seed": seed})

@@ -21,34 +21,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import (add_seeds_option, add_small_option, bench_progress, finished_report, merge, pm, run_settings,
-                    settings_parser, smoke_note)
-from distillation import SETTINGS as DISTILL, fixed_guide, raw_recipe
+from common import pm, seeded_settings_main, smoke_note
+from distillation import variant_pair
 
-from theseus_cli import ConvertOptions, run_conversion
-from theseus_cli.config.recipe import parse_recipe
 
 SETTINGS = {"gpt2-rnn-1000-cpu": {"distill": "gpt2-rnn-1000-cpu"}}
 VARIANTS = {"full": ({}, ["scratch", "distill"]), "lora": ({"finetune": {"peft": {}}}, None)}
 
 
-def convert(raw: dict, variant: str, seed: int, guide: Path, device: str, out: Path) -> dict:
-    changes, baselines = VARIANTS[variant]
-    data = merge(raw, {**changes, "seed": seed})
-    if baselines:
-        data = merge(data, {"baseline": {"runs": baselines}})
-    recipe = parse_recipe(data, f"{variant} seed {seed}")
-    return finished_report(out, recipe.digest(), guide) or run_conversion(recipe, out, ConvertOptions(
-        progress=bench_progress(), checkpoint=guide, device=device, baseline=bool(baselines), overwrite=True,
-        latency=False))
-
-
 def run_one(name: str, spec: dict, out: Path, seed: int, device: str, small: bool) -> dict:
-    dspec = DISTILL[spec["distill"]]
-    raw = raw_recipe(dspec, small)
-    guide, _ = fixed_guide(spec["distill"], dspec, raw, device, small)
-    full = convert(raw, "full", seed, guide, device, out / "full")
-    lora = convert(raw, "lora", seed, guide, device, out / "lora")
+    full, lora = variant_pair(spec["distill"], VARIANTS, seed, device, small, out)
     m = full["metric"]
     peft = lora["finetune"]["peft"]
     return {"setting": name, "small": small, "metric_name": m["name"], "higher_is_better": m["higher_is_better"],
@@ -73,12 +55,7 @@ def markdown(rows: list, device: str) -> str:
 
 
 def main() -> None:
-    parser = settings_parser(__doc__, SETTINGS, "bench-lora")
-    add_seeds_option(parser)
-    add_small_option(parser)
-    args = parser.parse_args()
-    run_settings(parser, args, SETTINGS, "lora",
-                 lambda name, spec, out, seed: run_one(name, spec, out, seed, args.device, args.small), markdown)
+    seeded_settings_main(__doc__, SETTINGS, "bench-lora", "lora", run_one, markdown)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,24 @@ def test_lora_benchmark_runs_small_and_fine_tunes_fewer_parameters(tmp_path):
     assert "NoT, LoRA" in run.stdout and "SMOKE RUN" in run.stdout
 
 
+def test_blockwise_benchmark_runs_small_beside_progressive_and_the_baselines(tmp_path):
+    run = _bench("blockwise.py", tmp_path, "--small", "--device", "cpu", "--seeds", "0")
+    row = json.loads((tmp_path / "blockwise.json").read_text())["rows"][0]
+    assert all(row[k] > 1 for k in ("progressive", "blockwise", "scratch", "distill", "blockwise_aligned"))
+    assert row["store_bytes"] > 0 and row["blockwise_align_steps"] == row["align_steps"]
+    assert "blockwise: aligned" in run.stdout and "SMOKE RUN" in run.stdout
+
+
+def test_llm_memory_benchmark_measures_each_piece_in_its_own_process(tmp_path):
+    _bench("llm_memory.py", tmp_path, "--small", "--only", "blockwise-block,end-to-end", "--samples", "24",
+           "--tokens", "16")
+    result = json.loads((tmp_path / "llm_memory.json").read_text())
+    block, e2e = result["rows"]
+    assert block["steps"] == 3 and block["store"]["bytes"] > 0 and block["peak_rss_bytes"] > block["baseline_rss_bytes"]
+    assert e2e["trained_params"] < result["facts"]["target_params"] and e2e["store"]["samples"] == 24
+    assert e2e["bound"]["bound_bytes"] == 1.3 * 2 * result["facts"]["guide_params"] + 16 * e2e["trained_params"]
+
+
 def _bench_module(name: str):
     """bench/<name>.py as a module (the benchmark scripts import each other from their own folder)."""
     import importlib

@@ -29,6 +29,7 @@ from theseus_cli.training import align_stage
 from theseus_cli.training import resume as resume_stages
 from theseus_cli.training.block_store import BLOCKS_DIR, BlockStore
 from theseus_cli.training.distributed import current_dist
+from theseus_cli.training.memory import release_freed_memory
 from theseus_cli.training.runtime import current_runtime
 
 
@@ -72,6 +73,7 @@ def align_blockwise(conv, job) -> list[dict[str, Any]]:
         result = align_stage(index, conv.guide, conv.target, stage, conv.session.data.x_train,
                              dataclasses.replace(job, cfg=cfg, generator=generator))
         results.append(asdict(result))
+        release_freed_memory()  # the stage's optimiser state and activations, freed: back to the OS
         conv._log_stage(result, index, len(plan.stages), time.perf_counter() - started, first)
         first = first if first is not None else index
         if conv.main:

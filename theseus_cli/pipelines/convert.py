@@ -56,6 +56,7 @@ from theseus_cli.training.distill import Teacher
 from theseus_cli.training.guide_cache import GuideCache
 from theseus_cli.training.checkpointing import activation_checkpointing
 from theseus_cli.training.lora import attach_lora
+from theseus_cli.training.memory import release_freed_memory
 from theseus_cli.training.runtime import (Runtime, align_batch_size, current_runtime, frozen_weights_dtype,
                                          resolve_runtime, using)
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
@@ -320,6 +321,7 @@ class Conversion:
     def finetune(self) -> None:
         """End-to-end fine-tuning on the task; then the metrics and similarities after it."""
         ft_steps, warmup = self.task_steps()
+        release_freed_memory()  # what alignment and evaluation freed, before fine-tuning's optimiser state is made
         torch.manual_seed(self.seeds.finetune)  # dropout draws the same masks whether or not the run was resumed
         cfg = self.recipe.finetune
         teacher = distill_teacher(self, cfg.distill, "finetune_teacher") if cfg.distill is not None else None

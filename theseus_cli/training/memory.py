@@ -73,3 +73,20 @@ def require_batches(model: nn.Module, example: Any, sizes: dict[str, int], devic
         require(size * per_example, device, f"{setting}: a forward on a batch of {size:,} (its inputs and the "
                                             "largest activation)")
 
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap memory that freed tensors left behind back to the OS (glibc's ``malloc_trim``), between phases.
+
+    glibc raises its mmap threshold as large blocks are freed, so after a phase's activations (a few MB each) are
+    freed they stay in the heap, resident; the next phase's allocations do not always fit into those holes, and the
+    peak grows by what the last phase left. Trimming at the boundary gives it back. A no-op (False) where the C
+    library has no ``malloc_trim`` (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -575,4 +575,26 @@ def train_guide_cmd(
 
 
 def main() -> None:
-    app()
+    """The CLI. Under ``torchrun`` a process ends with ``os._exit`` once its command is done (its process group already
+    torn down, its output flushed): the interpreter's own teardown then destroys C++ threads the collectives left
+    behind, and a non-main rank was seen to abort there ("terminate called without an active exception", SIGABRT)
+    after a run that had finished and written every file, failing the whole job."""
+    from theseus_cli.training.distributed import launched
+
+    if not launched():
+        app()
+        return
+    code = 1
+    try:
+        app()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # what would have reached the interpreter (a --debug traceback): printed, then exit 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -102,18 +102,14 @@ def peak_rss() -> int:
 def _conversion(raw: dict, out: Path, finetune_epochs: int | None = None):
     from theseus_cli.config.recipe import parse_recipe
     from theseus_cli.pipelines.convert import Conversion, ConvertOptions
-    from theseus_cli.training.runtime import frozen_weights_dtype, resolve_runtime
+    from theseus_cli.training.runtime import conversion_runtime, frozen_weights_dtype
     from theseus_cli.training.session import open_session
 
     if finetune_epochs is not None:
         raw = {**raw, "finetune": {**raw["finetune"], "epochs": finetune_epochs}}
     recipe = parse_recipe(raw, "llm_memory")
     session = open_session(recipe, None, "cpu", weights_dtype=frozen_weights_dtype(recipe))
-    rt = resolve_runtime(recipe.runtime, session.device, session.data)
-    if frozen_weights_dtype(recipe) is not None:  # as run_conversion does
-        import dataclasses
-
-        rt = dataclasses.replace(rt, cast_cache=False)
+    rt = conversion_runtime(recipe, session.device, session.data)  # as run_conversion does
     conv = Conversion(session, rt, out, ConvertOptions(device="cpu", latency=False), memory_progress(), time.perf_counter())
     return conv, rt
 

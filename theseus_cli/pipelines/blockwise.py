@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from theseus_cli.errors import OutputError
 from theseus_cli.training import align_stage
 from theseus_cli.training import resume as resume_stages
 from theseus_cli.training.block_store import BLOCKS_DIR, BlockStore
@@ -45,7 +46,6 @@ def block_store(conv) -> BlockStore:
                     conv.fingerprint, int(limit * 2**30) if limit else None, conv.progress)
     dist.barrier()
     if not dist.main and not store.load(conv.fingerprint):
-        from theseus_cli.errors import OutputError
         raise OutputError(f"{store.root}: rank 0's block store is not readable from this process; under torchrun "
                           "the output directory must be on a file system every rank shares")
     conv.progress.log(f"guide pass: {len(points)} blocks' inputs on disk, {store.bytes / 2**20:,.0f} MiB "

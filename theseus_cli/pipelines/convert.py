@@ -57,8 +57,8 @@ from theseus_cli.training.guide_cache import GuideCache
 from theseus_cli.training.checkpointing import activation_checkpointing
 from theseus_cli.training.lora import attach_lora
 from theseus_cli.training.memory import release_freed_memory
-from theseus_cli.training.runtime import (Runtime, align_batch_size, current_runtime, frozen_weights_dtype,
-                                         resolve_runtime, using)
+from theseus_cli.training.runtime import (Runtime, align_batch_size, conversion_runtime, current_runtime,
+                                         frozen_weights_dtype, using)
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
 
 HELDOUT_FOR_SIMILARITY = 512
@@ -106,9 +106,7 @@ def run_conversion(recipe: Recipe, out: str | Path, options: ConvertOptions | No
         check_world(session, dist)
         progress.log(f"convert: guide {recipe.guide.arch} on {recipe.data.source} "  # after the set-up's checks
                      f"({session.data.x_train.shape[0]:,} training inputs), device {session.device}")
-        rt = resolve_runtime(recipe.runtime, session.device, session.data)
-        if frozen_weights_dtype(recipe) is not None:
-            rt = dataclasses.replace(rt, cast_cache=False)
+        rt = conversion_runtime(recipe, session.device, session.data)
         if rt.data_on_device:
             session.data.to(session.device)
         rt.prepare(session.guide)
@@ -226,13 +224,10 @@ class Conversion:
         sample = session.data.x_train[:2].to(dev)
         if recipe.target is None:
             self.plan_ = build_plan(self.guide, recipe, sample)
-            by_path = {e.path: e for e in self.plan_.entries}
+            self.by_path = {e.path: e for e in self.plan_.entries}
             self.target = (hybrid_start(self.guide, shared=recipe.finetune.peft is not None)
                            if recipe.start == "guide" else fresh_guide_architecture(self, self.seeds.target_init))
-            # bf16 frozen weights: a start measured on the hybrid (init: activation_svd) runs it as training does
-            cast = current_runtime(dev).autocast if frozen_weights_dtype(recipe) is not None else contextlib.nullcontext
-            self.introduce = lambda target, stage: _under(cast, apply_entries, target,
-                                                          [by_path[p] for p in stage.introduced], self.calibration)
+            self.introduce = self._introduce_entries
         else:
             self.target = current_runtime(dev).prepare(build_model(recipe.target.arch, recipe.target.kwargs,
                                                                    self.seeds.target_init, recipe.task).to(dev))
@@ -378,6 +373,13 @@ class Conversion:
     def align_steps(self) -> int:
         return sum(s["steps"] for s in self.results.stages)
 
+    def _introduce_entries(self, target, stage) -> None:
+        """A replace recipe's stage: its replacements built in ``target``. Under bf16 frozen weights a start measured on
+        the hybrid (``init: activation_svd``) runs it under autocast, as training does."""
+        frozen = frozen_weights_dtype(self.recipe) is not None
+        with self.rt.autocast() if frozen else contextlib.nullcontext():
+            apply_entries(target, [self.by_path[p] for p in stage.introduced], self.calibration)
+
     def _matches(self, pattern: str, path: str) -> bool:
         named = self.guide if self.recipe.target is None else self.target  # the model whose paths stages introduce
         return pattern_matches(pattern, path, named.get_submodule(path))
@@ -487,11 +489,6 @@ def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:
     if gates.any:
         report["gates"] = evaluate_gates(gates, report)
     return report
-
-
-def _under(context, fn, *args):
-    with context():
-        return fn(*args)
 
 
 @contextlib.contextmanager

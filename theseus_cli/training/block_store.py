@@ -174,13 +174,13 @@ class BlockStore:
         return calls
 
     def _alias(self, calls: dict, point: str) -> str | None:
-        """The earlier point whose output is this point's first argument (the same tensor), if any."""
+        """The earlier point whose output is this point's first argument (the same memory and shape), if any."""
         args = calls[point][0]
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         for earlier in self.points[:self.points.index(point)]:
-            if calls[earlier][2] is args[0] or calls[earlier][2].data_ptr() == args[0].data_ptr() and \
-                    calls[earlier][2].shape == args[0].shape:
+            output = calls[earlier][2]  # detached: another tensor object over the same memory
+            if output.data_ptr() == args[0].data_ptr() and output.shape == args[0].shape:
                 return earlier
         return None
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from theseus_cli.context import changed, run_state
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
@@ -153,6 +153,15 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(before)
+
+
+def conversion_runtime(recipe, device: torch.device, data=None) -> Runtime:
+    """:func:`resolve_runtime` for a conversion of ``recipe``: under bf16 frozen weights (:func:`frozen_weights_dtype`)
+    without autocast's weight cache, so the float32 replacements are cast where used instead of held twice."""
+    rt = resolve_runtime(recipe.runtime, device, data)
+    if frozen_weights_dtype(recipe) is not None:
+        rt = replace(rt, cast_cache=False)
+    return rt
 
 
 def current_runtime(device: torch.device | str) -> Runtime:

@@ -21,7 +21,9 @@ its own peak resident memory (``VmHWM``), so one's allocations never count in an
 
 Seconds per step are the measured steps' mean, the first (which pays for one-time allocations) included. The peak is
 reported raw and above the interpreter's own resident memory once torch, transformers and theseus are imported
-(about 0.53 GiB, torch's libraries mostly), which no conversion can shed.
+(about 0.53 GiB, torch's libraries mostly), which no conversion can shed. The guide's model code, imported later,
+counts above it (``modeling_llama`` maps Triton's library: 70 MB of code), so the figure above the interpreter
+is, if anything, high.
 Disk per 1M tokens is the store's bytes over the tokens it holds.
 
 Usage: python bench/llm_memory.py [--small] [--only NAME,...] [--tokens 128] [--samples 32]

@@ -95,6 +95,10 @@ class RuntimeConfig(StrictModel):
     compile: bool = Field(False, description="torch.compile the model for task training; falls back to eager on failure")
     fsdp: bool = Field(False, description="under torchrun: shard guide and target by block with FSDP2 (fully_shard) "
                        "instead of holding both whole on every rank; see theseus_cli.training.fsdp")
+    park_guide: Literal["auto", "always", "never"] = Field(
+        "auto", description="while fine-tuning, the guide's weights the target does not use are written to "
+                            "OUT/.parked and freed, then read back (auto: when they are at least 64 MiB and the disk "
+                            "has room); see theseus_cli.training.parking")
 
 
 class BNRecalConfig(StrictModel):

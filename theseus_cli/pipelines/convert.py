@@ -57,6 +57,7 @@ from theseus_cli.training.guide_cache import GuideCache
 from theseus_cli.training.checkpointing import activation_checkpointing
 from theseus_cli.training.lora import attach_lora
 from theseus_cli.training.memory import release_freed_memory
+from theseus_cli.training.parking import clear_parked, parked_guide
 from theseus_cli.training.runtime import (Runtime, align_batch_size, conversion_runtime, current_runtime,
                                          frozen_weights_dtype, using)
 from theseus_cli.training.session import Session, attach_guide_embeddings, check_classes, open_session
@@ -190,6 +191,7 @@ class Conversion:
         self.align_started: float | None = None
 
     def run(self) -> dict[str, Any] | None:
+        clear_parked(self.out, current_dist().rank)  # what a killed run had parked
         self.plan()
         done = resume_stages.load_phase(self.out, self.fingerprint) if self.options.resume else None
         if done is None:
@@ -324,7 +326,7 @@ class Conversion:
         lora = (f"; LoRA rank {cfg.peft.rank} on {len(adapters.targets)} kept modules, {adapters.trainable:,} "
                 f"parameters trained, {adapters.frozen:,} frozen" if adapters else "")
         self.progress.log(f"fine-tune: {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}, {ft_steps:,} steps{lora}")
-        with activation_checkpointing(self.target, cfg.checkpointing):
+        with self._parked_guide(teacher) as parked, activation_checkpointing(self.target, cfg.checkpointing):
             ft = self.train_on_task(self.target, ft_steps, warmup, cfg.lr, "finetune", "fine-tune target", teacher,
                                     marked_only=adapters is not None)
         if adapters is not None:
@@ -334,12 +336,22 @@ class Conversion:
             self.target.to(frozen)
         self.results.finetune = {"epoch_losses": ft.epoch_losses, "seconds": ft.seconds, "compile": ft.compile,
                                  "distill": cfg.distill.model_dump() if cfg.distill is not None else None,
-                                 "peft": adapters.summary() if adapters is not None else None}
+                                 "peft": adapters.summary() if adapters is not None else None,
+                                 "parked_guide": parked.summary() if parked is not None else None}
         self.results.m_target = self.evaluate(self.target)
         self.results.sim_after_ft = self._similarity()
         self.results.m_guide = self.evaluate(self.guide)
         self.progress.log(f"fine-tuned target: test {self.task.metric} {self.results.m_target:.4f} "
                           f"(guide {self.results.m_guide:.4f})")
+
+    def _parked_guide(self, teacher: Teacher | None):
+        """The guide's tensors the target does not use, on disk while fine-tuning (``runtime.park_guide``,
+        :mod:`theseus_cli.training.parking`); not when the guide teaches (``finetune.distill``) or is sharded."""
+        mode = self.recipe.runtime.park_guide
+        if teacher is not None or self.sharded:
+            mode = "never"
+        context = parked_guide(self.guide, self.target, self.out, mode, current_dist().rank)
+        return _logged_parking(context, self.progress)
 
     def baselines(self) -> None:
         """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
@@ -470,6 +482,18 @@ class Conversion:
             self.target.load_state_dict(done["state"])
         self.results = Results(**done["results"])
         self.progress.log(f"resumed {resume_stages.describe_phase(done['phase'])}")
+
+
+@contextlib.contextmanager
+def _logged_parking(context, progress: Progress):
+    """``context`` (:func:`parked_guide`), with a progress line when it parks and when it has read the guide back."""
+    with context as parked:
+        if parked is not None:
+            progress.log(f"parked {parked.bytes / 2**20:,.0f} MiB of the guide's weights ({len(parked.slots):,} "
+                         f"tensors) on disk while fine-tuning, {seconds(parked.write_seconds)}")
+        yield parked
+    if parked is not None:
+        progress.log(f"read the parked guide back, {seconds(parked.read_seconds)}")
 
 
 def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:

@@ -21,7 +21,8 @@ What changes against the data-parallel run (:mod:`theseus_cli.training.distribut
 * **Evaluation and similarity reports** run whole on every rank (each forward needs all ranks).
 * **Checkpoints** are sharded: ``torch.distributed.checkpoint`` writes each rank's shards of the target into
   ``OUT/.resume/sharded-<phase>/`` (written beside, then renamed), the figures go into the usual files, and
-  ``--resume`` loads the shards back into the sharded target.
+  ``--resume`` loads the shards back into the sharded target, reading DCP's pickled ``.metadata`` with an unpickler
+  that builds nothing but such metadata (:func:`read_checked_metadata`).
 * **Writing.** Once trained, the full weights are gathered to rank 0 into unsharded copies of guide and target kept
   from before sharding (their parameters on the ``meta`` device until then, so they take no memory), which rank 0
   profiles and writes as any run's.
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from theseus_cli.errors import OutputError
 from theseus_cli.training.distributed import current_dist
 
 
@@ -123,10 +125,71 @@ def save_sharded(model: nn.Module, folder: Path) -> None:
 
 
 def load_sharded(model: nn.Module, folder: Path) -> None:
-    """Load the shards :func:`save_sharded` wrote into the sharded ``model`` (collective)."""
+    """Load the shards :func:`save_sharded` wrote into the sharded ``model`` (collective), reading the checkpoint's
+    metadata with :func:`checked_metadata_reader` (never a plain unpickling)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    read_checked_metadata(folder)  # refused here with its path; inside dcp.load an error would be wrapped
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, storage_reader=checked_metadata_reader(folder))
     set_model_state_dict(model, state["model"])
+
+
+# what torch.distributed.checkpoint's metadata of a model's tensors is made of; nothing else is unpickled
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+def read_checked_metadata(folder: Path):
+    """``folder``'s ``.metadata`` (a pickle, in ``torch.distributed.checkpoint``'s format), read by an unpickler that
+    builds only the classes such metadata is made of (and torch's dtypes); refused (:class:`OutputError`, with the
+    path) when it names anything else or holds an entry stored as pickled bytes, which DCP would ``torch.load``
+    with ``weights_only=False`` (this module saves tensors only). A planted file then fails instead of running code,
+    as every other resume file is read ``weights_only``."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = folder / ".metadata"
+    refuse = "; not loaded (remove the folder and rerun without --resume)"
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            allowed = name in _METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            if not allowed:
+                raise OutputError(f"{path}: refers to {module}.{name}, which a sharded checkpoint's metadata of "
+                                  f"tensors never holds{refuse}")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise OutputError(f"{path}: unreadable ({type(exc).__name__}){refuse}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise OutputError(f"{path}: not a sharded checkpoint's metadata{refuse}")
+    return metadata
+
+
+def checked_metadata_reader(folder: Path):
+    """A ``FileSystemReader`` of ``folder`` whose metadata is read by :func:`read_checked_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_checked_metadata(folder)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(str(folder))

@@ -23,6 +23,7 @@ from theseus_cli.training.faults import (check_stop, diverged, first_nonfinite_m
 from theseus_cli.models.hooks import forward_until
 from theseus_cli.progress import NullProgress, Progress
 from theseus_cli.training.fsdp import loss_scale
+from theseus_cli.training.memory import release_freed_memory, trims_each_step
 from theseus_cli.training.runtime import adamw, current_runtime
 from theseus_cli.similarity import all_similarities, sequence_rows
 from theseus_cli.tasks import Task
@@ -109,6 +110,7 @@ class TaskTrainer:
         self.model, self.task, self.job = model, task, job
         self.rt, self.dist = current_runtime(job.device), current_dist()
         self.step = 0
+        self.trim = False  # run() decides (trims_each_step)
 
     def run(self, x: torch.Tensor, y: torch.Tensor | None) -> TaskTrainResult:
         job, model = self.job, self.model
@@ -120,6 +122,7 @@ class TaskTrainer:
         self.opt = adamw(self.params, job.lr, job.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, job.steps, job.warmup_steps))
         self.forward = self.rt.compiled(model)
+        self.trim = trims_each_step(model, torch.device(job.device))
         self.bar = job.progress.task(job.description, job.steps)
         teacher = job.teacher
         self.teacher_batches = teacher.batches(job.batch_size) if teacher and teacher.inputs is not None else None
@@ -154,6 +157,16 @@ class TaskTrainer:
         """Forward and backward of one step: the task loss on ``xb``; with a teacher, mixed with the teacher term
         on ``teacher_batch`` (``(inputs, share)`` drawn from all training inputs) or, without one, on ``xb``.
         Each term is weighted by its shard's share of the whole batch under ``torchrun``."""
+        loss = self._loss(xb, yb, share, teacher_batch)
+        if self.trim:  # the forward's freed activations, before the backward allocates the gradients
+            release_freed_memory()
+        (loss * loss_scale()).backward()
+        if self.trim:
+            release_freed_memory()
+        return loss
+
+    def _loss(self, xb, yb, share: float, teacher_batch=None) -> torch.Tensor:
+        """The step's loss with its graph (the outputs themselves freed on return: the graph keeps what it needs)."""
         teacher = self.job.teacher
         with self.rt.autocast():
             out = run_model(self.forward, xb)
@@ -163,7 +176,6 @@ class TaskTrainer:
                 s_out = out if teacher_batch is None else run_model(self.forward, t_in)
                 term = teacher_term(s_out, teacher.outputs(t_in), t_in, self.task, teacher.temperature) * t_share
                 loss = teacher.weight * term + (1.0 - teacher.weight) * loss
-        (loss * loss_scale()).backward()
         return loss
 
     def _guarded_step(self, xb, yb, share: float, teacher_batch=None):

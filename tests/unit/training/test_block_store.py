@@ -146,3 +146,12 @@ def test_blockwise_refuses_what_it_cannot_do():
                              ({"schedule": {"kind": "blockwise", "objective": "distill"}}, "no hybrid output")):
         with pytest.raises(RecipeError, match=message):
             _recipe(**changes)
+
+
+@pytest.mark.filterwarnings("ignore::theseus_cli.errors.TheseusWarning")
+def test_a_recipes_store_bound_refuses_the_conversion_before_any_block_is_written(tmp_path):
+    recipe = _recipe(schedule={"kind": "blockwise", "max_store_gb": 1e-6})  # ~1 KiB: less than one shard
+    with pytest.raises(OutputError, match=r"schedule.max_store_gb") as refused:
+        run_conversion(recipe, tmp_path / "run", ConvertOptions(device="cpu", latency=False))
+    assert refused.value.exit_code == 8 and "\n" not in str(refused.value)
+    assert not (tmp_path / "run" / ".blocks").exists() and not (tmp_path / "run" / "report.json").exists()

@@ -76,3 +76,31 @@ def test_llama_attention_keeps_its_head_count_from_its_config():
     attention = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
     assert resolved_heads(attention, LinearAttentionParams(), 96) == 6  # not 96 // 64
     assert resolved_heads(attention, LinearAttentionParams(heads=3), 96) == 3
+
+
+def test_task_training_trims_the_heap_within_steps_only_for_a_large_model_on_the_cpu(monkeypatch):
+    from theseus_cli.tasks import get_task
+    from theseus_cli.training import memory
+    from theseus_cli.training.loops import TaskJob, train_task
+
+    small = torch.nn.Linear(4, 3)
+    assert not memory.trims_each_step(small, torch.device("cpu"))  # 60 bytes of weights: nothing to gain
+    assert not memory.trims_each_step(small, torch.device("meta"))  # host memory is the CPU's only
+
+    def trained(trim_from: int):
+        monkeypatch.setattr(memory, "TRIM_EACH_STEP_BYTES", trim_from)
+        calls = []
+        real = memory.release_freed_memory
+        monkeypatch.setattr("theseus_cli.training.loops.release_freed_memory", lambda: calls.append(1) or real())
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        job = TaskJob(4, 1e-2, 0.0, 0, None, 0.0, 8, torch.Generator().manual_seed(0), torch.device("cpu"), "t")
+        train_task(model, get_task("classification"), x, y, job)
+        return model, len(calls)
+
+    plain, none = trained(2**40)
+    trimmed, calls = trained(0)
+    assert none == 0 and calls == (2 * 4 if memory._malloc_trim() is not None else 0)  # after each forward and backward
+    for a, b in zip(plain.parameters(), trimmed.parameters()):  # one process: trimming changes no number
+        assert torch.equal(a, b)

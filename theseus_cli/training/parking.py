@@ -144,13 +144,18 @@ def park(tensors: list[torch.Tensor], path: Path) -> ParkedGuide:
     path.parent.mkdir(parents=True, exist_ok=True)
     parked = ParkedGuide(path)
     offset = 0
-    with open(path, "wb") as f:
-        for t in tensors:
-            host = t.detach().cpu()  # the same strides (a dense tensor's layout is kept by the copy)
-            nbytes = host.numel() * host.element_size()
-            f.write(memoryview(_bytes_of(host).numpy()))
-            parked.slots.append(_Slot(t, t.dtype, tuple(t.shape), tuple(host.stride()), t.device, offset, nbytes))
-            offset += nbytes
+    try:
+        with open(path, "wb") as f:
+            for t in tensors:
+                host = t.detach().cpu()  # the same strides (a dense tensor's layout is kept by the copy)
+                nbytes = host.numel() * host.element_size()
+                f.write(memoryview(_bytes_of(host).numpy()))
+                parked.slots.append(_Slot(t, t.dtype, tuple(t.shape), tuple(host.stride()), t.device, offset, nbytes))
+                offset += nbytes
+    except BaseException:  # a full disk, an interrupt: nothing was freed yet, and no partial file stays
+        path.unlink(missing_ok=True)
+        _remove_empty(path.parent)
+        raise
     for slot in parked.slots:
         slot.tensor.data = torch.empty(0, dtype=slot.dtype, device=slot.device)
     parked.write_seconds = time.perf_counter() - started

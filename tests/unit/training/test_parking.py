@@ -119,3 +119,22 @@ def test_a_channels_last_weight_comes_back_in_its_layout(tmp_path):
     assert conv.weight.numel() == 0
     parked.restore()
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and torch.equal(conv.weight, before)
+
+
+def test_a_write_that_fails_frees_nothing_and_leaves_no_file(tmp_path, monkeypatch):
+    guide, target = _pair()
+    before = guide[2].weight.detach().clone()
+    tensors = parkable(guide, target)
+    real_write = parking._bytes_of
+    calls = []
+
+    def failing(t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(t)
+
+    monkeypatch.setattr(parking, "_bytes_of", failing)
+    with pytest.raises(OSError, match="No space left"):
+        park(tensors, tmp_path / PARK_DIR / "rank-0.bin")
+    assert torch.equal(guide[2].weight, before) and not (tmp_path / PARK_DIR).exists()

@@ -350,8 +350,7 @@ class Conversion:
         mode = self.recipe.runtime.park_guide
         if teacher is not None or self.sharded:
             mode = "never"
-        context = parked_guide(self.guide, self.target, self.out, mode, current_dist().rank)
-        return _logged_parking(context, self.progress)
+        return parked_guide(self.guide, self.target, self.out, mode, current_dist().rank, self.progress)
 
     def baselines(self) -> None:
         """What the user would do instead (:mod:`theseus_cli.pipelines.baselines`), for the same total gradient steps."""
@@ -482,18 +481,6 @@ class Conversion:
             self.target.load_state_dict(done["state"])
         self.results = Results(**done["results"])
         self.progress.log(f"resumed {resume_stages.describe_phase(done['phase'])}")
-
-
-@contextlib.contextmanager
-def _logged_parking(context, progress: Progress):
-    """``context`` (:func:`parked_guide`), with a progress line when it parks and when it has read the guide back."""
-    with context as parked:
-        if parked is not None:
-            progress.log(f"parked {parked.bytes / 2**20:,.0f} MiB of the guide's weights ({len(parked.slots):,} "
-                         f"tensors) on disk while fine-tuning, {seconds(parked.write_seconds)}")
-        yield parked
-    if parked is not None:
-        progress.log(f"read the parked guide back, {seconds(parked.read_seconds)}")
 
 
 def finished_run(out: Path, session: Session, gates: Gates) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from theseus_cli.errors import OutputError
+from theseus_cli.progress import NullProgress, Progress, seconds
 from theseus_cli.resources import gib
 
 PARK_DIR = ".parked"
@@ -178,11 +179,13 @@ def plan_parking(mode: str, tensors: list[torch.Tensor], folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def parked_guide(guide: nn.Module, target: nn.Module, out: Path, mode: str, rank: int = 0
-                 ) -> Iterator[ParkedGuide | None]:
+def parked_guide(guide: nn.Module, target: nn.Module, out: Path, mode: str, rank: int = 0,
+                 progress: Progress | None = None) -> Iterator[ParkedGuide | None]:
     """While the block runs, the guide's tensors that ``target`` does not share are on disk (see the module
     docstring); yields the :class:`ParkedGuide` (its summary fills in once read back), or None where nothing is
-    parked. They are read back however the block ends, so an error inside it leaves a whole guide."""
+    parked. They are read back however the block ends, so an error inside it leaves a whole guide. ``progress``
+    gets a line each way."""
+    progress = progress or NullProgress()
     folder = out / PARK_DIR
     tensors = parkable(guide, target) if mode != "never" else []
     if not plan_parking(mode, tensors, folder):
@@ -193,10 +196,13 @@ def parked_guide(guide: nn.Module, target: nn.Module, out: Path, mode: str, rank
     from theseus_cli.training.memory import release_freed_memory
 
     release_freed_memory()  # the freed weights were large blocks in the heap: hand them back now
+    progress.log(f"parked {parked.bytes / 2**20:,.0f} MiB of the guide's weights ({len(parked.slots):,} tensors) "
+                 f"on disk while fine-tuning, {seconds(parked.write_seconds)}")
     try:
         yield parked
     finally:
         parked.restore()
+    progress.log(f"read the parked guide back, {seconds(parked.read_seconds)}")
 
 
 def clear_parked(out: Path, rank: int = 0) -> None:

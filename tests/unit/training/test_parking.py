@@ -1,6 +1,7 @@
 """The guide parked on disk while the target fine-tunes (runtime.park_guide): what is parked, that it comes back
 bit for bit however fine-tuning ends, when auto parks, and that a conversion gives the same target either way."""
 
+import io
 import shutil
 from collections import namedtuple
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from theseus_cli.errors import OutputError
 from theseus_cli.pipelines.convert import ConvertOptions, run_conversion
+from theseus_cli.progress import LineProgress
 from theseus_cli.training import parking
 from theseus_cli.training.parking import PARK_DIR, park, parkable, parked_guide, plan_parking
 
@@ -96,7 +98,12 @@ def test_a_conversion_with_the_guide_parked_writes_the_same_target(tmp_path):
         recipe = _recipe(schedule={"kind": "progressive"}, align={"epochs": 1}, finetune={"peft": {"rank": 2}},
                          runtime={"park_guide": mode})
         out = tmp_path / mode
-        reports[mode] = run_conversion(recipe, out, ConvertOptions(device="cpu", latency=False))
+        lines = io.StringIO()
+        reports[mode] = run_conversion(recipe, out, ConvertOptions(device="cpu", latency=False,
+                                                                   progress=LineProgress(lines)))
+        said = [line for line in lines.getvalue().splitlines() if "parked" in line]
+        assert len(said) == (2 if mode == "always" else 0), said  # one line each way
+        assert all(line.startswith(("parked ", "read the parked guide back")) for line in said)
         targets[mode] = load_file(out / "target.safetensors")
         assert not (out / PARK_DIR).exists()
     assert reports["never"]["finetune"]["parked_guide"] is None

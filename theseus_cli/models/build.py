@@ -288,7 +288,7 @@ def _unwrap_state_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
+def tied_aliases(model: nn.Module) -> dict[str, str]:
     """``alias → first name`` for parameters registered under several names (tied embeddings)."""
     first: dict[int, str] = {}
     aliases = {}
@@ -316,7 +316,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     does not persist (e.g. BERT's ``position_ids`` in files written by older transformers) are dropped.
     """
     state = dict(state)
-    for alias, name in _tied_aliases(model).items():
+    for alias, name in tied_aliases(model).items():
         if alias not in state and name in state:
             state[alias] = state[name]
         elif name not in state and alias in state:

@@ -87,19 +87,17 @@ def gathered(model: nn.Module, plain: nn.Module | None) -> nn.Module | None:
     (:func:`skeleton`); None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from theseus_cli.models.build import tied_aliases
+
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if plain is None:
         return None
-    tied: dict[int, list[str]] = {}  # names sharing one parameter (a head tied to the embedding)
-    for name, p in plain.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), []).append(name)
+    aliases = tied_aliases(plain)  # a head tied to the embedding: assign below gives each name its own tensor
     # each tensor its own storage (gathered tensors may be views of one buffer, which safetensors refuses to write)
     plain.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
-    for names in tied.values():
-        first = plain.get_parameter(names[0])
-        for name in names[1:]:
-            owner, _, leaf = name.rpartition(".")
-            setattr(plain.get_submodule(owner), leaf, first)
+    for alias, name in aliases.items():
+        owner, _, leaf = alias.rpartition(".")
+        setattr(plain.get_submodule(owner), leaf, plain.get_parameter(name))
     for p in plain.parameters():
         p.requires_grad_(False)
     return plain.eval()

@@ -114,12 +114,12 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.o
     """AdamW, fused where every parameter is a float tensor on a CPU or CUDA device: one kernel per step, with no
     temporaries as large as the parameters (the multi-tensor form allocates them; measured on the CPU, 1.4× the
     trained parameters' size on top of their state, gigabytes for a large decoder's replacements) and faster."""
+    from theseus_cli.training.fsdp import is_sharded
+
     params = list(params)
     kinds = {p.device.type for p in params}
-    from torch.distributed.tensor import DTensor
-
     fused = (len(kinds) == 1 and kinds <= set(FUSED_DEVICES) and all(p.is_floating_point() for p in params)
-             and not any(isinstance(p, DTensor) for p in params))  # sharded (runtime.fsdp): the multi-tensor form
+             and not any(is_sharded(p) for p in params))  # sharded (runtime.fsdp): the multi-tensor form
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
 
 
